@@ -1,0 +1,28 @@
+# yolo-fgd: `make demo` runs the main job end to end offline, `make test` runs the test suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export YOLO_OFFLINE := 1
+export YOLO_AUTOINSTALL := false
+export YOLO_CONFIG_DIR := $(CURDIR)/.yolo_config
+export YOLO_VERBOSE ?= True
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/yolo-fgd demo
+
+clean:
+	rm -rf $(VENV) .yolo_config runs

@@ -1,0 +1,217 @@
+"""FGD loss core: hand values, mask semantics, invariances, gradients (paper Eq. 2-12)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from yolo_fgd import FGDLoss
+from yolo_fgd.loss import GcBlock, attention, fgd_masks, fgd_masks_loop
+
+
+def px(*xyxy, size=64):
+    return torch.tensor([[v / size for v in xyxy]])
+
+
+def test_hand_mask_values():
+    fg, bg = fgd_masks(px(8, 8, 24, 24), torch.tensor([0]), 1, 8, 8)
+    expect = torch.zeros(8, 8)
+    expect[1:3, 1:3] = 0.25
+    assert torch.equal(fg[0], expect)
+    assert torch.allclose(bg[0][fg[0] == 0], torch.full((60,), 1 / 60))
+    assert (bg[0][fg[0] > 0] == 0).all()
+
+
+@pytest.mark.parametrize("box", [(8, 8, 24, 24), (0, 0, 64, 64), (3, 5, 40, 17), (1, 1, 2, 2)])
+def test_hand_loss_values(box):
+    c = 4
+    loss = FGDLoss(c, c)
+    fs, ft = torch.ones(2, c, 8, 8), torch.zeros(2, c, 8, 8)
+    boxes = torch.cat([px(*box), px(*box)])
+    out = loss(fs, ft, boxes, torch.tensor([0, 1]))
+    # teacher attention is uniform (F_t = 0): A_S = 1, A_C = 1, so fg = C per image whatever the box
+    assert out["fg"].item() == pytest.approx(c, rel=1e-6)
+    bg_expect = 0.0 if box == (0, 0, 64, 64) else c
+    assert out["bg"].item() == pytest.approx(bg_expect, rel=1e-6)
+    assert out["global"].item() == pytest.approx(c * 8 * 8, rel=1e-6)
+    assert out["attention"].item() == pytest.approx(0.0, abs=1e-5)
+    expect = loss.alpha * out["fg"] + loss.beta * out["bg"] + loss.gamma * out["attention"] + loss.lambda_ * out["global"]
+    assert torch.allclose(out["total"], expect)
+
+
+def test_overlap_smallest_box_wins():
+    boxes = torch.cat([px(0, 0, 64, 64), px(8, 8, 24, 24)])
+    fg, bg = fgd_masks(boxes, torch.tensor([0, 0]), 1, 8, 8)
+    assert fg[0, 1, 1] == 0.25 and fg[0, 0, 0] == 1 / 64
+    assert bg.sum() == 0  # fully covered: no background cells, all zeros
+
+
+def test_empty_image_all_background():
+    fg, bg = fgd_masks(px(8, 8, 24, 24), torch.tensor([1]), 2, 8, 8)
+    assert fg[0].sum() == 0 and torch.allclose(bg[0], torch.full((8, 8), 1 / 64))
+    fg, bg = fgd_masks(torch.zeros(0, 4), torch.zeros(0), 2, 4, 4)
+    assert fg.sum() == 0 and torch.allclose(bg.sum((1, 2)), torch.ones(2))
+
+
+def test_padded_zero_rows_ignored():
+    boxes = torch.cat([px(8, 8, 24, 24), torch.zeros(3, 4)])
+    fg, bg = fgd_masks(boxes, torch.tensor([0, 0, 0, -1]), 1, 8, 8)
+    ref, _ = fgd_masks(px(8, 8, 24, 24), torch.tensor([0]), 1, 8, 8)
+    assert torch.equal(fg, ref)
+
+
+def test_boxes_partly_outside_are_clipped_not_dropped():
+    box = torch.tensor([[-0.5, -0.2, 0.25, 0.25]])
+    fg, _ = fgd_masks(box, torch.tensor([0]), 1, 8, 8)
+    expect = torch.zeros(8, 8)
+    expect[0:2, 0:2] = 0.25
+    assert torch.equal(fg[0], expect)
+    fg, _ = fgd_masks(torch.tensor([[1.2, 1.2, 1.5, 1.5]]), torch.tensor([0]), 1, 8, 8)
+    assert fg.sum() == 0  # wholly outside: zero area after clipping
+
+
+def test_official_rounding_inclusive_ceil():
+    fg, _ = fgd_masks(px(8, 8, 24, 24), torch.tensor([0]), 1, 8, 8, official_rounding=True)
+    expect = torch.zeros(8, 8)
+    expect[1:4, 1:4] = 1 / 9
+    assert torch.allclose(fg[0], expect)
+
+
+def test_attention_sums():
+    f = torch.randn(3, 5, 6, 7)
+    a_s, a_c = attention(f, 0.5)
+    assert torch.allclose(a_s.sum((1, 2)), torch.full((3,), 42.0))
+    assert torch.allclose(a_c.sum(1), torch.full((3,), 5.0))
+
+
+def test_zero_when_equal_at_init():
+    loss = FGDLoss(8, 8)
+    f = torch.randn(2, 8, 6, 6)
+    out = loss(f.clone(), f, torch.rand(3, 4).sort(1).values[:, [0, 1, 2, 3]], torch.tensor([0, 1, 1]))
+    for k in ("fg", "bg", "attention", "global", "total"):
+        assert out[k].item() == pytest.approx(0.0, abs=1e-5), k
+
+
+def random_boxes(m, gen):
+    xy = torch.rand(m, 2, generator=gen) * 1.2 - 0.1
+    wh = torch.rand(m, 2, generator=gen) * 0.5
+    return torch.cat([xy, xy + wh], 1)
+
+
+def test_vectorised_masks_equal_loop_reference():
+    gen = torch.Generator().manual_seed(0)
+    for official in (False, True):
+        for h, w in ((8, 8), (5, 13), (20, 10)):
+            boxes = random_boxes(40, gen)
+            bi = torch.randint(0, 4, (40,), generator=gen)
+            fg, bg = fgd_masks(boxes, bi, 4, h, w, official)
+            rfg, rbg = fgd_masks_loop(boxes, bi, 4, h, w, official)
+            assert torch.allclose(fg, rfg) and torch.allclose(bg, rbg)
+
+
+def test_batch_permutation_and_duplication_invariance():
+    torch.manual_seed(0)
+    loss = FGDLoss(4, 6)
+    fs, ft = torch.randn(3, 4, 8, 8), torch.randn(3, 6, 8, 8)
+    gen = torch.Generator().manual_seed(1)
+    boxes, bi = random_boxes(7, gen), torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    base = loss(fs, ft, boxes, bi)
+    perm = torch.tensor([2, 0, 1])
+    inv = torch.argsort(perm)
+    out = loss(fs[perm], ft[perm], boxes, inv[bi])
+    dup = loss(torch.cat([fs, fs]), torch.cat([ft, ft]), torch.cat([boxes, boxes]), torch.cat([bi, bi + 3]))
+    for k in base:
+        assert torch.allclose(base[k], out[k], rtol=1e-5), k
+        assert torch.allclose(base[k], dup[k], rtol=1e-5), k
+
+
+def test_gradients_reach_student_align_and_gcblocks_not_teacher():
+    torch.manual_seed(0)
+    loss = FGDLoss(4, 6, alpha=1, beta=1, gamma=1, lambda_=1)
+    fs = torch.randn(2, 4, 8, 8, requires_grad=True)
+    ft = torch.randn(2, 6, 8, 8, requires_grad=True)
+    boxes, bi = torch.tensor([[0.1, 0.1, 0.5, 0.6]]), torch.tensor([0])
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    opt = torch.optim.SGD(loss.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        loss(fs, ft, boxes, bi)["total"].backward()
+        assert ft.grad is None
+        assert fs.grad is not None and fs.grad.abs().sum() > 0
+        opt.step()
+    after = loss.state_dict()
+    for name in ("align.weight", "align.bias", "gc_s.context.weight", "gc_t.context.weight",
+                 "gc_s.transform.0.weight", "gc_t.transform.3.weight"):
+        assert not torch.equal(before[name], after[name]), name
+
+
+def test_gcblock_identity_at_init_and_only_last_conv_zero():
+    block = GcBlock(8)
+    f = torch.randn(2, 8, 5, 5)
+    assert torch.equal(block(f), f)
+    assert block.transform[0].weight.abs().sum() > 0 and block.context.weight.abs().sum() > 0
+    assert block.transform[3].weight.abs().sum() == 0
+
+
+def test_global_matches_direct_formula():
+    torch.manual_seed(0)
+    loss = FGDLoss(6, 6)
+    for p in loss.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    fs, ft = torch.randn(2, 6, 5, 7), torch.randn(2, 6, 5, 7)
+    out = loss(fs, ft, torch.zeros(0, 4), torch.zeros(0))
+    direct = (loss.gc_t(ft) - loss.gc_s(fs)).square().sum() / 2
+    assert out["global"].item() == pytest.approx(direct.item(), rel=1e-4)
+
+
+def test_state_dict_round_trip():
+    a, b = FGDLoss(4, 8), FGDLoss(4, 8)
+    for p in a.parameters():
+        torch.nn.init.normal_(p)
+    b.load_state_dict(a.state_dict())
+    fs, ft = torch.randn(1, 4, 4, 4), torch.randn(1, 8, 4, 4)
+    box, bi = torch.tensor([[0.1, 0.1, 0.6, 0.6]]), torch.tensor([0])
+    assert torch.equal(a(fs, ft, box, bi)["total"], b(fs, ft, box, bi)["total"])
+
+
+def test_fp16_inputs_give_finite_fp32_loss():
+    loss = FGDLoss(4, 8)
+    fs, ft = torch.randn(2, 4, 8, 8).half(), torch.randn(2, 8, 8, 8).half()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss(fs, ft, torch.tensor([[0.1, 0.1, 0.6, 0.6]]), torch.tensor([1]))
+    for v in out.values():
+        assert v.dtype == torch.float32 and torch.isfinite(v)
+
+
+@pytest.mark.parametrize("ft_shape", [(3, 8, 8, 8), (2, 8, 4, 8), (2, 8, 8, 4)])
+def test_mismatched_shapes_raise_clear_error(ft_shape):
+    with pytest.raises(ValueError, match="must share N, H and W"):
+        FGDLoss(4, 8)(torch.randn(2, 4, 8, 8), torch.randn(*ft_shape), torch.zeros(0, 4), torch.zeros(0))
+
+
+def test_no_host_sync_in_forward():
+    """A CUDA-free proxy: forward must not call .item()/.tolist()/bool() on tensors."""
+    import yolo_fgd.loss as mod
+    import inspect
+
+    src = inspect.getsource(mod.FGDLoss.forward) + inspect.getsource(mod.fgd_masks) + inspect.getsource(mod._box_cells)
+    for bad in (".item()", ".tolist()", ".cpu()", ".nonzero(", "if boxes.any"):
+        assert bad not in src
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), m=st.integers(0, 12),
+    official=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_property_finite_nonnegative_and_reference(n, h, w, m, official, seed):
+    gen = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(m, gen)
+    bi = torch.randint(0, n, (m,), generator=gen)
+    fg, bg = fgd_masks(boxes, bi, n, h, w, official)
+    rfg, rbg = fgd_masks_loop(boxes, bi, n, h, w, official)
+    assert torch.allclose(fg, rfg) and torch.allclose(bg, rbg)
+    loss = FGDLoss(3, 5, official_rounding=official)
+    out = loss(torch.randn(n, 3, h, w, generator=gen), torch.randn(n, 5, h, w, generator=gen), boxes, bi)
+    for k, v in out.items():
+        assert torch.isfinite(v) and v >= 0, k
