@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FGDLoss", "GcBlock", "attention", "fgd_masks", "fgd_masks_loop", "feature_mse"]
+__all__ = ["FGDLoss", "FGDPyramid", "GcBlock", "attention", "fgd_masks", "fgd_masks_loop", "feature_mse"]
 
 
 def _box_cells(boxes: torch.Tensor, h: int, w: int, official_rounding: bool = False):
@@ -260,3 +260,37 @@ class FGDLoss(nn.Module):
 
             total = self.alpha * fg + self.beta * bg + self.gamma * at + self.lambda_ * glob
         return {"fg": fg, "bg": bg, "attention": at, "global": glob, "total": total}
+
+
+class FGDPyramid(nn.Module):
+    """FGD over a feature pyramid: one :class:`FGDLoss` per level, summed (the paper distils every FPN level).
+
+    Args:
+        student_channels, teacher_channels: per-level channel counts, same length.
+        **kwargs: forwarded to every :class:`FGDLoss` (weights, temperature, ablation switches).
+
+    forward(student_feats [L x (N,Cs_l,H_l,W_l)], teacher_feats [L x (N,Ct_l,H_l,W_l)], boxes (M,4), batch_idx (M,))
+    -> dict with 'total' (sum over levels of each level's weighted total), the weighted terms summed over levels
+    'fg', 'bg', 'attention', 'global', and 'levels' (L,) each level's weighted total (detached).
+    """
+
+    def __init__(self, student_channels, teacher_channels, **kwargs):
+        super().__init__()
+        if len(student_channels) != len(teacher_channels):
+            raise ValueError(
+                f"FGD needs the same number of levels in student ({len(student_channels)}) and teacher "
+                f"({len(teacher_channels)})"
+            )
+        self.levels = nn.ModuleList(FGDLoss(cs, ct, **kwargs) for cs, ct in zip(student_channels, teacher_channels))
+
+    def forward(self, student_feats, teacher_feats, boxes, batch_idx):
+        terms = {"fg": 0.0, "bg": 0.0, "attention": 0.0, "global": 0.0}
+        totals = []
+        for level, fs, ft in zip(self.levels, student_feats, teacher_feats):
+            out = level(fs, ft, boxes, batch_idx)
+            weights = {"fg": level.alpha, "bg": level.beta, "attention": level.gamma, "global": level.lambda_}
+            for k, wk in weights.items():
+                terms[k] = terms[k] + wk * out[k].detach()
+            totals.append(out["total"])
+        total = torch.stack(totals).sum()
+        return {"total": total, **terms, "levels": torch.stack(totals).detach()}

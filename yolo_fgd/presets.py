@@ -1,0 +1,58 @@
+"""FGD presets (``cfg/fgd.yaml``) and the extra train args of :class:`~yolo_fgd.trainer.FGDTrainer`."""
+
+from __future__ import annotations
+
+import difflib
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from .errors import FGDError
+
+PRESETS_FILE = Path(__file__).resolve().parent / "cfg" / "fgd.yaml"
+KEYS = ("alpha", "beta", "gamma", "lambda", "temperature", "gain", "norm", "warmup")
+
+# Extra train args (merged into Ultralytics' cfg). None means "take it from the preset".
+FGD_ARGS = {
+    "teacher": None,  # (str) path to the teacher checkpoint (required)
+    "fgd_preset": "yolo",  # (str) preset name in cfg/fgd.yaml
+    **{f"fgd_{k}": None for k in KEYS},
+}
+
+
+@lru_cache
+def presets() -> dict:
+    """All presets by name."""
+    return yaml.safe_load(PRESETS_FILE.read_text())
+
+
+def resolve_fgd(args) -> dict:
+    """Preset values overridden by any ``fgd_*`` argument given (args: namespace or dict)."""
+    get = args.get if isinstance(args, dict) else lambda k, d=None: getattr(args, k, d)
+    name = get("fgd_preset") or "yolo"
+    table = presets()
+    if name not in table:
+        close = difflib.get_close_matches(str(name), table, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise FGDError(f"unknown fgd_preset '{name}': {hint}choose one of {', '.join(table)}")
+    cfg = dict(table[name])
+    for k in KEYS:
+        v = get(f"fgd_{k}")
+        if v is not None:
+            cfg[k] = bool(v) if k == "norm" else float(v)
+    for k in ("alpha", "beta", "gamma", "lambda", "gain", "warmup"):
+        if float(cfg[k]) < 0:
+            raise FGDError(f"fgd_{k}={cfg[k]} is negative: FGD weights and warm-up must be >= 0")
+    if float(cfg["temperature"]) <= 0:
+        raise FGDError(f"fgd_temperature={cfg['temperature']} must be > 0 (the paper uses 0.5)")
+    return cfg
+
+
+def check_fgd_keys(keys) -> None:
+    """Raise FGDError for an unknown ``fgd_*`` key, suggesting the closest known one."""
+    for k in keys:
+        if k.startswith("fgd_") and k not in FGD_ARGS:
+            close = difflib.get_close_matches(k, FGD_ARGS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(x for x in FGD_ARGS if x.startswith('fgd_'))}"
+            raise FGDError(f"unknown argument '{k}': {hint}")

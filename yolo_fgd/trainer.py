@@ -1,0 +1,302 @@
+"""FGDTrainer: Ultralytics ``DetectionTrainer`` that adds FGD on the Detect inputs (P3/P4/P5).
+
+The student stays a plain ``DetectionModel``: its criterion is wrapped for training only, the FGD modules
+(align + GcBlocks, one :class:`~yolo_fgd.loss.FGDLoss` per level) live on the trainer, join the optimiser,
+gradient clipping and DDP all-reduce, and are saved in a sidecar ``fgd_last.pt`` next to ``last.pt``. The teacher
+is loaded from its path on every rank, frozen, eval, fp32, and run without its head. Checkpoints hold only the
+student, so they load with plain ``YOLO("best.pt")`` and ``ULTRALYTICS_SAFE_LOAD=1``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ultralytics.cfg import get_cfg
+from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
+from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK, colorstr
+from ultralytics.utils.torch_utils import unwrap_model
+
+from .errors import FGDError
+from .loss import FGDPyramid
+from .presets import FGD_ARGS, resolve_fgd
+
+SIDECAR = "fgd_last.pt"
+
+
+def detect_head(model: nn.Module):
+    """The Detect head (last layer) of an Ultralytics model, or None."""
+    layers = getattr(model, "model", None)
+    head = layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
+    return head if head is not None and hasattr(head, "cv2") and hasattr(head, "nl") else None
+
+
+def head_channels(model: nn.Module) -> list[int]:
+    """Channels of each Detect input, read from the first conv of each box branch."""
+    return [int(branch[0].conv.in_channels) for branch in detect_head(model).cv2]
+
+
+def neck_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Truncated forward through ``model.model[:-1]``: the Detect inputs (P3, P4, P5...) without running the head."""
+    layers, saved = model.model, model.save
+    y = []
+    for m in layers[:-1]:
+        if m.f != -1:
+            x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+        x = m(x)
+        y.append(x if m.i in saved else None)
+    head = layers[-1]
+    return [x if j == -1 else y[j] for j in ([head.f] if isinstance(head.f, int) else head.f)]
+
+
+def train_feats(preds) -> list[torch.Tensor]:
+    """Detect inputs from the student's training output (``preds['feats']``, under ``one2many`` for YOLO26)."""
+    preds = preds[1] if isinstance(preds, tuple) else preds
+    preds = preds.get("one2many", preds)
+    return preds["feats"]
+
+
+def load_teacher(path, device) -> nn.Module:
+    """Load a YOLO detection checkpoint as a frozen fp32 eval teacher, with one-line errors for bad files."""
+    from ultralytics.nn.tasks import guess_model_task, load_checkpoint
+
+    if not path:
+        raise FGDError("no teacher given: pass teacher=path/to/teacher.pt (a trained YOLO detection checkpoint)")
+    p = Path(path)
+    if not p.is_file():
+        raise FGDError(f"teacher '{path}' not found: pass teacher=path/to/best.pt of a trained YOLO detection model")
+    try:
+        model, _ = load_checkpoint(p, device="cpu")
+    except Exception as e:  # corrupt zip, pickle error, foreign checkpoint format
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FGDError(
+            f"teacher '{path}' could not be loaded ({first}): pass an Ultralytics YOLO .pt checkpoint, "
+            "re-export it if it is damaged"
+        ) from None
+    task = getattr(model, "task", None) or guess_model_task(model)
+    if task != "detect" or detect_head(model) is None:
+        raise FGDError(
+            f"teacher '{path}' is a '{task}' model, not a detection model: FGD needs a YOLO detect checkpoint as teacher"
+        )
+    model = model.float().eval().to(device)
+    for p_ in model.parameters():
+        p_.requires_grad_(False)
+    return model
+
+
+def check_pair(student: nn.Module, teacher: nn.Module, names: dict, teacher_path) -> None:
+    """Raise FGDError when teacher and student/data cannot be paired level by level."""
+    t_names = getattr(teacher, "names", None)
+    t_names = dict(enumerate(t_names)) if isinstance(t_names, (list, tuple)) else t_names
+    data_names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
+    if t_names is not None and len(t_names) != len(data_names):
+        raise FGDError(
+            f"teacher '{teacher_path}' has {len(t_names)} classes but the data has {len(data_names)}: "
+            "train the teacher on the same data (same class list)"
+        )
+    if t_names is not None and {int(k): str(v) for k, v in t_names.items()} != {
+        int(k): str(v) for k, v in data_names.items()
+    }:
+        diff = [f"{k}:{t_names.get(k)}!={v}" for k, v in data_names.items() if str(t_names.get(k)) != str(v)][:3]
+        raise FGDError(
+            f"teacher '{teacher_path}' class names differ from the data's ({', '.join(diff)}): "
+            "train the teacher on the same data (same class order)"
+        )
+    s_head, t_head = detect_head(student), detect_head(teacher)
+    if s_head is None:
+        raise FGDError("student has no Detect head: use a YOLO detection model, e.g. model=yolo11n.yaml")
+    s_stride = [int(s) for s in student.stride.tolist()]
+    t_stride = [int(s) for s in teacher.stride.tolist()]
+    if s_stride != t_stride:
+        raise FGDError(
+            f"teacher Detect levels have strides {t_stride} but the student's have {s_stride}: "
+            "FGD pairs levels one to one, use models with the same levels (e.g. both P3-P5)"
+        )
+
+
+class FGDCriterion:
+    """Training criterion of the student: detection loss + gain * FGD (Eq. 13), loss items extended with FGD terms.
+
+    Not an ``nn.Module`` and dropped on deepcopy/pickle (becomes its base criterion), so the teacher never travels
+    with the student (EMA, checkpoints, DDP state).
+    """
+
+    def __init__(self, base, trainer: "FGDTrainer"):
+        self.base, self.trainer = base, trainer
+
+    def __call__(self, preds, batch):
+        loss, items = self.base(preds, batch)
+        out = self.trainer.fgd_loss(train_feats(preds), batch)
+        bs = batch["img"].shape[0]
+        loss = torch.cat([loss.view(-1), (out["total"] * bs).view(1).to(loss.dtype)])
+        items = {**items, "fgd_loss": out["total"].detach(), **{f"fgd_{k}": out[k] for k in ("fg", "bg", "at", "gl")}}
+        return loss, items
+
+    def update(self):
+        if hasattr(self.base, "update"):
+            self.base.update()
+
+    def __getattr__(self, name):  # hyp, stride, etc. of the base criterion
+        if name in {"base", "trainer"}:
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(self.base, memo)
+
+    def __reduce__(self):
+        return copy.copy, (self.base,)
+
+
+class FGDTrainer(DetectionTrainer):
+    """DetectionTrainer with FGD from a frozen teacher (``teacher=path.pt``).
+
+    Extra train args (see :data:`yolo_fgd.presets.FGD_ARGS`): ``teacher``, ``fgd_preset``, ``fgd_alpha``,
+    ``fgd_beta``, ``fgd_gamma``, ``fgd_lambda``, ``fgd_temperature``, ``fgd_gain``, ``fgd_norm``, ``fgd_warmup``.
+
+    Example:
+        >>> from ultralytics import YOLO
+        >>> YOLO("yolo11n.yaml").train(trainer=FGDTrainer, teacher="teacher.pt", data="data.yaml", epochs=100)
+    """
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
+        cfg = {**FGD_ARGS, **(vars(cfg) if not isinstance(cfg, dict) else cfg)}
+        overrides = dict(overrides or {})
+        repoint = overrides.pop("teacher", None) if overrides.get("resume") else None
+        super().__init__(cfg, overrides, _callbacks)
+        if repoint:
+            self.args.teacher = repoint  # a resumed run may re-point its teacher
+        if getattr(self.args, "distill_model", None):
+            raise FGDError(
+                "teacher= and distill_model= both given: use yolo-fgd's teacher= for FGD, or plain `yolo train "
+                "distill_model=` for Ultralytics' own distillation, not both"
+            )
+        if not self.args.teacher:
+            raise FGDError("no teacher given: pass teacher=path/to/teacher.pt (a trained YOLO detection checkpoint)")
+        if not Path(self.args.teacher).is_file():
+            raise FGDError(
+                f"teacher '{self.args.teacher}' not found: pass teacher=path/to/best.pt of a trained YOLO detection model"
+            )
+        self.fgd_cfg = resolve_fgd(self.args)
+        self.teacher = None
+        self.fgd = None
+        self._fgd_iter = 0
+        self.add_callback("on_train_epoch_start", lambda t: setattr(t, "_fgd_iter", 0))
+
+    # --- model and FGD modules -------------------------------------------------------------------------------
+    def setup_model(self):
+        ckpt = super().setup_model()
+        self.teacher = load_teacher(self.args.teacher, self.device)
+        student = unwrap_model(self.model)
+        check_pair(student, self.teacher, self.data["names"], self.args.teacher)
+        c = self.fgd_cfg
+        self.fgd = FGDPyramid(
+            head_channels(student),
+            head_channels(self.teacher),
+            temperature=c["temperature"],
+            alpha=c["alpha"] * c["gain"],
+            beta=c["beta"] * c["gain"],
+            gamma=c["gamma"] * c["gain"],
+            lambda_=c["lambda"] * c["gain"],
+            norm=c["norm"],
+        ).to(self.device)
+        if self.resume:
+            sidecar = Path(self.args.resume if isinstance(self.args.resume, (str, Path)) else self.args.model)
+            sidecar = sidecar.with_name(SIDECAR)
+            if sidecar.is_file():
+                self.fgd.load_state_dict(torch.load(sidecar, map_location=self.device, weights_only=True))
+                LOGGER.info(f"{colorstr('FGD:')} restored align/GcBlock modules from {sidecar}")
+            else:
+                LOGGER.warning(f"FGD: {sidecar} not found, resuming with freshly initialised align/GcBlock modules")
+        if RANK in {-1, 0}:
+            n = sum(p.numel() for p in self.fgd.parameters())
+            LOGGER.info(
+                f"{colorstr('FGD:')} teacher {self.args.teacher} (strides {[int(s) for s in self.teacher.stride]}), "
+                f"{len(self.fgd.levels)} levels, {n:,} trainable FGD parameters, {self.fgd_cfg}"
+            )
+        return ckpt
+
+    def _setup_train(self):
+        super()._setup_train()
+        model = unwrap_model(self.model)
+        base = model.criterion if getattr(model, "criterion", None) is not None else model.init_criterion()
+        model.criterion = FGDCriterion(base, self)
+
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        """Ultralytics' optimizer plus the FGD modules: conv weights with the decayed group, the rest without."""
+        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        groups = {g.get("param_group"): g for g in optimizer.param_groups if not g.get("use_muon")}
+        decayed = [p for n, p in self.fgd.named_parameters() if p.ndim > 1]
+        other = [p for n, p in self.fgd.named_parameters() if p.ndim <= 1]
+        for params, kind in ((decayed, "weight"), (other, "bias")):
+            template = {k: v for k, v in groups[kind].items() if k not in {"params", "initial_lr"}}
+            optimizer.add_param_group({**template, "params": params})
+        return optimizer
+
+    def optimizer_step(self):
+        """Unscale, all-reduce FGD grads across ranks, clip student + FGD together at 10, step, EMA."""
+        self.scaler.unscale_(self.optimizer)
+        fgd_params = [p for p in self.fgd.parameters() if p.grad is not None]
+        if self.world_size > 1 and dist.is_initialized():
+            for p in fgd_params:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world_size
+        torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *fgd_params], max_norm=10.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        if self.ema:
+            self.ema.update(self.model)
+
+    # --- the FGD term ----------------------------------------------------------------------------------------
+    def preprocess_batch(self, batch):
+        batch = super().preprocess_batch(batch)
+        self._fgd_iter += 1
+        return batch
+
+    def fgd_scale(self) -> float:
+        """Warm-up factor of the FGD weight: linear 0 -> 1 over ``fgd_warmup`` epochs."""
+        warmup = float(self.fgd_cfg["warmup"])
+        if warmup <= 0:
+            return 1.0
+        nb = max(len(getattr(self, "train_loader", []) or []), 1)
+        return min(1.0, (self.epoch + self._fgd_iter / nb) / warmup)
+
+    def fgd_loss(self, student_feats, batch) -> dict:
+        """FGD over all levels for one batch -> dict total (scaled), fg, bg, at, gl (weighted, detached)."""
+        img = batch["img"]
+        with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
+            teacher_feats = neck_features(self.teacher, img.float())
+        xywh = batch["bboxes"].to(img.device).float()
+        boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+        out = self.fgd(student_feats, teacher_feats, boxes, batch["batch_idx"].to(img.device).view(-1))
+        s = self.fgd_scale()
+        total = out["total"] * s
+        total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))  # never poison the weights
+        return {
+            "total": total,
+            "fg": out["fg"] * s,
+            "bg": out["bg"] * s,
+            "at": out["attention"] * s,
+            "gl": out["global"] * s,
+        }
+
+    # --- Ultralytics plumbing ---------------------------------------------------------------------------------
+    def get_validator(self):
+        """The stock validator, given only Ultralytics' own args (it rejects unknown keys)."""
+        args = get_cfg({k: v for k, v in vars(self.args).items() if k in DEFAULT_CFG_DICT})
+        return DetectionValidator(self.test_loader, save_dir=self.save_dir, args=args, _callbacks=self.callbacks)
+
+    def save_model(self):
+        """Ultralytics' checkpoints (student only) plus the FGD modules in ``fgd_last.pt``, written atomically."""
+        saved = super().save_model()
+        if saved and self.fgd is not None:
+            tmp = self.wdir / f".{SIDECAR}.tmp"
+            torch.save(self.fgd.state_dict(), tmp)
+            os.replace(tmp, self.wdir / SIDECAR)
+        return saved
