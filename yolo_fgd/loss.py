@@ -62,11 +62,14 @@ def fgd_masks(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, h: int, w: i
         weight = valid.float() / area  # (M,)
         rows = torch.arange(h, device=device, dtype=torch.float32)
         cols = torch.arange(w, device=device, dtype=torch.float32)
-        in_r = (rows[None] >= r0[:, None]) & (rows[None] < r1[:, None])  # (M,H)
-        in_c = (cols[None] >= c0[:, None]) & (cols[None] < c1[:, None])  # (M,W)
-        per_box = (in_r[:, :, None] & in_c[:, None, :]).float() * weight[:, None, None]  # (M,H,W)
-        index = bi.clamp(0, n - 1)[:, None, None].expand(-1, h, w)
-        fg = fg.scatter_reduce(0, index, per_box, reduce="amax", include_self=True)
+        in_r = ((rows[None] >= r0[:, None]) & (rows[None] < r1[:, None])).float() * weight[:, None]  # (M,H)
+        in_c = ((cols[None] >= c0[:, None]) & (cols[None] < c1[:, None])).float()  # (M,W)
+        index = bi.clamp(0, n - 1)
+        step = max(1, (1 << 17) // (h * w))  # boxes per chunk: keep the (chunk,H,W) block cache-sized
+        for i in range(0, index.shape[0], step):  # chunks of boxes, a shape-only loop (no sync)
+            per_box = torch.bmm(in_r[i : i + step, :, None], in_c[i : i + step, None, :])  # outer products
+            idx = index[i : i + step, None, None].expand(-1, h, w)
+            fg = fg.scatter_reduce(0, idx, per_box, reduce="amax", include_self=True)
     is_bg = (fg == 0).float()
     n_bg = is_bg.sum((1, 2), keepdim=True)
     bg = is_bg / n_bg.clamp(min=1.0)
@@ -139,8 +142,10 @@ class GcBlock(nn.Module):
     def delta(self, feat: torch.Tensor) -> torch.Tensor:
         """(N,C,H,W) -> (N,C): the global context term that R adds to every position."""
         n, c = feat.shape[:2]
-        weights = F.softmax(self.context(feat).view(n, -1), dim=1)  # (N,HW)
-        ctx = torch.bmm(feat.view(n, c, -1), weights.unsqueeze(2))  # (N,C,1)
+        flat = feat.reshape(n, c, -1)
+        # W_k F: the C->1 context conv as a matrix-vector product (a 1-channel conv is slow in oneDNN/cuDNN)
+        logits = torch.matmul(self.context.weight.view(1, 1, c), flat).view(n, -1) + self.context.bias
+        ctx = torch.bmm(flat, F.softmax(logits, dim=1).unsqueeze(2))  # (N,C,1)
         return self.transform(ctx.view(n, c, 1, 1)).view(n, c)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:

@@ -48,11 +48,3 @@ def resolve_fgd(args) -> dict:
         raise FGDError(f"fgd_temperature={cfg['temperature']} must be > 0 (the paper uses 0.5)")
     return cfg
 
-
-def check_fgd_keys(keys) -> None:
-    """Raise FGDError for an unknown ``fgd_*`` key, suggesting the closest known one."""
-    for k in keys:
-        if k.startswith("fgd_") and k not in FGD_ARGS:
-            close = difflib.get_close_matches(k, FGD_ARGS, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(x for x in FGD_ARGS if x.startswith('fgd_'))}"
-            raise FGDError(f"unknown argument '{k}': {hint}")

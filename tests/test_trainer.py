@@ -1,0 +1,229 @@
+"""FGDTrainer end to end on tiny data: API, CLI, checkpoints, resume, cross-family, errors, DDP re-creation."""
+
+import copy
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, run_cli, save_untrained, train_teacher
+
+
+def read_csv(path):
+    with open(path) as f:
+        return [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+class StopAfterFirstEpoch(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def fgd_run(data, runs, teacher):
+    """One FGD run through the Python API (2 epochs), with the FGD state captured at setup and at the end."""
+    from ultralytics import YOLO
+
+    from yolo_fgd import FGDTrainer
+
+    model = YOLO("yolo11n.yaml")
+    seen = {}
+    model.add_callback("on_pretrain_routine_end", lambda t: seen.setdefault("init", copy.deepcopy(t.fgd.state_dict())))
+    model.add_callback("on_train_end", lambda t: seen.setdefault("trainer", t))
+    # nbs=batch and no warm-up: every batch is an optimiser step at full lr, so 4 steps must move every FGD weight
+    model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=2, project=str(runs), name="fgd", nbs=4,
+                warmup_epochs=0, fgd_warmup=0, **TINY)
+    return Path(runs) / "fgd", seen
+
+
+def test_api_run_logs_fgd_terms(fgd_run):
+    run, _ = fgd_run
+    rows = read_csv(run / "results.csv")
+    assert len(rows) == 2
+    for key in ("train/fgd_loss", "train/fgd_fg", "train/fgd_bg", "train/fgd_at", "train/fgd_gl", "metrics/mAP50-95(B)"):
+        assert key in rows[0], key
+    assert float(rows[-1]["train/fgd_loss"]) > 0
+    assert (run / "weights" / "fgd_last.pt").is_file()
+
+
+def test_fgd_modules_are_trained_and_teacher_frozen(fgd_run, teacher):
+    _, seen = fgd_run
+    trainer, init = seen["trainer"], seen["init"]
+    now = trainer.fgd.state_dict()
+    for name in ("levels.0.align.weight", "levels.2.align.bias", "levels.1.gc_s.context.weight",
+                 "levels.1.gc_t.context.weight", "levels.0.gc_s.transform.3.weight", "levels.2.gc_t.transform.0.weight"):
+        assert not torch.equal(init[name].cpu(), now[name].cpu()), f"{name} did not change"
+    ref = torch.load(teacher, weights_only=False)["model"].float().state_dict()
+    for k, v in trainer.teacher.state_dict().items():
+        if k in ref and v.shape == ref[k].shape:
+            assert torch.allclose(v.float().cpu(), ref[k].float(), atol=1e-3), k
+    assert not trainer.teacher.training
+    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    # the FGD parameters are in the optimiser, the teacher's are not
+    opt_ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in opt_ids for p in trainer.fgd.parameters())
+    assert not any(id(p) in opt_ids for p in trainer.teacher.parameters())
+
+
+@pytest.mark.parametrize("which", ["best.pt", "last.pt"])
+def test_checkpoints_are_plain_student_and_safe_load(fgd_run, which):
+    run, _ = fgd_run
+    path = run / "weights" / which
+    code = (
+        "import sys; from ultralytics import YOLO; m = YOLO(sys.argv[1]); "
+        "mods = {type(x).__module__ for x in m.model.modules()}; "
+        "assert not any('yolo_fgd' in x for x in mods), mods; "
+        "assert not hasattr(m.model, 'teacher'); "
+        "r = m.predict(source=__import__('numpy').zeros((64, 64, 3), 'uint8'), imgsz=64, verbose=False); print('OK')"
+    )
+    env = {**os.environ, "ULTRALYTICS_SAFE_LOAD": "1"}
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+    ckpt = torch.load(path, weights_only=False)
+    names = {type(m).__module__ for m in (ckpt.get("ema") or ckpt["model"]).modules()}
+    assert not any("yolo_fgd" in n for n in names)
+
+
+def test_resume_restores_fgd_state_and_finishes(data, runs, teacher):
+    from ultralytics import YOLO
+
+    from yolo_fgd import FGDTrainer
+
+    def stop(trainer):
+        if trainer.epoch == 0:
+            raise StopAfterFirstEpoch
+
+    model = YOLO("yolo11n.yaml")
+    model.add_callback("on_fit_epoch_end", stop)
+    with pytest.raises(StopAfterFirstEpoch):
+        model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=2, project=str(runs), name="resume", **TINY)
+    wdir = Path(runs) / "resume" / "weights"
+    saved = torch.load(wdir / "fgd_last.pt", weights_only=True)
+    assert len(read_csv(wdir.parent / "results.csv")) == 1
+
+    seen = {}
+    resumed = YOLO(wdir / "last.pt")
+    resumed.add_callback("on_pretrain_routine_end", lambda t: seen.update(
+        start=t.start_epoch, state=copy.deepcopy(t.fgd.state_dict()), teacher=t.args.teacher))
+    resumed.train(trainer=FGDTrainer, resume=True)
+    assert seen["start"] == 1 and seen["teacher"] == teacher
+    for k, v in saved.items():
+        assert torch.equal(v.cpu(), seen["state"][k].cpu()), k
+    assert len(read_csv(wdir.parent / "results.csv")) == 2
+
+
+def test_cross_family_and_yolo26_student(data, runs):
+    """yolov8n teacher -> yolo26n student (end-to-end head: features under preds['one2many'])."""
+    from ultralytics import YOLO
+
+    from yolo_fgd import FGDTrainer
+
+    t8 = train_teacher("yolov8n.yaml", data, runs, "teacher8n")
+    YOLO("yolo26n.yaml").train(trainer=FGDTrainer, teacher=t8, data=data, epochs=1, project=str(runs), name="y26", **TINY)
+    rows = read_csv(Path(runs) / "y26" / "results.csv")
+    assert float(rows[0]["train/fgd_loss"]) > 0
+
+
+def test_cli_train_and_val(data, runs, teacher):
+    out = run_cli("train", "model=yolo11n.yaml", f"teacher={teacher}", f"data={data}", "epochs=1", "imgsz=64",
+                  "batch=4", "plots=False", f"project={runs}", "name=cli", "exist_ok=True", "device=cpu",
+                  "fgd_gain=0.5", "fgd_warmup=0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    best = Path(runs) / "cli" / "weights" / "best.pt"
+    assert best.is_file()
+    args = (Path(runs) / "cli" / "args.yaml").read_text()
+    assert "fgd_gain: 0.5" in args and "teacher:" in args
+    out = run_cli("val", f"model={best}", f"data={data}", "imgsz=64", "batch=4", "plots=False",
+                  f"project={runs}", "name=cli_val", "device=cpu")
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_cli_help():
+    out = run_cli("help")
+    assert out.returncode == 0 and "teacher=PATH" in out.stdout and "fgd_warmup" in out.stdout
+
+
+def one_line_error(out, *needles):
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    err = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("yolo-fgd: error:")]
+    assert len(err) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+def cli_train(data, runs, *extra):
+    return run_cli("train", "model=yolo11n.yaml", f"data={data}", "epochs=1", "imgsz=64", "batch=4",
+                   f"project={runs}", "name=err", "exist_ok=True", "device=cpu", *extra)
+
+
+def test_error_missing_teacher(data, runs, tmp_path):
+    one_line_error(cli_train(data, runs), "no teacher given", "teacher=")
+    one_line_error(cli_train(data, runs, f"teacher={tmp_path / 'nope.pt'}"), "not found")
+
+
+def test_error_corrupt_teacher(data, runs, tmp_path):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"\x00not a checkpoint" * 64)
+    one_line_error(cli_train(data, runs, f"teacher={bad}"), "could not be loaded")
+
+
+def test_error_classification_teacher(data, runs, tmp_path):
+    cls = save_untrained("yolo11n-cls.yaml", ["circle", "ring", "triangle", "square", "star", "cross"], tmp_path / "c.pt")
+    one_line_error(cli_train(data, runs, f"teacher={cls}"), "not a detection model")
+
+
+def test_error_class_mismatch(data, runs, tmp_path):
+    t = save_untrained("yolo11n.yaml", ["a", "b", "c"], tmp_path / "nc3.pt")
+    one_line_error(cli_train(data, runs, f"teacher={t}"), "3 classes but the data has 6")
+    t = save_untrained("yolo11n.yaml", ["ring", "circle", "triangle", "square", "star", "cross"], tmp_path / "order.pt")
+    one_line_error(cli_train(data, runs, f"teacher={t}"), "class names differ")
+
+
+def test_error_stride_mismatch(data, runs, tmp_path):
+    names = ["circle", "ring", "triangle", "square", "star", "cross"]
+    t = save_untrained("yolov8n-p2.yaml", names, tmp_path / "p2.pt")
+    one_line_error(cli_train(data, runs, f"teacher={t}"), "strides", "[4, 8, 16, 32]")
+
+
+def test_error_with_distill_model(data, runs, teacher):
+    one_line_error(cli_train(data, runs, f"teacher={teacher}", f"distill_model={teacher}"), "distill_model")
+
+
+def test_error_unknown_key_suggests(data, runs, teacher):
+    one_line_error(cli_train(data, runs, f"teacher={teacher}", "fgd_alpa=1"), "fgd_alpa", "fgd_alpha")
+    one_line_error(cli_train(data, runs, f"teacher={teacher}", "fgd_preset=yolox2"), "unknown fgd_preset")
+
+
+def test_ddp_recreation_keeps_args_and_not_teacher(data, runs, teacher):
+    """Ultralytics' DDP path: pickle (class, args, model) with cloudpickle, rebuild the trainer as the temp file does."""
+    from ultralytics import YOLO
+    from ultralytics.utils import DEFAULT_CFG_DICT
+    from ultralytics.utils.dist import generate_ddp_file
+    from ultralytics.utils.patches import torch_load
+
+    from yolo_fgd import FGDTrainer
+
+    trainer = FGDTrainer(overrides=dict(model="yolo11n.yaml", teacher=teacher, data=data, epochs=1, fgd_gain=0.3,
+                                        project=str(runs), name="ddp", **TINY))
+    trainer.model = YOLO("yolo11n.yaml").model
+    file = generate_ddp_file(trainer)
+    try:
+        state = torch_load(str(Path(file).with_suffix(".pt")), map_location="cpu")  # as the DDP temp file loads it
+        assert state["trainer"] is FGDTrainer and state["args"]["teacher"] == teacher
+        assert not any("yolo_fgd" in type(m).__module__ for m in state["model"].modules())
+        src = Path(file).read_text()
+        assert "state[\"trainer\"](cfg=cfg, overrides=state[\"args\"]" in src
+        cfg = DEFAULT_CFG_DICT.copy()
+        cfg.update(save_dir="")
+        rebuilt = state["trainer"](cfg=cfg, overrides=state["args"], _callbacks=state["callbacks"])
+        assert rebuilt.args.teacher == teacher and rebuilt.fgd_cfg["gain"] == 0.3
+        rebuilt.model = state["model"]
+        rebuilt.device = torch.device("cpu")
+        rebuilt.setup_model()  # loads the teacher from its path, as each rank does
+        assert rebuilt.teacher is not None and len(rebuilt.fgd.levels) == 3
+    finally:
+        for f in (Path(file), Path(file).with_suffix(".pt")):
+            f.unlink(missing_ok=True)

@@ -1,0 +1,85 @@
+"""``yolo-fgd benchmark-loss``: cost of the FGD loss on YOLO-like shapes (prints figures; not a test).
+
+(a) mask construction, vectorised vs the per-image, per-box loop reference;
+(b) FGD forward+backward vs plain feature MSE (Eq. 1) with the same align layer on the same tensors;
+(c) FGD's share of a YOLO11n training step (forward+backward) at the same batch.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .loss import FGDPyramid, feature_mse, fgd_masks, fgd_masks_loop
+
+
+def _timeit(fn, device, repeat: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs after ``warmup``."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: str = "cpu", repeat: int = 5,
+                   step: bool = True) -> dict:
+    """Print and return timings (ms) and ratios for the shapes in the module docstring."""
+    dev = torch.device(device if device not in ("", None) else "cpu")
+    if dev.type == "cpu" and str(device).isdigit():
+        dev = torch.device(f"cuda:{device}")
+    g = torch.Generator().manual_seed(0)
+    strides, cs, ct = (8, 16, 32), (64, 128, 256), (128, 256, 512)
+    sizes = [imgsz // s for s in strides]
+    xy = torch.rand(batch * boxes, 2, generator=g) * 0.9
+    wh = torch.rand(batch * boxes, 2, generator=g) * 0.3 + 0.01
+    bx = torch.cat([xy, (xy + wh).clamp(max=1)], 1).to(dev)
+    bi = torch.arange(batch).repeat_interleave(boxes).to(dev)
+    fs = [torch.randn(batch, c, s, s, generator=g).to(dev).requires_grad_() for c, s in zip(cs, sizes)]
+    ft = [torch.randn(batch, c, s, s, generator=g).to(dev) for c, s in zip(ct, sizes)]
+
+    h = sizes[0]
+    t_vec = _timeit(lambda: fgd_masks(bx, bi, batch, h, h), dev, repeat)
+    t_loop = _timeit(lambda: fgd_masks_loop(bx, bi, batch, h, h), dev, max(1, repeat // 2), warmup=1)
+
+    fgd = FGDPyramid(cs, ct).to(dev)
+    align = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 1) for a, b in zip(cs, ct)).to(dev)
+
+    def fgd_step():
+        fgd(fs, ft, bx, bi)["total"].backward()
+
+    def mse_step():
+        sum(feature_mse(a(s), t) for a, s, t in zip(align, fs, ft)).backward()
+
+    t_fgd = _timeit(fgd_step, dev, repeat)
+    t_mse = _timeit(mse_step, dev, repeat)
+    res = {
+        "device": str(dev), "batch": batch, "imgsz": imgsz, "boxes_per_image": boxes, "threads": torch.get_num_threads(),
+        "masks_vectorised_ms": 1e3 * t_vec, "masks_loop_ms": 1e3 * t_loop, "masks_speedup": t_loop / t_vec,
+        "fgd_fwd_bwd_ms": 1e3 * t_fgd, "mse_fwd_bwd_ms": 1e3 * t_mse, "fgd_over_mse": t_fgd / t_mse,
+    }
+    if step:
+        from ultralytics.nn.tasks import DetectionModel
+
+        model = DetectionModel("yolo11n.yaml", nc=80, verbose=False).to(dev).train()
+        img = torch.rand(batch, 3, imgsz, imgsz, generator=g).to(dev)
+
+        def yolo_step():
+            out = model(img)  # training output: raw box/score maps (the assigner and IoU loss are not timed)
+            (out["boxes"].float().mean() + out["scores"].float().mean()).backward()
+            model.zero_grad(set_to_none=True)
+
+        t_step = _timeit(yolo_step, dev, max(1, repeat // 2), warmup=1)
+        res.update({"yolo11n_step_ms": 1e3 * t_step, "fgd_share_of_step": t_fgd / (t_step + t_fgd)})
+    lines = [f"FGD loss benchmark ({res['device']}, {res['threads']} threads, batch {batch}, {imgsz} px, "
+             f"P3-P5 {list(cs)} -> {list(ct)} ch, {boxes} boxes/image, median of {repeat})"]
+    lines += [f"  {k:<22} {v:10.3f}" if isinstance(v, float) else f"  {k:<22} {v}" for k, v in res.items()]
+    print("\n".join(lines))
+    return res

@@ -1,0 +1,153 @@
+"""``yolo-fgd`` console script, in Ultralytics' ``key=value`` style.
+
+    yolo-fgd train model=yolo11n.yaml teacher=runs/detect/teacher/weights/best.pt data=data.yaml epochs=100
+    yolo-fgd train resume model=runs/detect/train/weights/last.pt [teacher=new/path.pt]
+    yolo-fgd val|predict|export ...        (delegated to Ultralytics' `yolo`)
+    yolo-fgd data [shapes]                 (generate the embedded data set, print its data YAML)
+    yolo-fgd demo [epochs=.. teacher_epochs=.. imgsz=..]
+    yolo-fgd benchmark-loss [batch=16 imgsz=640 device=cpu]
+    yolo-fgd help
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .errors import FGDError
+
+HELP = __doc__ + """
+FGD arguments (defaults from cfg/fgd.yaml, preset 'yolo'):
+    teacher=PATH           teacher YOLO detection checkpoint (required for train)
+    fgd_preset=yolo        yolo | yolox | two_stage | anchor_based | anchor_free
+    fgd_alpha= fgd_beta= fgd_gamma= fgd_lambda=   weights of Eq. 13 (fg, bg, attention, global)
+    fgd_temperature=0.5    T of Eq. 5-6
+    fgd_gain=              multiplies all four weights
+    fgd_norm=              standardise features per image and channel before the loss
+    fgd_warmup=            epochs of linear warm-up of the FGD weight
+Any other key is an Ultralytics train argument (epochs, imgsz, batch, device, ...). data=shapes (the default)
+uses the embedded procedural data set. Add debug=True to see full tracebacks.
+"""
+
+
+def parse(argv: list[str]) -> tuple[list[str], dict]:
+    """Split ``argv`` into positional words and a ``key=value`` dict (values parsed like Ultralytics does)."""
+    from ultralytics.cfg import smart_value
+
+    words, kv = [], {}
+    for a in argv:
+        if "=" in a:
+            k, v = a.split("=", 1)
+            if not k or v == "":
+                raise FGDError(f"'{a}' is not key=value: write arguments as key=value, e.g. epochs=10")
+            kv[k.strip()] = smart_value(v.strip())
+        else:
+            words.append(a)
+    return words, kv
+
+
+def resolve_data(data):
+    """``data=shapes`` (or none) -> the embedded data set's YAML; anything else is passed through."""
+    if data in (None, "", "shapes", "fgd-shapes"):
+        from .data import shapes
+
+        return str(shapes())
+    return data
+
+
+def check_train_keys(kv: dict) -> None:
+    """Unknown keys fail early with the closest known one (Ultralytics' own error is a page of help)."""
+    import difflib
+
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    from .presets import FGD_ARGS
+
+    known = {*DEFAULT_CFG_DICT, *FGD_ARGS}
+    for k in kv:
+        if k not in known:
+            close = difflib.get_close_matches(k, known, n=1)
+            raise FGDError(f"unknown argument '{k}'" + (f": did you mean '{close[0]}'?" if close else ""))
+
+
+def train(words: list[str], kv: dict):
+    from ultralytics import YOLO
+
+    from .trainer import FGDTrainer
+
+    check_train_keys(kv)
+    resume = "resume" in words or kv.get("resume") in (True, "True")
+    model = kv.pop("model", None)
+    kv.pop("resume", None)
+    if resume:
+        if not model:
+            raise FGDError("resume needs the checkpoint: yolo-fgd train resume model=runs/detect/NAME/weights/last.pt")
+        if not os.path.isfile(str(model)):
+            raise FGDError(f"resume checkpoint '{model}' not found: pass model=runs/detect/NAME/weights/last.pt")
+        return YOLO(model).train(trainer=FGDTrainer, resume=True, **kv)
+    model = model or "yolo11n.yaml"
+    if str(model).endswith(".pt") and not os.path.isfile(str(model)) and os.sep in str(model):
+        raise FGDError(f"student '{model}' not found: pass model=yolo11n.yaml (from scratch) or an existing .pt")
+    kv["data"] = resolve_data(kv.get("data"))
+    return YOLO(model).train(trainer=FGDTrainer, **kv)
+
+
+def delegate(mode: str, words: list[str], kv: dict):
+    """Run Ultralytics' own ``yolo MODE ...`` with the same arguments."""
+    from ultralytics.cfg import entrypoint as yolo
+
+    if "data" in kv:
+        kv["data"] = resolve_data(kv["data"])
+    yolo(" ".join([mode, *words, *(f"{k}={v}" for k, v in kv.items())]))
+
+
+def run(argv: list[str]):
+    words, kv = parse(argv)
+    if not words or words[0] in {"help", "-h", "--help"}:
+        print(HELP)
+        return None
+    cmd, rest = words[0], words[1:]
+    if cmd == "train":
+        return train(rest, kv)
+    if cmd in {"val", "predict", "export"}:
+        return delegate(cmd, rest, kv)
+    if cmd == "data":
+        name = rest[0] if rest else "shapes"
+        if name == "shapes":
+            from .data import shapes
+
+            print(shapes(**kv))
+            return None
+        raise FGDError(f"unknown data set '{name}': choose shapes")
+    if cmd == "demo":
+        from .demo import demo
+
+        return demo(**kv)
+    if cmd == "benchmark-loss":
+        from .bench import benchmark_loss
+
+        return benchmark_loss(**kv)
+    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, data, demo, benchmark-loss or help")
+
+
+def entrypoint(argv: list[str] | None = None) -> int:
+    """Console script: one clear line and exit code 2 on bad input; ``debug=True`` re-raises with the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = any(a.lower() in {"debug=true", "--debug"} for a in argv)
+    argv = [a for a in argv if a.lower() not in {"debug=true", "debug=false", "--debug"}]
+    try:
+        run(argv)
+    except (FGDError, FileNotFoundError, SyntaxError, RuntimeError) as e:
+        if debug or (isinstance(e, RuntimeError) and not str(e).startswith("Dataset")):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"yolo-fgd: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("yolo-fgd: interrupted; resume with: yolo-fgd train resume model=<run>/weights/last.pt", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(entrypoint())
