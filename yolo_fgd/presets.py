@@ -11,7 +11,7 @@ import yaml
 from .errors import FGDError
 
 PRESETS_FILE = Path(__file__).resolve().parent / "cfg" / "fgd.yaml"
-KEYS = ("alpha", "beta", "gamma", "lambda", "temperature", "gain", "norm", "warmup")
+KEYS = ("alpha", "beta", "gamma", "lambda", "temperature", "gain", "norm", "warmup", "share")
 
 # Extra train args (merged into Ultralytics' cfg). None means "take it from the preset".
 FGD_ARGS = {
@@ -36,12 +36,12 @@ def resolve_fgd(args) -> dict:
         close = difflib.get_close_matches(str(name), table, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise FGDError(f"unknown fgd_preset '{name}': {hint}choose one of {', '.join(table)}")
-    cfg = dict(table[name])
+    cfg = {"share": 0.0, **table[name]}
     for k in KEYS:
         v = get(f"fgd_{k}")
         if v is not None:
             cfg[k] = bool(v) if k == "norm" else float(v)
-    for k in ("alpha", "beta", "gamma", "lambda", "gain", "warmup"):
+    for k in ("alpha", "beta", "gamma", "lambda", "gain", "warmup", "share"):
         if float(cfg[k]) < 0:
             raise FGDError(f"fgd_{k}={cfg[k]} is negative: FGD weights and warm-up must be >= 0")
     if float(cfg["temperature"]) <= 0:

@@ -83,7 +83,7 @@ def load_teacher(path, device) -> nn.Module:
         raise FGDError(
             f"teacher '{path}' is a '{task}' model, not a detection model: FGD needs a YOLO detect checkpoint as teacher"
         )
-    model = model.float().eval().to(device)
+    model = model.float().fuse(verbose=False).eval().to(device)  # Conv+BN fused: same outputs, faster
     for p_ in model.parameters():
         p_.requires_grad_(False)
     return model
@@ -133,8 +133,10 @@ class FGDCriterion:
         loss, items = self.base(preds, batch)
         out = self.trainer.fgd_loss(train_feats(preds), batch)
         bs = batch["img"].shape[0]
-        loss = torch.cat([loss.view(-1), (out["total"] * bs).view(1).to(loss.dtype)])
-        items = {**items, "fgd_loss": out["total"].detach(), **{f"fgd_{k}": out[k] for k in ("fg", "bg", "at", "gl")}}
+        fgd = out["total"] * bs
+        self.trainer.fgd_observe(loss.sum(), fgd, out)
+        loss = torch.cat([loss.view(-1), fgd.view(1).to(loss.dtype)])
+        items = {**items, "fgd_loss": out["total"].detach(), **{f"{k}_loss": out[k] for k in ("fg", "bg", "at", "gl")}}
         return loss, items
 
     def update(self):
@@ -157,7 +159,8 @@ class FGDTrainer(DetectionTrainer):
     """DetectionTrainer with FGD from a frozen teacher (``teacher=path.pt``).
 
     Extra train args (see :data:`yolo_fgd.presets.FGD_ARGS`): ``teacher``, ``fgd_preset``, ``fgd_alpha``,
-    ``fgd_beta``, ``fgd_gamma``, ``fgd_lambda``, ``fgd_temperature``, ``fgd_gain``, ``fgd_norm``, ``fgd_warmup``.
+    ``fgd_beta``, ``fgd_gamma``, ``fgd_lambda``, ``fgd_temperature``, ``fgd_gain``, ``fgd_norm``, ``fgd_warmup``,
+    ``fgd_share``.
 
     Example:
         >>> from ultralytics import YOLO
@@ -185,8 +188,11 @@ class FGDTrainer(DetectionTrainer):
         self.fgd_cfg = resolve_fgd(self.args)
         self.teacher = None
         self.fgd = None
-        self._fgd_iter = 0
-        self.add_callback("on_train_epoch_start", lambda t: setattr(t, "_fgd_iter", 0))
+        self._fgd_iter = 0  # batches seen this epoch (warm-up position)
+        self._fgd_steps = 0  # batches seen in this process (instrumentation cadence)
+        self.fgd_mult = 1.0  # gradient-share balancing multiplier (fgd_share), 1 when off
+        self._fgd_stats = None
+        self.add_callback("on_train_epoch_start", FGDTrainer._fgd_epoch_start)
 
     # --- model and FGD modules -------------------------------------------------------------------------------
     def setup_model(self):
@@ -209,7 +215,9 @@ class FGDTrainer(DetectionTrainer):
             sidecar = Path(self.args.resume if isinstance(self.args.resume, (str, Path)) else self.args.model)
             sidecar = sidecar.with_name(SIDECAR)
             if sidecar.is_file():
-                self.fgd.load_state_dict(torch.load(sidecar, map_location=self.device, weights_only=True))
+                state = torch.load(sidecar, map_location=self.device, weights_only=True)
+                self.fgd.load_state_dict(state["fgd"])
+                self.fgd_mult = float(state.get("mult", 1.0))
                 LOGGER.info(f"{colorstr('FGD:')} restored align/GcBlock modules from {sidecar}")
             else:
                 LOGGER.warning(f"FGD: {sidecar} not found, resuming with freshly initialised align/GcBlock modules")
@@ -267,6 +275,50 @@ class FGDTrainer(DetectionTrainer):
         nb = max(len(getattr(self, "train_loader", []) or []), 1)
         return min(1.0, (self.epoch + self._fgd_iter / nb) / warmup)
 
+    LOG_EVERY = 25  # batches between gradient-norm measurements (two extra backward passes each)
+
+    @staticmethod
+    def _fgd_epoch_start(trainer):
+        trainer._fgd_iter = 0
+        trainer._fgd_stats = {"levels": 0.0, "n": 0, "share": [], "mult": trainer.fgd_mult}
+
+    def fgd_observe(self, det_loss, fgd_loss, out):
+        """Per-level sums every batch (no host sync); every LOG_EVERY batches the FGD/detection gradient-norm ratio
+        on the student's parameters, which also drives ``fgd_share`` balancing."""
+        st = self._fgd_stats
+        if st is None or not det_loss.requires_grad:
+            return
+        st["levels"] = st["levels"] + out["levels"]
+        st["n"] += 1
+        self._fgd_steps += 1
+        if (self._fgd_steps - 1) % self.LOG_EVERY or self.world_size > 1 or not fgd_loss.requires_grad:
+            return
+        params = [p for p in unwrap_model(self.model).parameters() if p.requires_grad]
+        g_det = torch.autograd.grad(det_loss, params, retain_graph=True, allow_unused=True)
+        g_fgd = torch.autograd.grad(fgd_loss, params, retain_graph=True, allow_unused=True)
+        norm = lambda gs: torch.linalg.vector_norm(torch.stack([g.float().norm() for g in gs if g is not None]))
+        ratio = float(norm(g_fgd) / norm(g_det).clamp(min=1e-12))
+        st["share"].append(ratio)
+        target = float(self.fgd_cfg.get("share") or 0)
+        if target > 0 and ratio > 0 and self.fgd_scale() > 0:
+            # ratio = mult * r0; aim mult * r0 = target, moving half-way in log space each measurement
+            self.fgd_mult = float(min(max((self.fgd_mult * (self.fgd_mult * target / ratio)) ** 0.5, 1e-4), 1e4))
+
+    def fgd_epoch_metrics(self) -> dict:
+        """Columns added to results.csv: per-level FGD (epoch mean), gradient-norm ratio, warm-up and share factors."""
+        st = self._fgd_stats or {"levels": 0.0, "n": 0, "share": [], "mult": self.fgd_mult}
+        n = max(st["n"], 1)
+        levels = (st["levels"] / n).tolist() if torch.is_tensor(st["levels"]) else [0.0] * len(self.fgd.levels)
+        cols = {f"fgd/P{i + 3}": round(float(v), 6) for i, v in enumerate(levels)}
+        share = st["share"]
+        cols["fgd/grad_ratio"] = round(sum(share) / len(share), 6) if share else 0.0
+        cols["fgd/scale"] = round(self.fgd_scale(), 6)
+        cols["fgd/mult"] = round(self.fgd_mult, 6)
+        return cols
+
+    def save_metrics(self, metrics):
+        super().save_metrics({**metrics, **self.fgd_epoch_metrics()})
+
     def fgd_loss(self, student_feats, batch) -> dict:
         """FGD over all levels for one batch -> dict total (scaled), fg, bg, at, gl (weighted, detached)."""
         img = batch["img"]
@@ -275,7 +327,7 @@ class FGDTrainer(DetectionTrainer):
         xywh = batch["bboxes"].to(img.device).float()
         boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
         out = self.fgd(student_feats, teacher_feats, boxes, batch["batch_idx"].to(img.device).view(-1))
-        s = self.fgd_scale()
+        s = self.fgd_scale() * self.fgd_mult
         total = out["total"] * s
         total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))  # never poison the weights
         return {
@@ -284,6 +336,7 @@ class FGDTrainer(DetectionTrainer):
             "bg": out["bg"] * s,
             "at": out["attention"] * s,
             "gl": out["global"] * s,
+            "levels": out["levels"] * s,
         }
 
     # --- Ultralytics plumbing ---------------------------------------------------------------------------------
@@ -297,6 +350,6 @@ class FGDTrainer(DetectionTrainer):
         saved = super().save_model()
         if saved and self.fgd is not None:
             tmp = self.wdir / f".{SIDECAR}.tmp"
-            torch.save(self.fgd.state_dict(), tmp)
+            torch.save({"fgd": self.fgd.state_dict(), "mult": self.fgd_mult, "epoch": self.epoch}, tmp)
             os.replace(tmp, self.wdir / SIDECAR)
         return saved
