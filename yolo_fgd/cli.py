@@ -5,6 +5,7 @@
     yolo-fgd val|predict|export ...        (delegated to Ultralytics' `yolo`)
     yolo-fgd data [shapes]                 (generate the embedded data set, print its data YAML)
     yolo-fgd demo [epochs=.. teacher_epochs=.. imgsz=..]
+    yolo-fgd study recipe=cfg/study.yaml [lanes=2 only=baseline,fgd]
     yolo-fgd benchmark-loss [batch=16 imgsz=640 device=cpu]
     yolo-fgd help
 """
@@ -123,11 +124,15 @@ def run(argv: list[str]):
         from .demo import demo
 
         return demo(**kv)
+    if cmd == "study":
+        from .study import study
+
+        return study(**kv)
     if cmd == "benchmark-loss":
         from .bench import benchmark_loss
 
         return benchmark_loss(**kv)
-    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, data, demo, benchmark-loss or help")
+    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, data, demo, study, benchmark-loss or help")
 
 
 def entrypoint(argv: list[str] | None = None) -> int:

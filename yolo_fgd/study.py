@@ -1,0 +1,251 @@
+"""``yolo-fgd study recipe=cfg/study.yaml``: the same budget for every method and seed, resumable, with a report.
+
+Each (dataset, method, seed) is one Ultralytics run in ``<project>/<name>/<dataset>/<method>-s<seed>`` trained in its
+own process (``lanes`` of them at once, the CPU threads split between them); a finished run leaves ``summary.json``
+and is skipped when the study is started again, an unfinished one resumes from its ``last.pt``. The report
+(``results.csv``, ``results.md``, ``results.png``) holds mean ± std over seeds of mAP50-95, mAP50, APs/APm/APl
+(COCO area ranges, pycocotools on the val split) and seconds per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .errors import FGDError
+
+METRICS = ("map", "map50", "aps", "apm", "apl", "epoch_s", "wall_s")
+
+
+def load_recipe(path) -> dict:
+    if isinstance(path, dict):
+        return path
+    p = Path(path)
+    if not p.is_file():
+        alt = Path(__file__).resolve().parent / "cfg" / p.name
+        if not alt.is_file():
+            raise FGDError(f"study recipe '{path}' not found: pass recipe=cfg/study.yaml or a path to your own")
+        p = alt
+    return yaml.safe_load(p.read_text())
+
+
+def resolve_dataset(spec):
+    """A dataset entry of the recipe -> data YAML path."""
+    if spec in ("shapes", None):
+        from .data import shapes
+
+        return str(shapes())
+    if isinstance(spec, dict) and spec.get("kind") == "shapes":
+        from .data import shapes
+
+        return str(shapes(**{k: v for k, v in spec.items() if k != "kind"}))
+    if spec == "deepforest":
+        from .deepforest import deepforest
+
+        return str(deepforest())
+    return str(spec)
+
+
+def coco_ap(model_path, data_yaml, imgsz, batch=16) -> dict:
+    """mAP50-95, mAP50 and APs/APm/APl of a YOLO checkpoint on the val split (pycocotools, COCO area ranges)."""
+    from ultralytics import YOLO
+
+    from .coco import yolo_split_to_coco, evaluate_detections
+
+    gt, files = yolo_split_to_coco(data_yaml, "val")
+    model = YOLO(model_path)
+    dets = []
+    for i in range(0, len(files), batch):
+        chunk = files[i : i + batch]
+        for (image_id, _), r in zip(chunk, model.predict([f for _, f in chunk], imgsz=imgsz, conf=0.001, iou=0.7,
+                                                           max_det=300, verbose=False)):
+            b = r.boxes
+            for xyxy, s, c in zip(b.xyxy.tolist(), b.conf.tolist(), b.cls.tolist()):
+                dets.append({"image_id": image_id, "category_id": int(c), "score": float(s),
+                             "bbox": [xyxy[0], xyxy[1], xyxy[2] - xyxy[0], xyxy[3] - xyxy[1]]})
+    stats = evaluate_detections(gt, dets)
+    return {"map": stats["mAP"], "map50": stats["AP50"], "aps": stats["APs"], "apm": stats["APm"], "apl": stats["APl"]}
+
+
+def run_one(spec: dict) -> dict:
+    """Train one (method, seed) run as described by ``spec`` and write its summary.json."""
+    from ultralytics import YOLO
+
+    out = Path(spec["dir"])
+    kwargs = dict(spec["train"])
+    kwargs.update(project=str(out.parent), name=out.name, exist_ok=True, seed=spec["seed"], data=spec["data"])
+    kwargs.update(spec.get("args") or {})
+    last = out / "weights" / "last.pt"
+    t0 = time.time()
+    trainer = None
+    if spec.get("fgd"):
+        from .trainer import FGDTrainer
+
+        trainer = FGDTrainer
+    if last.is_file():
+        ckpt_epoch = _ckpt_epoch(last)
+        if ckpt_epoch is not None:  # unfinished: resume
+            YOLO(str(last)).train(trainer=trainer, resume=True)
+    else:
+        YOLO(spec["model"]).train(trainer=trainer, **kwargs)
+    wall = time.time() - t0
+    best = out / "weights" / "best.pt"
+    rows = _results(out / "results.csv")
+    epochs = len(rows)
+    times = [float(r["time"]) for r in rows]
+    summary = {
+        "method": spec["method"], "seed": spec["seed"], "epochs": epochs, "wall_s": times[-1] if times else wall,
+        "epoch_s": (times[-1] / epochs) if epochs else 0.0, **coco_ap(str(best), spec["data"], kwargs["imgsz"]),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _ckpt_epoch(path):
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        return ckpt.get("epoch", -1) if ckpt.get("optimizer") is not None else None
+    except Exception:
+        return None
+
+
+def _results(csv_path):
+    import csv
+
+    if not Path(csv_path).is_file():
+        return []
+    with open(csv_path) as f:
+        return [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def plan(recipe: dict, root: Path) -> list[dict]:
+    """All run specs of a recipe, teachers first (a teacher is trained once per dataset, seed 0)."""
+    specs = []
+    train = recipe["train"]
+    for ds_name, ds in recipe["datasets"].items():
+        data = resolve_dataset(ds)
+        tcfg = recipe["teacher"]
+        tdir = root / ds_name / "teacher"
+        teacher_pt = tcfg.get("weights") or str(tdir / "weights" / "best.pt")
+        if not tcfg.get("weights"):
+            specs.append({"dir": str(tdir), "method": "teacher", "seed": 0, "data": data, "model": tcfg["model"],
+                          "train": {**train, **(tcfg.get("train") or {})}, "dataset": ds_name})
+        for method, m in recipe["methods"].items():
+            m = dict(m or {})
+            args = {k: (teacher_pt if v == "TEACHER" else v) for k, v in (m.get("args") or {}).items()}
+            for seed in recipe["seeds"]:
+                specs.append({"dir": str(root / ds_name / f"{method}-s{seed}"), "method": method, "seed": seed,
+                              "data": data, "model": m.get("model", recipe["student"]), "train": train,
+                              "fgd": bool(m.get("fgd")), "args": {**({"teacher": teacher_pt} if m.get("fgd") else {}),
+                                                                    **args}, "dataset": ds_name,
+                              "needs": None if tcfg.get("weights") else teacher_pt})
+    return specs
+
+
+def report(root: Path, specs: list[dict]) -> str:
+    """Aggregate summaries into results.csv / results.md / results.png under ``root``; returns the Markdown."""
+    rows = {}
+    for s in specs:
+        f = Path(s["dir"]) / "summary.json"
+        if f.is_file():
+            rows.setdefault((s["dataset"], s["method"]), []).append(json.loads(f.read_text()))
+    lines_csv = ["dataset,method,seeds," + ",".join(f"{m}_mean,{m}_std" for m in METRICS)]
+    md = ["| dataset | method | seeds | mAP50-95 | mAP50 | APs | APm | APl | s/epoch |", "|---|---|---|---|---|---|---|---|---|"]
+    for (ds, method), runs in rows.items():
+        vals = {m: np.array([r.get(m, np.nan) for r in runs], float) for m in METRICS}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a metric absent in every run (e.g. no large objects)
+            stat = {m: (np.nanmean(v), np.nanstd(v)) for m, v in vals.items()}
+        lines_csv.append(f"{ds},{method},{len(runs)}," + ",".join(f"{stat[m][0]:.5f},{stat[m][1]:.5f}" for m in METRICS))
+        pm = lambda m, k=100: f"{stat[m][0] * k:.1f} ± {stat[m][1] * k:.1f}"
+        md.append(f"| {ds} | {method} | {len(runs)} | {pm('map')} | {pm('map50')} | {pm('aps')} | {pm('apm')} | "
+                  f"{pm('apl')} | {stat['epoch_s'][0]:.1f} |")
+    (root / "results.csv").write_text("\n".join(lines_csv) + "\n")
+    text = "\n".join(md) + "\n"
+    (root / "results.md").write_text(text)
+    _plot(root, rows)
+    return text
+
+
+def _plot(root, rows):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return
+    if not rows:
+        return
+    keys = list(rows)
+    means = [100 * np.mean([r["map"] for r in rows[k]]) for k in keys]
+    stds = [100 * np.std([r["map"] for r in rows[k]]) for k in keys]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys)), 4), tight_layout=True)
+    ax.bar(range(len(keys)), means, yerr=stds, capsize=4, color=["C%d" % (i % 10) for i in range(len(keys))])
+    ax.set_xticks(range(len(keys)), [f"{d}\n{m}" for d, m in keys], fontsize=8)
+    ax.set_ylabel("mAP50-95 (%)")
+    ax.set_title("yolo-fgd study: mean ± std over seeds")
+    fig.savefig(root / "results.png", dpi=120)
+    plt.close(fig)
+
+
+def study(recipe: str = "cfg/study.yaml", project: str = "runs/study", name: str | None = None, lanes: int = 2,
+          only: str | None = None) -> str:
+    """Run (or resume) every run of ``recipe`` with ``lanes`` processes, then write and print the report."""
+    rec = load_recipe(recipe)
+    root = Path(project) / (name or (Path(recipe).stem if not isinstance(recipe, dict) else "study"))
+    root.mkdir(parents=True, exist_ok=True)
+    specs = plan(rec, root)
+    if only:
+        keep = set(str(only).split(","))
+        specs = [s for s in specs if s["method"] in keep or s["method"] == "teacher"]
+    todo = [s for s in specs if not (Path(s["dir"]) / "summary.json").is_file()]
+    from ultralytics.utils import LOGGER
+
+    LOGGER.info(f"study {root}: {len(specs)} runs, {len(todo)} to do, {lanes} lanes")
+    threads = max(1, (os.cpu_count() or 2) // max(lanes, 1))
+    running: list[tuple[subprocess.Popen, dict]] = []
+    pending = list(todo)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    while pending or running:
+        for proc, s in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, s))
+                if proc.returncode:
+                    LOGGER.warning(f"study run {s['dir']} failed (exit {proc.returncode}), see its train.log")
+        ready = [s for s in pending if not s.get("needs") or Path(s["needs"]).is_file() and
+                 not any(r[1]["method"] == "teacher" and r[1]["dataset"] == s["dataset"] for r in running)]
+        while ready and len(running) < lanes:
+            s = ready.pop(0)
+            pending.remove(s)
+            Path(s["dir"]).mkdir(parents=True, exist_ok=True)
+            spec_file = Path(s["dir"]) / "spec.json"
+            spec_file.write_text(json.dumps(s))
+            log = open(Path(s["dir"]) / "train.log", "a")
+            running.append((subprocess.Popen([sys.executable, "-m", "yolo_fgd.study", str(spec_file)], stdout=log,
+                                             stderr=subprocess.STDOUT, env=env), s))
+            LOGGER.info(f"study: started {s['dir']}")
+        if not running and pending:
+            LOGGER.warning(f"study: {len(pending)} runs wait for a teacher that failed; stopping")
+            break
+        time.sleep(5)
+    text = report(root, specs)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":  # one run: python -m yolo_fgd.study spec.json
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    run_one(json.loads(Path(sys.argv[1]).read_text()))
