@@ -2,10 +2,12 @@
 
     yolo-fgd train model=yolo11n.yaml teacher=runs/detect/teacher/weights/best.pt data=data.yaml epochs=100
     yolo-fgd train resume model=runs/detect/train/weights/last.pt [teacher=new/path.pt]
-    yolo-fgd val|predict|export ...        (delegated to Ultralytics' `yolo`)
+    yolo-fgd export model=best.pt format=onnx imgsz=640 [dynamic=True half=True int8=True|dynamic data=data.yaml]
+    yolo-fgd val|predict ...               (delegated to Ultralytics' `yolo`)
     yolo-fgd data [shapes]                 (generate the embedded data set, print its data YAML)
     yolo-fgd demo [epochs=.. teacher_epochs=.. imgsz=..]
     yolo-fgd study recipe=cfg/study.yaml [lanes=2 only=baseline,fgd]
+    yolo-fgd benchmark model=a.pt[,b.pt] data=data.yaml imgsz=640 [runs=50 threads=2]
     yolo-fgd benchmark-loss [batch=16 imgsz=640 device=cpu]
     yolo-fgd help
 """
@@ -110,7 +112,13 @@ def run(argv: list[str]):
     cmd, rest = words[0], words[1:]
     if cmd == "train":
         return train(rest, kv)
-    if cmd in {"val", "predict", "export"}:
+    if cmd == "export":
+        from .export import export
+
+        if "model" not in kv:
+            raise FGDError("export needs model=path/to/best.pt")
+        return export(**kv)
+    if cmd in {"val", "predict"}:
         return delegate(cmd, rest, kv)
     if cmd == "data":
         name = rest[0] if rest else "shapes"
@@ -128,11 +136,17 @@ def run(argv: list[str]):
         from .study import study
 
         return study(**kv)
+    if cmd == "benchmark":
+        from .benchmark import benchmark
+
+        if "model" not in kv:
+            raise FGDError("benchmark needs model=a.pt[,b.pt] (and data=your.yaml for mAP)")
+        return benchmark(**kv)
     if cmd == "benchmark-loss":
         from .bench import benchmark_loss
 
         return benchmark_loss(**kv)
-    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, data, demo, study, benchmark-loss or help")
+    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, benchmark, data, demo, study, benchmark-loss or help")
 
 
 def entrypoint(argv: list[str] | None = None) -> int:

@@ -1,0 +1,162 @@
+"""``yolo-fgd export``: Ultralytics ONNX export (onnxslim on), a PyTorch-vs-ONNX Runtime parity check on real images
+of the data, and ONNX Runtime INT8 quantisation (static QDQ per-channel calibrated on training images, or dynamic)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .edge import EdgeModel, letterbox
+from .errors import FGDError
+
+PARITY_TOL = 1e-3
+
+
+def load_yolo(path):
+    """Ultralytics YOLO from a .pt path with one-line errors for missing or damaged files."""
+    from ultralytics import YOLO
+
+    p = Path(str(path))
+    if p.suffix == ".pt" and not p.is_file():
+        raise FGDError(f"model '{path}' not found: pass model=runs/detect/NAME/weights/best.pt")
+    try:
+        return YOLO(str(path))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise FGDError(f"model '{path}' could not be loaded ({first}): pass an Ultralytics YOLO checkpoint") from None
+
+
+def sample_images(data, split: str = "val", n: int = 4) -> list[Path]:
+    """Up to ``n`` image paths of a data YAML split (evenly spread), or [] without data."""
+    if not data:
+        return []
+    from .coco import split_images
+
+    files, _ = split_images(data, split)
+    if not files:
+        return []
+    idx = np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int)
+    return [files[i] for i in sorted(set(idx))]
+
+
+def parity(pt_model, onnx_path, images: list[Path], imgsz: int) -> float:
+    """Max |PyTorch - ONNX Runtime| over the raw output tensors for ``images`` letterboxed to ``imgsz``."""
+    import torch
+
+    model = pt_model.model.float().eval()
+    session = EdgeModel(onnx_path)
+    worst = 0.0
+    for f in images:
+        img = cv2.imread(str(f))
+        x, _, _ = letterbox(img, (imgsz, imgsz))
+        x = np.ascontiguousarray(x[:, :, ::-1].transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
+        with torch.no_grad():
+            y = model(torch.from_numpy(x))
+        y = (y[0] if isinstance(y, (list, tuple)) else y).numpy()
+        o = session.infer(x.astype(session.dtype)).astype(np.float32)
+        if o.shape != y.shape:
+            raise FGDError(f"ONNX output shape {o.shape} differs from PyTorch {y.shape}: re-export with default options")
+        if session.end2end:  # top-k order can swap on near-equal scores: compare sorted rows
+            o, y = o[0][np.lexsort(o[0].T[::-1])], y[0][np.lexsort(y[0].T[::-1])]
+        worst = max(worst, float(np.abs(o - y).max()))
+    return worst
+
+
+class _Calib:
+    """ONNX Runtime CalibrationDataReader over letterboxed images."""
+
+    def __init__(self, files, name, imgsz):
+        self.files, self.name, self.imgsz, self.i = list(files), name, imgsz, 0
+
+    def get_next(self):
+        while self.i < len(self.files):
+            img = cv2.imread(str(self.files[self.i]))
+            self.i += 1
+            if img is None:
+                continue
+            x, _, _ = letterbox(img, (self.imgsz, self.imgsz))
+            x = np.ascontiguousarray(x[:, :, ::-1].transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
+            return {self.name: x}
+        return None
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize(onnx_path, data=None, imgsz=640, mode="static", calib: int = 64) -> Path:
+    """INT8 model next to ``onnx_path``: ``static`` QDQ per-channel (calibrated on ``calib`` training images) or
+    ``dynamic`` (weights only)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src = Path(onnx_path)
+    pre = src.with_name(f"{src.stem}-pre.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    out = src.with_name(f"{src.stem}-int8{'-dynamic' if mode == 'dynamic' else ''}.onnx")
+    if mode == "dynamic":
+        quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, per_channel=True)
+    else:
+        files = sample_images(data, "train", calib)
+        if not files:
+            raise FGDError("int8=True needs calibration images: pass data=your.yaml (its train split is used)")
+        name = EdgeModel(src).input_name
+        quantize_static(str(pre), str(out), _Calib(files, name, imgsz), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    pre.unlink(missing_ok=True)
+    _copy_metadata(src, out)
+    return out
+
+
+def _copy_metadata(src: Path, dst: Path):
+    """Keep Ultralytics' metadata (names, imgsz, stride...) on the quantised model."""
+    import onnx
+
+    a, b = onnx.load(str(src)), onnx.load(str(dst))
+    have = {p.key for p in b.metadata_props}
+    for p in a.metadata_props:
+        if p.key not in have:
+            b.metadata_props.add(key=p.key, value=p.value)
+    onnx.save(b, str(dst))
+
+
+def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = False, half: bool = False,
+           int8: bool | str = False, data: str | None = None, opset: int | None = None, device: str = "cpu",
+           calib: int = 64, **kwargs) -> dict:
+    """Export, check parity, optionally quantise. Returns {'onnx': path, 'int8': path|None, 'parity': max_abs}."""
+    from ultralytics.utils import LOGGER
+
+    if format != "onnx":
+        from ultralytics.cfg import entrypoint as yolo
+
+        yolo(" ".join(["export", f"model={model}", f"format={format}", f"imgsz={imgsz}",
+                       *(f"{k}={v}" for k, v in kwargs.items())]))
+        return {}
+    yolo_model = load_yolo(model)
+    data = data or (getattr(yolo_model, "ckpt", None) or {}).get("train_args", {}).get("data")
+    if data and not Path(str(data)).is_file():
+        from .cli import resolve_data
+
+        data = resolve_data(data) if data in ("shapes", None) else data
+    path = Path(yolo_model.export(format="onnx", imgsz=imgsz, dynamic=dynamic, half=half, simplify=True,
+                                  opset=opset, device=device, **kwargs))
+    images = sample_images(data, "val") if data and Path(str(data)).is_file() else []
+    result = {"onnx": str(path), "int8": None, "parity": None}
+    if images and not half:
+        diff = parity(load_yolo(model), path, images, imgsz)
+        result["parity"] = diff
+        LOGGER.info(f"parity: max |PyTorch - ONNX Runtime| = {diff:.2e} on {len(images)} images of {data}")
+        if diff > PARITY_TOL:
+            raise FGDError(f"ONNX output differs from PyTorch by {diff:.2e} > {PARITY_TOL}: export with opset>=17, "
+                           "or report the model to the maintainers")
+    elif not images:
+        LOGGER.warning("parity check skipped: no data images (pass data=your.yaml)")
+    if int8:
+        mode = "dynamic" if str(int8).lower() == "dynamic" else "static"
+        result["int8"] = str(quantize(path, data, imgsz, mode, calib))
+        LOGGER.info(f"INT8 ({mode}) model: {result['int8']}")
+    print(json.dumps(result))
+    return result
