@@ -1,0 +1,110 @@
+"""ONNX export, parity, INT8, the torch-free edge runner and the deployment benchmark, on a tiny trained student."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY, run_cli, train_teacher
+
+
+@pytest.fixture(scope="module")
+def student(data, runs):
+    return train_teacher("yolo11n.yaml", data, runs, "export_student")
+
+
+@pytest.fixture(scope="module")
+def exported(student, data):
+    from yolo_fgd.export import export
+
+    return export(student, imgsz=64, data=data, int8=True)
+
+
+def test_export_parity_and_int8(exported):
+    assert Path(exported["onnx"]).is_file() and exported["parity"] is not None and exported["parity"] < 1e-3
+    assert Path(exported["int8"]).is_file()
+    assert Path(exported["int8"]).stat().st_size < 0.5 * Path(exported["onnx"]).stat().st_size
+
+
+def test_edge_runner_matches_ultralytics_predictor(exported, data):
+    from ultralytics import YOLO
+
+    from yolo_fgd.coco import split_images
+    from yolo_fgd.edge import EdgeModel
+
+    files, _ = split_images(data, "val")
+    edge = EdgeModel(exported["onnx"], conf=0.001, iou=0.7)
+    ref = YOLO(exported["onnx"], task="detect")
+    compared = 0
+    for f in files:
+        img = cv2.imread(str(f))
+        det = edge(img)
+        r = ref.predict(img, imgsz=64, conf=0.001, iou=0.7, verbose=False)[0].boxes
+        want = np.concatenate([r.xyxy.numpy(), r.conf.numpy()[:, None], r.cls.numpy()[:, None]], 1)
+        assert len(det) == len(want), (len(det), len(want))
+        for row in want:  # every detection down to conf 0.001 (a 1-epoch model scores low)
+            same = det[(det[:, 5] == row[5]) & (np.abs(det[:, 4] - row[4]) < 1e-3)]
+            assert len(same) and np.abs(same[:, :4] - row[:4]).max(1).min() <= 1.0, row
+            compared += 1
+    assert compared > 0
+
+
+def test_int8_model_runs_and_map_is_computed(exported, data):
+    from yolo_fgd.benchmark import edge_map
+
+    stats = edge_map(exported["int8"], data, threads=1)
+    assert 0.0 <= stats["mAP"] <= 1.0
+
+
+def test_edge_runner_is_torch_free(exported, tmp_path):
+    img = tmp_path / "x.jpg"
+    cv2.imwrite(str(img), np.full((80, 100, 3), 127, np.uint8))
+    code = (
+        "import runpy, sys; sys.argv = ['edge.py', sys.argv[1], sys.argv[2], '--out', sys.argv[3]]\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'torch', 'ultralytics', 'torchvision', 'yolo_fgd'}:\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "try:\n"
+        "    runpy.run_path(str(__import__('pathlib').Path(sys.argv[0]).parent / 'edge.py'), run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "assert not any(m.split('.')[0] in {'torch', 'ultralytics'} for m in sys.modules)\n"
+        "print('TORCH-FREE')\n"
+    )
+    script = tmp_path / "check.py"
+    script.write_text(code)
+    edge_dir = ROOT / "export"
+    out = subprocess.run([sys.executable, "-c", code.replace("__import__('pathlib').Path(sys.argv[0]).parent",
+                                                             f"__import__('pathlib').Path({str(edge_dir)!r})"),
+                          exported["onnx"], str(img), str(tmp_path / "out")], capture_output=True, text=True)
+    assert out.returncode == 0 and "TORCH-FREE" in out.stdout, out.stderr[-2000:]
+    assert (tmp_path / "out" / "x.jpg").is_file()
+
+
+def test_benchmark_writes_report(student, data, tmp_path):
+    from yolo_fgd.benchmark import benchmark
+
+    rows = benchmark(student, data=data, imgsz=64, runs=3, threads=1, project=str(tmp_path), name="b")
+    assert [r["format"] for r in rows] == ["pytorch-fp32", "onnx-fp32", "onnx-int8"]
+    for f in ("benchmark.csv", "benchmark.md", "benchmark.png"):
+        assert (tmp_path / "b" / f).is_file()
+    assert all(r["p50_ms"] > 0 and r["size_mb"] > 0 for r in rows)
+
+
+def test_export_errors_are_one_line(tmp_path):
+    missing = run_cli("export", f"model={tmp_path / 'none.pt'}")
+    assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage" * 100)
+    corrupt = run_cli("export", f"model={bad}")
+    assert corrupt.returncode == 2 and "could not be loaded" in corrupt.stderr and "Traceback" not in corrupt.stderr
+    bad_onnx = tmp_path / "bad.onnx"
+    bad_onnx.write_bytes(b"garbage")
+    edge = subprocess.run([sys.executable, str(ROOT / "export" / "edge.py"), str(bad_onnx), str(tmp_path)],
+                          capture_output=True, text=True)
+    assert edge.returncode == 2 and "could not be loaded" in edge.stderr
