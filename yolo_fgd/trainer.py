@@ -299,10 +299,12 @@ class FGDTrainer(DetectionTrainer):
         norm = lambda gs: torch.linalg.vector_norm(torch.stack([g.float().norm() for g in gs if g is not None]))
         ratio = float(norm(g_fgd) / norm(g_det).clamp(min=1e-12))
         st["share"].append(ratio)
-        target = float(self.fgd_cfg.get("share") or 0)
-        if target > 0 and ratio > 0 and self.fgd_scale() > 0:
-            # ratio = mult * r0; aim mult * r0 = target, moving half-way in log space each measurement
-            self.fgd_mult = float(min(max((self.fgd_mult * (self.fgd_mult * target / ratio)) ** 0.5, 1e-4), 1e4))
+        target, warm = float(self.fgd_cfg.get("share") or 0), self.fgd_scale()
+        if target > 0 and ratio > 0 and warm > 0:
+            # ratio = warm * mult * r0 (r0: ratio at unit weight); aim mult * r0 = target so that the share follows the
+            # warm-up ramp up to `target`, moving half-way in log space each measurement
+            want = target * self.fgd_mult * warm / ratio
+            self.fgd_mult = float(min(max((self.fgd_mult * want) ** 0.5, 1e-6), 1e6))
 
     def fgd_epoch_metrics(self) -> dict:
         """Columns added to results.csv: per-level FGD (epoch mean), gradient-norm ratio, warm-up and share factors."""
@@ -314,6 +316,11 @@ class FGDTrainer(DetectionTrainer):
         cols["fgd/grad_ratio"] = round(sum(share) / len(share), 6) if share else 0.0
         cols["fgd/scale"] = round(self.fgd_scale(), 6)
         cols["fgd/mult"] = round(self.fgd_mult, 6)
+        skipped = int(st.get("skipped", 0))
+        cols["fgd/skipped"] = skipped
+        if skipped:
+            LOGGER.warning(f"FGD: {skipped} batch(es) this epoch had non-finite features or FGD loss; their FGD "
+                           "contribution was dropped")
         return cols
 
     def save_metrics(self, metrics):
@@ -326,10 +333,18 @@ class FGDTrainer(DetectionTrainer):
             teacher_feats = neck_features(self.teacher, img.float())
         xywh = batch["bboxes"].to(img.device).float()
         boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+        # A non-finite feature must not reach the weights: such a batch gets zero FGD features (so a finite loss with
+        # exactly zero gradient, `where` selects rather than multiplies) and is counted. No host sync.
+        ok = torch.stack([torch.isfinite(f).all() for f in (*student_feats, *teacher_feats)]).all()
+        student_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in student_feats]
+        teacher_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in teacher_feats]
         out = self.fgd(student_feats, teacher_feats, boxes, batch["batch_idx"].to(img.device).view(-1))
         s = self.fgd_scale() * self.fgd_mult
         total = out["total"] * s
-        total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))  # never poison the weights
+        ok = ok & torch.isfinite(total)
+        total = torch.where(ok, total, torch.zeros_like(total))
+        if self._fgd_stats is not None:
+            self._fgd_stats["skipped"] = self._fgd_stats.get("skipped", 0) + (~ok).int()
         return {
             "total": total,
             "fg": out["fg"] * s,
@@ -346,8 +361,18 @@ class FGDTrainer(DetectionTrainer):
         return DetectionValidator(self.test_loader, save_dir=self.save_dir, args=args, _callbacks=self.callbacks)
 
     def save_model(self):
-        """Ultralytics' checkpoints (student only) plus the FGD modules in ``fgd_last.pt``, written atomically."""
-        saved = super().save_model()
+        """Ultralytics' checkpoints (student only) plus the FGD modules in ``fgd_last.pt``, every file written to a
+        temporary name and renamed, so a kill never leaves a half-written checkpoint."""
+        final = {"last": self.last, "best": self.best}
+        self.last, self.best = (p.with_name(f".{p.name}.tmp") for p in (final["last"], final["best"]))
+        try:
+            saved = super().save_model()
+        finally:
+            for key, path in final.items():
+                tmp = getattr(self, key)
+                if tmp.exists():
+                    os.replace(tmp, path)
+            self.last, self.best = final["last"], final["best"]
         if saved and self.fgd is not None:
             tmp = self.wdir / f".{SIDECAR}.tmp"
             torch.save({"fgd": self.fgd.state_dict(), "mult": self.fgd_mult, "epoch": self.epoch}, tmp)
