@@ -4,7 +4,7 @@
     yolo-fgd train resume model=runs/detect/train/weights/last.pt [teacher=new/path.pt]
     yolo-fgd export model=best.pt format=onnx imgsz=640 [dynamic=True half=True int8=True|dynamic data=data.yaml]
     yolo-fgd val|predict ...               (delegated to Ultralytics' `yolo`)
-    yolo-fgd data [shapes]                 (generate the embedded data set, print its data YAML)
+    yolo-fgd data [shapes|deepforest]      (build a data set, print its data YAML)
     yolo-fgd demo [epochs=.. teacher_epochs=.. imgsz=..]
     yolo-fgd study recipe=cfg/study.yaml [lanes=2 only=baseline,fgd]
     yolo-fgd benchmark model=a.pt[,b.pt] data=data.yaml imgsz=640 [runs=50 threads=2]
@@ -50,11 +50,16 @@ def parse(argv: list[str]) -> tuple[list[str], dict]:
 
 
 def resolve_data(data):
-    """``data=shapes`` (or none) -> the embedded data set's YAML; anything else is passed through."""
+    """``data=shapes`` (or none) -> the embedded data set's YAML, ``data=deepforest`` -> the tiled DeepForest set;
+    anything else is passed through."""
     if data in (None, "", "shapes", "fgd-shapes"):
         from .data import shapes
 
         return str(shapes())
+    if data == "deepforest":
+        from .deepforest import deepforest
+
+        return str(deepforest())
     return data
 
 
@@ -127,7 +132,12 @@ def run(argv: list[str]):
 
             print(shapes(**kv))
             return None
-        raise FGDError(f"unknown data set '{name}': choose shapes")
+        if name == "deepforest":
+            from .deepforest import deepforest
+
+            print(deepforest(**kv))
+            return None
+        raise FGDError(f"unknown data set '{name}': choose shapes or deepforest")
     if cmd == "demo":
         from .demo import demo
 

@@ -39,18 +39,14 @@ def load_recipe(path) -> dict:
 
 def resolve_dataset(spec):
     """A dataset entry of the recipe -> data YAML path."""
-    if spec in ("shapes", None):
-        from .data import shapes
+    if spec in ("shapes", None, "deepforest"):
+        from .cli import resolve_data
 
-        return str(shapes())
+        return resolve_data(spec)
     if isinstance(spec, dict) and spec.get("kind") == "shapes":
         from .data import shapes
 
         return str(shapes(**{k: v for k, v in spec.items() if k != "kind"}))
-    if spec == "deepforest":
-        from .deepforest import deepforest
-
-        return str(deepforest())
     return str(spec)
 
 
