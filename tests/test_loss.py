@@ -215,3 +215,26 @@ def test_property_finite_nonnegative_and_reference(n, h, w, m, official, seed):
     out = loss(torch.randn(n, 3, h, w, generator=gen), torch.randn(n, 5, h, w, generator=gen), boxes, bi)
     for k, v in out.items():
         assert torch.isfinite(v) and v >= 0, k
+
+
+def test_mse_option_is_eq1():
+    loss = FGDLoss(4, 6, alpha=0.5, mse=True)
+    fs, ft = torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 5)
+    out = loss(fs, ft, torch.zeros(0, 4), torch.zeros(0))
+    ref = (ft - loss.align(fs)).square().sum() / 2
+    assert out["fg"].item() == pytest.approx(ref.item(), rel=1e-5)
+    assert out["total"].item() == pytest.approx(0.5 * ref.item(), rel=1e-5)
+    assert out["bg"] == 0 and out["global"] == 0
+
+
+def test_ablation_switches():
+    torch.manual_seed(0)
+    fs, ft = torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6)
+    box, bi = torch.tensor([[0.1, 0.1, 0.5, 0.5]]), torch.tensor([0])
+    plain = FGDLoss(4, 4, spatial_attention=False, channel_attention=False)(fs, ft, box, bi)
+    fg, bg = fgd_masks(box, bi, 1, 6, 6)
+    d2 = (ft - fs).square().sum(1)
+    assert plain["fg"].item() == pytest.approx((d2 * fg).sum().item(), rel=1e-5)
+    assert plain["bg"].item() == pytest.approx((d2 * bg).sum().item(), rel=1e-5)
+    nosplit = FGDLoss(4, 4, split=False, spatial_attention=False, channel_attention=False)(fs, ft, box, bi)
+    assert nosplit["fg"].item() == pytest.approx(d2.sum().item() / 36, rel=1e-5) and nosplit["bg"] == 0

@@ -171,6 +171,8 @@ class FGDLoss(nn.Module):
             and leaves ``bg`` zero.
         norm: standardise F_t and F_s' per image and channel over H*W before every term
             (the feature normalisation PaddleDetection's FGD offers; off in the paper).
+        mse: plain feature distillation instead (Eq. 1, the paper's baseline): ``fg`` = sum (F_t - F_s')^2 / N,
+            ``total`` = alpha * fg, the other terms zero (no attention, no GcBlock work).
 
     forward(student_feat (N,Cs,H,W), teacher_feat (N,Ct,H,W), boxes (M,4) normalised xyxy,
     batch_idx (M,)) -> dict of 0-d fp32 tensors 'fg', 'bg', 'attention', 'global' (unweighted,
@@ -191,13 +193,14 @@ class FGDLoss(nn.Module):
         channel_attention: bool = True,
         split: bool = True,
         norm: bool = False,
+        mse: bool = False,
     ):
         super().__init__()
         self.temperature = float(temperature)
         self.alpha, self.beta, self.gamma, self.lambda_ = float(alpha), float(beta), float(gamma), float(lambda_)
         self.official_rounding = official_rounding
         self.spatial_attention, self.channel_attention = spatial_attention, channel_attention
-        self.split, self.norm = split, norm
+        self.split, self.norm, self.mse = split, norm, mse
         self.align = (
             nn.Conv2d(student_channels, teacher_channels, 1) if student_channels != teacher_channels else nn.Identity()
         )
@@ -234,6 +237,9 @@ class FGDLoss(nn.Module):
             ft = teacher_feat.detach().float()
             if self.norm:
                 fs, ft = self._standardise(fs), self._standardise(ft)
+            if self.mse:
+                mse, zero = feature_mse(fs, ft), fs.new_zeros(())
+                return {"fg": mse, "bg": zero, "attention": zero, "global": zero, "total": self.alpha * mse}
 
             with torch.no_grad():
                 as_t, ac_t = attention(ft, self.temperature)

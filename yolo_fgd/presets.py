@@ -11,7 +11,10 @@ import yaml
 from .errors import FGDError
 
 PRESETS_FILE = Path(__file__).resolve().parent / "cfg" / "fgd.yaml"
-KEYS = ("alpha", "beta", "gamma", "lambda", "temperature", "gain", "norm", "warmup", "share")
+KEYS = ("alpha", "beta", "gamma", "lambda", "temperature", "gain", "norm", "warmup", "share", "split", "spatial",
+        "channel", "mse")
+BOOL_KEYS = {"norm", "split", "spatial", "channel", "mse"}
+DEFAULTS = {"share": 0.0, "split": True, "spatial": True, "channel": True, "mse": False}
 
 # Extra train args (merged into Ultralytics' cfg). None means "take it from the preset".
 FGD_ARGS = {
@@ -27,6 +30,16 @@ def presets() -> dict:
     return yaml.safe_load(PRESETS_FILE.read_text())
 
 
+def _as_bool(key, v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in {"true", "1", "yes"}:
+        return True
+    if str(v).lower() in {"false", "0", "no"}:
+        return False
+    raise FGDError(f"fgd_{key}={v} is not a boolean: use fgd_{key}=True or fgd_{key}=False")
+
+
 def resolve_fgd(args) -> dict:
     """Preset values overridden by any ``fgd_*`` argument given (args: namespace or dict)."""
     get = args.get if isinstance(args, dict) else lambda k, d=None: getattr(args, k, d)
@@ -36,11 +49,11 @@ def resolve_fgd(args) -> dict:
         close = difflib.get_close_matches(str(name), table, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise FGDError(f"unknown fgd_preset '{name}': {hint}choose one of {', '.join(table)}")
-    cfg = {"share": 0.0, **table[name]}
+    cfg = {**DEFAULTS, **table[name]}
     for k in KEYS:
         v = get(f"fgd_{k}")
         if v is not None:
-            cfg[k] = bool(v) if k == "norm" else float(v)
+            cfg[k] = _as_bool(k, v) if k in BOOL_KEYS else float(v)
     for k in ("alpha", "beta", "gamma", "lambda", "gain", "warmup", "share"):
         if float(cfg[k]) < 0:
             raise FGDError(f"fgd_{k}={cfg[k]} is negative: FGD weights and warm-up must be >= 0")

@@ -160,7 +160,7 @@ class FGDTrainer(DetectionTrainer):
 
     Extra train args (see :data:`yolo_fgd.presets.FGD_ARGS`): ``teacher``, ``fgd_preset``, ``fgd_alpha``,
     ``fgd_beta``, ``fgd_gamma``, ``fgd_lambda``, ``fgd_temperature``, ``fgd_gain``, ``fgd_norm``, ``fgd_warmup``,
-    ``fgd_share``.
+    ``fgd_share``, ablation switches ``fgd_split``, ``fgd_spatial``, ``fgd_channel`` and ``fgd_mse`` (Eq. 1 instead).
 
     Example:
         >>> from ultralytics import YOLO
@@ -210,6 +210,10 @@ class FGDTrainer(DetectionTrainer):
             gamma=c["gamma"] * c["gain"],
             lambda_=c["lambda"] * c["gain"],
             norm=c["norm"],
+            split=c["split"],
+            spatial_attention=c["spatial"],
+            channel_attention=c["channel"],
+            mse=c["mse"],
         ).to(self.device)
         if self.resume:
             sidecar = Path(self.args.resume if isinstance(self.args.resume, (str, Path)) else self.args.model)
