@@ -231,3 +231,16 @@ def test_ddp_recreation_keeps_args_and_not_teacher(data, runs, teacher):
     finally:
         for f in (Path(file), Path(file).with_suffix(".pt")):
             f.unlink(missing_ok=True)
+
+
+def test_attention_maps_png(fgd_run, teacher, data, tmp_path):
+    from yolo_fgd.attention_maps import attention_maps
+    from yolo_fgd.coco import split_images
+
+    run, _ = fgd_run
+    img = split_images(data, "val")[0][0]
+    out = attention_maps(str(run / "weights" / "best.pt"), teacher, str(img), baseline=teacher, imgsz=64,
+                         out=str(tmp_path / "att.png"))
+    assert out.is_file() and out.stat().st_size > 10_000
+    bad = run_cli("attention", f"model={run / 'weights' / 'best.pt'}", f"teacher={teacher}", f"source={tmp_path / 'x.jpg'}")
+    assert bad.returncode == 2 and "not a readable image" in bad.stderr

@@ -7,6 +7,7 @@
     yolo-fgd data [shapes|deepforest]      (build a data set, print its data YAML)
     yolo-fgd demo [epochs=.. teacher_epochs=.. imgsz=..]
     yolo-fgd study recipe=cfg/study.yaml [lanes=2 only=baseline,fgd]
+    yolo-fgd attention model=fgd.pt teacher=teacher.pt source=image.jpg [baseline=plain.pt imgsz=640]
     yolo-fgd benchmark model=a.pt[,b.pt] data=data.yaml imgsz=640 [runs=50 threads=2]
     yolo-fgd benchmark-loss [batch=16 imgsz=640 device=cpu]
     yolo-fgd help
@@ -145,6 +146,13 @@ def run(argv: list[str]):
         from .demo import demo
 
         return demo(**kv)
+    if cmd == "attention":
+        from .attention_maps import attention_maps
+
+        missing = [k for k in ("model", "teacher", "source") if k not in kv]
+        if missing:
+            raise FGDError(f"attention needs {', '.join(k + '=' for k in missing)} (baseline= is optional)")
+        return attention_maps(**kv)
     if cmd == "study":
         from .study import study
 
@@ -159,7 +167,7 @@ def run(argv: list[str]):
         from .bench import benchmark_loss
 
         return benchmark_loss(**kv)
-    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, benchmark, data, demo, study, benchmark-loss or help")
+    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, benchmark, data, demo, study, attention, benchmark-loss or help")
 
 
 def entrypoint(argv: list[str] | None = None) -> int:
