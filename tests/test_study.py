@@ -43,6 +43,7 @@ def test_demo_table(tmp_path, capsys):
     rec["seeds"] = [0]
     rec["methods"] = {"baseline": {}, "fgd": {"fgd": True}}
     demo(rec, project=str(tmp_path / "runs"), name="demo")
+    assert (tmp_path / "runs" / "demo" / "benchmark" / "benchmark.md").is_file()
     out = capsys.readouterr().out
     md = (tmp_path / "runs" / "demo" / "comparison.md").read_text()
     for label in ("teacher (yolo11s.yaml)", "baseline (yolo11n.yaml)", "fgd (yolo11n.yaml)"):

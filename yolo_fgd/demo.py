@@ -1,4 +1,5 @@
-"""``yolo-fgd demo`` (``make demo``): embedded data -> teacher (cached) -> student plain and with FGD -> table."""
+"""``yolo-fgd demo`` (``make demo``): embedded data -> teacher (cached) -> student plain and with FGD -> table ->
+ONNX export (fp32 + int8) and deployment benchmark of the FGD student."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def model_size(path) -> tuple[float, float]:
 
 
 def demo(recipe: str = "cfg/demo.yaml", project: str = "runs", name: str = "demo", lanes: int = 2,
-         epochs: int | None = None, teacher_epochs: int | None = None, imgsz: int | None = None) -> str:
+         epochs: int | None = None, teacher_epochs: int | None = None, imgsz: int | None = None,
+         export: bool = True) -> str:
     """Run the demo and print/save the comparison table (``<project>/<name>/comparison.{md,csv}``)."""
     rec = load_recipe(recipe)
     if epochs:
@@ -56,4 +58,12 @@ def demo(recipe: str = "cfg/demo.yaml", project: str = "runs", name: str = "demo
     )
     (root / "comparison.csv").write_text("\n".join(csv) + "\n")
     print(f"\nyolo-fgd demo results ({root / 'comparison.md'}):\n\n{table}")
+    fgd_runs = [root / ds / f"{m}-s{rec['seeds'][0]}" for ds in rec["datasets"] for m, v in rec["methods"].items()
+                if (v or {}).get("fgd")]
+    if export and fgd_runs and (fgd_runs[0] / "weights" / "best.pt").is_file():
+        from .benchmark import benchmark
+
+        best = fgd_runs[0] / "weights" / "best.pt"
+        data = json.loads((fgd_runs[0] / "spec.json").read_text())["data"]
+        benchmark(str(best), data=data, imgsz=rec["train"]["imgsz"], runs=30, project=str(root), name="benchmark")
     return table
