@@ -83,3 +83,37 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
     lines += [f"  {k:<22} {v:10.3f}" if isinstance(v, float) else f"  {k:<22} {v}" for k, v in res.items()]
     print("\n".join(lines))
     return res
+
+
+def benchmark_step(teacher: str, data: str = "shapes", model: str = "yolo11n.yaml", imgsz: int = 192, batch: int = 16,
+                   fraction: float = 0.5, project: str = "runs/benchmark-step") -> dict:
+    """Seconds per training iteration of the plain student, the FGD student and Ultralytics' ``distill_model=``
+    student (same teacher, data, batch; one epoch each, run one after another; validation not timed)."""
+    from pathlib import Path
+
+    from ultralytics import YOLO
+
+    from .cli import resolve_data
+    from .trainer import FGDTrainer
+
+    if not Path(str(teacher)).is_file():
+        from .errors import FGDError
+
+        raise FGDError(f"teacher '{teacher}' not found: pass teacher=path/to/best.pt")
+    data = resolve_data(data)
+    common = dict(data=data, imgsz=imgsz, batch=batch, epochs=1, fraction=fraction, workers=0, plots=False,
+                  val=False, project=project, exist_ok=True, amp=False, seed=0)
+    cases = {"plain": {}, "fgd": {"trainer": FGDTrainer, "teacher": teacher}, "distill_model": {"distill_model": teacher}}
+    res = {}
+    for name, extra in cases.items():
+        times = {}
+        m = YOLO(model)
+        m.add_callback("on_train_epoch_start", lambda t: times.update(t0=time.perf_counter()))
+        m.add_callback("on_train_epoch_end", lambda t: times.update(t1=time.perf_counter(), nb=len(t.train_loader)))
+        m.train(name=name, **common, **extra)
+        res[name] = (times["t1"] - times["t0"]) / times["nb"]
+    print(f"seconds per iteration (batch {batch}, {imgsz} px, {torch.get_num_threads()} threads, {model}, "
+          f"teacher {teacher}):")
+    for k, v in res.items():
+        print(f"  {k:<14} {v:.3f} s   x{v / res['plain']:.2f} of plain")
+    return res

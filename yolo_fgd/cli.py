@@ -10,6 +10,7 @@
     yolo-fgd attention model=fgd.pt teacher=teacher.pt source=image.jpg [baseline=plain.pt imgsz=640]
     yolo-fgd benchmark model=a.pt[,b.pt] data=data.yaml imgsz=640 [runs=50 threads=2]
     yolo-fgd benchmark-loss [batch=16 imgsz=640 device=cpu]
+    yolo-fgd benchmark-step teacher=t.pt [data=shapes imgsz=192 batch=16]   (plain vs FGD vs distill_model=)
     yolo-fgd help
 """
 
@@ -163,11 +164,15 @@ def run(argv: list[str]):
         if "model" not in kv:
             raise FGDError("benchmark needs model=a.pt[,b.pt] (and data=your.yaml for mAP)")
         return benchmark(**kv)
+    if cmd == "benchmark-step":
+        from .bench import benchmark_step
+
+        return benchmark_step(**kv)
     if cmd == "benchmark-loss":
         from .bench import benchmark_loss
 
         return benchmark_loss(**kv)
-    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, benchmark, data, demo, study, attention, benchmark-loss or help")
+    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, benchmark, data, demo, study, attention, benchmark-loss, benchmark-step or help")
 
 
 def entrypoint(argv: list[str] | None = None) -> int:

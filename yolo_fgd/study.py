@@ -140,11 +140,14 @@ def plan(recipe: dict, root: Path) -> list[dict]:
             m = dict(m or {})
             args = {k: (teacher_pt if v == "TEACHER" else v) for k, v in (m.get("args") or {}).items()}
             for seed in recipe["seeds"]:
+                model, needs = m.get("model", recipe["student"]), [] if tcfg.get("weights") else [teacher_pt]
+                if str(model).startswith("RUN:"):  # fine-tuning: start from another method's student, same seed
+                    model = str(root / ds_name / f"{model[4:]}-s{seed}" / "weights" / "best.pt")
+                    needs.append(model)
                 specs.append({"dir": str(root / ds_name / f"{method}-s{seed}"), "method": method, "seed": seed,
-                              "data": data, "model": m.get("model", recipe["student"]), "train": train,
+                              "data": data, "model": model, "train": train,
                               "fgd": bool(m.get("fgd")), "args": {**({"teacher": teacher_pt} if m.get("fgd") else {}),
-                                                                    **args}, "dataset": ds_name,
-                              "needs": None if tcfg.get("weights") else teacher_pt})
+                                                                    **args}, "dataset": ds_name, "needs": needs})
     return specs
 
 
@@ -219,8 +222,8 @@ def study(recipe: str = "cfg/study.yaml", project: str = "runs/study", name: str
                 running.remove((proc, s))
                 if proc.returncode:
                     LOGGER.warning(f"study run {s['dir']} failed (exit {proc.returncode}), see its train.log")
-        ready = [s for s in pending if not s.get("needs") or Path(s["needs"]).is_file() and
-                 not any(r[1]["method"] == "teacher" and r[1]["dataset"] == s["dataset"] for r in running)]
+        busy = {str(Path(r[1]["dir"]) / "weights" / "best.pt") for r in running}  # best.pt exists before the end
+        ready = [s for s in pending if all(Path(n).is_file() and n not in busy for n in s.get("needs") or [])]
         while ready and len(running) < lanes:
             s = ready.pop(0)
             pending.remove(s)
@@ -232,7 +235,7 @@ def study(recipe: str = "cfg/study.yaml", project: str = "runs/study", name: str
                                              stderr=subprocess.STDOUT, env=env), s))
             LOGGER.info(f"study: started {s['dir']}")
         if not running and pending:
-            LOGGER.warning(f"study: {len(pending)} runs wait for a teacher that failed; stopping")
+            LOGGER.warning(f"study: {len(pending)} runs wait for a teacher or base run that failed; stopping")
             break
         time.sleep(5)
     text = report(root, specs)
