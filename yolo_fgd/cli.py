@@ -7,6 +7,8 @@
     yolo-fgd data [shapes|deepforest]      (build a data set, print its data YAML)
     yolo-fgd demo [epochs=.. teacher_epochs=.. imgsz=..]
     yolo-fgd study recipe=cfg/study.yaml [lanes=2 only=baseline,fgd]
+    yolo-fgd tv-train recipe=cfg/tv_retinanet_r101_r50.yaml [key=value]   (torchvision RetinaNet/FCOS, paper setup)
+    yolo-fgd tv-val model=student.pth data=... arch=retinanet backbone=resnet50
     yolo-fgd attention model=fgd.pt teacher=teacher.pt source=image.jpg [baseline=plain.pt imgsz=640]
     yolo-fgd benchmark model=a.pt[,b.pt] data=data.yaml imgsz=640 [runs=50 threads=2]
     yolo-fgd benchmark-loss [batch=16 imgsz=640 device=cpu]
@@ -147,6 +149,16 @@ def run(argv: list[str]):
         from .demo import demo
 
         return demo(**kv)
+    if cmd == "tv-train":
+        from .tv import train as tv_train
+
+        return tv_train(**kv)
+    if cmd == "tv-val":
+        from .tv import val as tv_val
+
+        if "model" not in kv:
+            raise FGDError("tv-val needs model=path/to/student.pth (and arch=, backbone=, data=)")
+        return tv_val(**kv)
     if cmd == "attention":
         from .attention_maps import attention_maps
 
@@ -172,7 +184,7 @@ def run(argv: list[str]):
         from .bench import benchmark_loss
 
         return benchmark_loss(**kv)
-    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, benchmark, data, demo, study, attention, benchmark-loss, benchmark-step or help")
+    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, benchmark, data, demo, study, attention, tv-train, tv-val, benchmark-loss, benchmark-step or help")
 
 
 def entrypoint(argv: list[str] | None = None) -> int:

@@ -1,0 +1,144 @@
+"""torchvision RetinaNet/FCOS path: building, padded-batch box mapping, FGD step, inheriting, COCO, torchrun, resume."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from yolo_fgd.loss import fgd_masks
+from yolo_fgd.presets import resolve_fgd
+from yolo_fgd.tv import Distiller, build, coco_files, inherit, train
+
+SMALL = dict(min_size=[64], max_size=96)
+
+
+@pytest.fixture(scope="module")
+def tv_teacher(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tv")
+    train(data=data, fgd=False, student_backbone="resnet18", epochs=1, batch=4, project=str(root), name="teacher",
+          warmup_iters=2, **SMALL)
+    return str(root / "teacher" / "student.pth"), root
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "fcos"])
+@pytest.mark.parametrize("recipe", ["tv_retinanet_r101_r50.yaml", "tv_fcos_r101_r50.yaml", "tv_retinanet_r34_r18_cpu.yaml"])
+def test_build_recipes_and_fpn_levels(arch, recipe):
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "cfg" / recipe).read_text())
+    for bb in (cfg["student_backbone"],):
+        m = build(arch, "resnet18", 3, **SMALL) if bb in ("resnet50", "resnet101") else build(arch, bb, 3, **SMALL)
+        feats = m.backbone(torch.zeros(1, 3, 64, 96))
+        assert [f.shape[1] for f in feats.values()] == [256] * 5
+        assert [f.shape[-1] for f in feats.values()] == [12, 6, 3, 2, 1]  # P3..P7 of a 96-px-wide input
+    assert cfg["fgd_preset"] in {"anchor_based", "anchor_free"}
+
+
+def test_boxes_mapped_on_padded_batch():
+    """Two images of different sizes: boxes are normalised by the padded batch tensor, not by each image."""
+    s = build("retinanet", "resnet18", 3, min_size=[64], max_size=64)
+    t = build("retinanet", "resnet18", 3, min_size=[64], max_size=64)
+    fgd_cfg = resolve_fgd({"fgd_preset": "anchor_based"})
+    d = Distiller(s, t, fgd_cfg)
+    seen = {}
+    d.fgd.register_forward_pre_hook(lambda m, args: seen.update(boxes=args[2], bi=args[3], shape=args[0][0].shape))
+    imgs = [torch.rand(3, 64, 64), torch.rand(3, 32, 64)]  # second image: half height -> padded to 64
+    tg = [{"boxes": torch.tensor([[8.0, 8.0, 24.0, 24.0]]), "labels": torch.tensor([1])},
+          {"boxes": torch.tensor([[32.0, 0.0, 64.0, 16.0]]), "labels": torch.tensor([2])}]
+    d.train()(imgs, tg)
+    assert seen["shape"][-2:] == (8, 8)  # P3 of the 64 x 64 padded batch
+    fg, _ = fgd_masks(seen["boxes"], seen["bi"], 2, 8, 8)
+    expect = torch.zeros(2, 8, 8)
+    expect[0, 1:3, 1:3] = 1 / 4
+    expect[1, 0:2, 4:8] = 1 / 8  # rows 0-1 of the padded map, not rows 0-3 of the unpadded image
+    assert torch.allclose(fg, expect)
+
+
+def test_one_fgd_step_trains_student_and_gcblocks_not_teacher(tv_teacher):
+    path, _ = tv_teacher
+    s = build("retinanet", "resnet18", 6, **SMALL)
+    t = build("retinanet", "resnet18", 6, path, **SMALL)
+    d = Distiller(s, t, resolve_fgd({"fgd_preset": "anchor_based", "fgd_gain": 100.0}))
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    t_before = {k: v.clone() for k, v in t.state_dict().items()}
+    opt = torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    imgs = [torch.rand(3, 64, 64) for _ in range(2)]
+    tg = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    for _ in range(2):
+        losses = d.train()(imgs, tg)
+        assert "loss_fgd" in losses and losses["loss_fgd"] > 0
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    after = d.state_dict()
+    for k in ("student.backbone.body.conv1.weight", "fgd.levels.0.gc_s.context.weight", "fgd.levels.2.gc_t.transform.3.weight"):
+        assert not torch.equal(before[k], after[k]), k
+    assert not any(k.startswith("_teacher") or k.startswith("teacher") for k in after)
+    for k, v in t.state_dict().items():
+        assert torch.equal(v, t_before[k]), k
+
+
+def test_inherit_copies_fpn_and_head_only():
+    s, t = build("fcos", "resnet18", 3, **SMALL), build("fcos", "resnet34", 3, **SMALL)
+    copied = inherit(s, t)
+    assert copied and all(k.startswith(("backbone.fpn.", "head.")) for k in copied)
+    assert torch.equal(s.state_dict()["head.classification_head.cls_logits.weight"],
+                       t.state_dict()["head.classification_head.cls_logits.weight"])
+    assert not torch.equal(s.state_dict()["backbone.body.layer1.0.conv1.weight"][:1],
+                           t.state_dict()["backbone.body.layer1.0.conv1.weight"][:1])
+
+
+def test_coco_conversion_round_trip(data):
+    import numpy as np
+
+    files = coco_files(data)
+    gt = json.loads(Path(files["val_json"]).read_text())
+    img = gt["images"][0]
+    lab = Path(img["file_name"].replace("/images/", "/labels/")).with_suffix(".txt")
+    rows = np.loadtxt(lab, ndmin=2)
+    anns = [a for a in gt["annotations"] if a["image_id"] == img["id"]]
+    assert len(anns) == len(rows)
+    for a, (c, x, y, w, h) in zip(anns, rows):
+        W, H = img["width"], img["height"]
+        assert a["category_id"] == int(c)
+        assert np.allclose(a["bbox"], [(x - w / 2) * W, (y - h / 2) * H, w * W, h * H], atol=1e-3)
+
+
+def test_distilled_train_eval_and_resume(tv_teacher, data):
+    path, root = tv_teacher
+    kw = dict(data=data, teacher=path, teacher_backbone="resnet18", student_backbone="resnet18", batch=4,
+              project=str(root), name="fgd", warmup_iters=2, **SMALL)
+    m = train(epochs=1, **kw)
+    assert set(m) >= {"mAP", "AP50", "APs", "AR100"}
+    m = train(epochs=2, resume=True, **kw)  # continues from epoch 1
+    with open(root / "fgd" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[-1]["loss_fgd"]) > 0
+
+
+def test_torchrun_two_processes(tv_teacher, data):
+    path, root = tv_teacher
+    exe = Path(sys.executable).with_name("torchrun")
+    cmd = [str(exe), "--standalone", "--nproc_per_node", "2", "-m", "yolo_fgd.tv", f"data={data}", f"teacher={path}",
+           "teacher_backbone=resnet18", "student_backbone=resnet18", "epochs=1", "batch=2", f"project={root}",
+           "name=ddp", "warmup_iters=2", "min_size=64", "max_size=96"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (root / "ddp" / "student.pth").is_file()
+
+
+def test_tv_val_cli(tv_teacher, data):
+    from conftest import run_cli
+
+    path, _ = tv_teacher
+    out = run_cli("tv-val", f"model={path}", f"data={data}", "arch=retinanet", "backbone=resnet18", "min_size=64",
+                  "max_size=96")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "mAP | AP50 | AP75 | APs | APm | APl | AR100 | ARs | ARm | ARl" in out.stdout
+    bad = run_cli("tv-train", "fgd=True", f"data={data}", "epochs=1")
+    assert bad.returncode == 2 and "needs teacher=" in bad.stderr
