@@ -48,3 +48,18 @@ def test_demo_table(tmp_path, capsys):
     md = (tmp_path / "runs" / "demo" / "comparison.md").read_text()
     for label in ("teacher (yolo11s.yaml)", "baseline (yolo11n.yaml)", "fgd (yolo11n.yaml)"):
         assert label in md and label in out
+
+
+def test_plan_orders_overrides_and_finetune(tmp_path):
+    from yolo_fgd.study import plan
+
+    rec = tiny_recipe(tmp_path)
+    rec["datasets"] = {"a": {"data": rec["datasets"]["tiny"], "train": {"imgsz": 96, "epochs": 3}}}
+    rec["methods"] = {"baseline": {}, "mse": {"fgd": True, "args": {"fgd_preset": "mse"}, "seeds": [0]},
+                      "ft": {"fgd": True, "model": "RUN:baseline", "args": {"epochs": 2}}}
+    specs = plan(rec, tmp_path / "r")
+    assert [s["method"] for s in specs].count("mse") == 1 and [s["method"] for s in specs].count("ft") == 2
+    assert all(s["train"]["imgsz"] == 96 and s["train"]["epochs"] == 3 for s in specs)
+    ft = [s for s in specs if s["method"] == "ft"][1]
+    assert ft["model"].endswith("a/baseline-s1/weights/best.pt") and ft["model"] in ft["needs"]
+    assert ft["args"]["teacher"].endswith("a/teacher/weights/best.pt") and ft["args"]["epochs"] == 2

@@ -127,8 +127,11 @@ def _results(csv_path):
 def plan(recipe: dict, root: Path) -> list[dict]:
     """All run specs of a recipe, teachers first (a teacher is trained once per dataset, seed 0)."""
     specs = []
-    train = recipe["train"]
     for ds_name, ds in recipe["datasets"].items():
+        train = dict(recipe["train"])
+        if isinstance(ds, dict) and "data" in ds:  # {data: ..., train: {per-dataset overrides}}
+            train.update(ds.get("train") or {})
+            ds = ds["data"]
         data = resolve_dataset(ds)
         tcfg = recipe["teacher"]
         tdir = root / ds_name / "teacher"
@@ -139,7 +142,7 @@ def plan(recipe: dict, root: Path) -> list[dict]:
         for method, m in recipe["methods"].items():
             m = dict(m or {})
             args = {k: (teacher_pt if v == "TEACHER" else v) for k, v in (m.get("args") or {}).items()}
-            for seed in recipe["seeds"]:
+            for seed in m.get("seeds", recipe["seeds"]):
                 model, needs = m.get("model", recipe["student"]), [] if tcfg.get("weights") else [teacher_pt]
                 if str(model).startswith("RUN:"):  # fine-tuning: start from another method's student, same seed
                     model = str(root / ds_name / f"{model[4:]}-s{seed}" / "weights" / "best.pt")
@@ -209,6 +212,7 @@ def study(recipe: str = "cfg/study.yaml", project: str = "runs/study", name: str
         keep = set(str(only).split(","))
         specs = [s for s in specs if s["method"] in keep or s["method"] == "teacher"]
     todo = [s for s in specs if not (Path(s["dir"]) / "summary.json").is_file()]
+    todo.sort(key=lambda s: (s["method"] != "teacher", s["seed"]))  # teachers first, then seed by seed
     from ultralytics.utils import LOGGER
 
     LOGGER.info(f"study {root}: {len(specs)} runs, {len(todo)} to do, {lanes} lanes")
