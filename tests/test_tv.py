@@ -142,3 +142,11 @@ def test_tv_val_cli(tv_teacher, data):
     assert "mAP | AP50 | AP75 | APs | APm | APl | AR100 | ARs | ARm | ARl" in out.stdout
     bad = run_cli("tv-train", "fgd=True", f"data={data}", "epochs=1")
     assert bad.returncode == 2 and "needs teacher=" in bad.stderr
+
+
+def test_tv_student_onnx_export_parity(tv_teacher, data):
+    from yolo_fgd.export import export
+
+    path, _ = tv_teacher
+    res = export(path, imgsz=96, data=data, arch="retinanet", backbone="resnet18")
+    assert Path(res["onnx"]).is_file() and res["parity"] < 1e-3

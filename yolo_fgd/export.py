@@ -129,6 +129,12 @@ def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = F
     """Export, check parity, optionally quantise. Returns {'onnx': path, 'int8': path|None, 'parity': max_abs}."""
     from ultralytics.utils import LOGGER
 
+    if str(model).endswith(".pth"):  # a torchvision student from `yolo-fgd tv-train`
+        from .tv import export_onnx
+
+        if format != "onnx":
+            raise FGDError(f"format={format}: torchvision students export to onnx only")
+        return export_onnx(model, data=data or "shapes", imgsz=imgsz, opset=opset or 17, **kwargs)
     if format != "onnx":
         from ultralytics.cfg import entrypoint as yolo
 

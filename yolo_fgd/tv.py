@@ -362,3 +362,78 @@ if __name__ == "__main__":  # torchrun --nproc_per_node N -m yolo_fgd.tv key=val
 
     _, kv = parse(sys.argv[1:])
     train(**kv)
+
+
+def _det_diff(onnx_out, ref) -> float:
+    """Max difference between ONNX and PyTorch detections, insensitive to the order of equal scores: sorted scores,
+    and for each ONNX box the closest PyTorch box of the same label and score."""
+    ob, osc, ol = (np.asarray(a) for a in onnx_out)
+    rb, rs, rl = ref["boxes"].numpy(), ref["scores"].numpy(), ref["labels"].numpy()
+    if ob.shape != rb.shape:
+        return float("inf")
+    worst = float(np.abs(np.sort(osc) - np.sort(rs)).max()) if len(rs) else 0.0
+    for b, sc, lab in zip(ob, osc, ol):
+        same = (rl == lab) & (np.abs(rs - sc) < 1e-4)
+        worst = max(worst, float(np.abs(rb[same] - b).max(1).min()) if same.any() else float("inf"))
+    return worst
+
+
+def export_onnx(model: str, data="shapes", arch: str = "retinanet", backbone: str = "resnet50", imgsz: int = 640,
+                opset: int = 17, nc: int | None = None, max_det: int = 100) -> dict:
+    """ONNX export of a torchvision student (opset >= 17, input (3, imgsz, imgsz) in [0,1], outputs boxes/scores/labels)
+    with a parity check against PyTorch on real images of the data (error above 1e-3)."""
+    import onnxruntime as ort
+
+    from .edge import letterbox
+    from .export import PARITY_TOL, sample_images
+
+    if int(opset) < 17:
+        raise FGDError(f"opset={opset}: torchvision detectors need opset>=17 here")
+    files = coco_files(data) if nc is None else None
+    if nc is None:
+        gt = json.loads(Path(files["val_json"]).read_text())
+        nc = max((c["id"] for c in gt["categories"]), default=0) + 1
+    net = build(arch, backbone, int(nc), model, [imgsz], imgsz).eval()
+    net.score_thresh, net.detections_per_img = 0.0, int(max_det)  # fixed-size outputs make parity exact
+    out = Path(model).with_suffix(".onnx")
+    x = torch.rand(3, imgsz, imgsz)
+    torch.onnx.export(net, ([x],), str(out), opset_version=int(opset), input_names=["images"],
+                      output_names=["boxes", "scores", "labels"], dynamo=False)
+    # Parity of the network numerics: the same graph without post-processing (transform + backbone + head raw
+    # outputs), since top-k/NMS over near-equal scores may legitimately pick different boxes.
+    raw, head = out.with_name(f"{out.stem}-raw.onnx"), _RawHead(net).eval()
+    torch.onnx.export(head, (x[None],), str(raw), opset_version=int(opset), input_names=["images"],
+                      dynamo=False)
+    session = ort.InferenceSession(str(raw), providers=["CPUExecutionProvider"])
+    full = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    from .cli import resolve_data
+
+    worst, det = 0.0, 0.0
+    for f in sample_images(resolve_data(data) if isinstance(data, str) else None, "val") or [None]:
+        img = cv2.imread(str(f)) if f else (np.random.rand(imgsz, imgsz, 3) * 255).astype(np.uint8)
+        lb, _, _ = letterbox(img, (imgsz, imgsz))
+        t = torch.from_numpy(lb[:, :, ::-1].copy()).permute(2, 0, 1).float() / 255
+        with torch.no_grad():
+            ref = head(t[None]).numpy()
+            ref_det = net([t])[0]
+        worst = max(worst, float(np.abs(session.run(None, {"images": t[None].numpy()})[0] - ref).max()))
+        det = max(det, _det_diff(full.run(None, {"images": t.numpy()}), ref_det))
+    raw.unlink(missing_ok=True)
+    if worst > PARITY_TOL:
+        raise FGDError(f"ONNX output differs from PyTorch by {worst:.2e} > {PARITY_TOL}")
+    res = {"onnx": str(out), "parity": worst, "detections_max_diff": det}
+    print(json.dumps(res))
+    return res
+
+
+class _RawHead(nn.Module):
+    """(1,3,H,W) in [0,1] -> concatenated raw head outputs (1, anchors, classes + 4 [+1 centerness])."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        images, _ = self.net.transform(list(x))
+        feats = list(self.net.backbone(images.tensors).values())
+        return torch.cat([v for v in self.net.head(feats).values()], dim=-1)
