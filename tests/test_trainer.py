@@ -244,3 +244,19 @@ def test_attention_maps_png(fgd_run, teacher, data, tmp_path):
     assert out.is_file() and out.stat().st_size > 10_000
     bad = run_cli("attention", f"model={run / 'weights' / 'best.pt'}", f"teacher={teacher}", f"source={tmp_path / 'x.jpg'}")
     assert bad.returncode == 2 and "not a readable image" in bad.stderr
+
+
+def test_grad_share_balancing_moves_the_multiplier(data, runs, teacher, monkeypatch):
+    from ultralytics import YOLO
+
+    from yolo_fgd import FGDTrainer
+
+    monkeypatch.setattr(FGDTrainer, "LOG_EVERY", 1)
+    seen = {}
+    model = YOLO("yolo11n.yaml")
+    model.add_callback("on_train_end", lambda t: seen.update(mult=t.fgd_mult, cfg=t.fgd_cfg))
+    model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="share",
+                fgd_share=5.0, fgd_warmup=0, nbs=4, warmup_epochs=0, **TINY)
+    assert seen["cfg"]["share"] == 5.0 and seen["mult"] != 1.0
+    r = read_csv(Path(runs) / "share" / "results.csv")[0]
+    assert float(r["fgd/grad_ratio"]) > 0 and abs(float(r["fgd/mult"]) - seen["mult"]) < 1e-3 * max(1, seen["mult"])
