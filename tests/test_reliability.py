@@ -108,3 +108,12 @@ def test_missing_data_yaml_is_one_line(runs, teacher, tmp_path):
                   "imgsz=64", f"project={runs}", "name=nodata", "device=cpu")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "nope.yaml" in out.stderr.strip().splitlines()[-1]
+
+
+def test_short_soak_memory_is_stable(tmp_path):
+    from yolo_fgd.bench import soak
+
+    res = soak(steps=40, project=str(tmp_path))
+    assert res["steps"] == 40
+    early, end = res["rss_mb"][10], res["rss_mb"][40]
+    assert end - early < 150, res  # peak RSS must not keep growing with steps

@@ -117,3 +117,55 @@ def benchmark_step(teacher: str, data: str = "shapes", model: str = "yolo11n.yam
     for k, v in res.items():
         print(f"  {k:<14} {v:.3f} s   x{v / res['plain']:.2f} of plain")
     return res
+
+
+def soak(steps: int = 200, imgsz: int = 64, batch: int = 4, project: str = "runs/soak") -> dict:
+    """Short soak: ``steps`` FGD training steps at tiny size on data with random empty and odd labels (empty images,
+    zero-area and border boxes, 300-box images); prints peak RSS (MB) at step 50 and at the end."""
+    import resource
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    from ultralytics import YOLO
+
+    from .data import shapes
+    from .trainer import FGDTrainer
+
+    root = Path(project)
+    src = shapes(root / "data", n_train=32, n_val=8, size=96).parent
+    rng = np.random.RandomState(0)
+    for i, lab in enumerate(sorted((src / "labels" / "train").glob("*.txt"))):
+        kind = i % 4
+        if kind == 0:
+            lab.write_text("")
+        elif kind == 1:
+            lab.write_text("0 0.5 0.5 0.0 0.3\n1 0.01 0.99 0.02 0.02\n2 0.5 0.5 1.0 1.0\n")
+        elif kind == 2:
+            xy = rng.uniform(0.05, 0.95, (300, 2))
+            lab.write_text("".join(f"{j % 6} {x:.4f} {y:.4f} 0.04 0.04\n" for j, (x, y) in enumerate(xy)))
+    for cache in src.glob("labels/*.cache"):
+        cache.unlink()
+    data = str(src / "data.yaml")
+    teacher = root / "teacher" / "weights" / "best.pt"
+    if not teacher.is_file():
+        YOLO("yolov8n.yaml").train(data=data, epochs=1, imgsz=imgsz, batch=batch, workers=0, plots=False,
+                                   project=str(root), name="teacher", exist_ok=True, val=False)
+    rss, count, early = {}, {"n": 0}, min(50, max(steps // 4, 1))
+
+    def step(trainer):
+        count["n"] += 1
+        if count["n"] in (early, steps):
+            rss[count["n"]] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if count["n"] >= steps:
+            trainer.stop = True
+
+    epochs = -(-steps // 8)  # 32 images / batch 4 = 8 steps per epoch
+    m = YOLO("yolo11n.yaml")
+    m.add_callback("on_train_batch_end", step)
+    shutil.rmtree(root / "fgd", ignore_errors=True)
+    m.train(trainer=FGDTrainer, teacher=str(teacher), data=data, epochs=epochs, imgsz=imgsz, batch=batch, workers=0,
+            plots=False, val=False, project=str(root), name="fgd", exist_ok=True, fgd_warmup=0)
+    print(f"soak: {count['n']} FGD steps; peak RSS {rss.get(early, 0):.0f} MB at step {early}, "
+          f"{rss.get(steps, 0):.0f} MB at step {steps}")
+    return {"steps": count["n"], "rss_mb": rss}

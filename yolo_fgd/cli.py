@@ -13,6 +13,7 @@
     yolo-fgd benchmark model=a.pt[,b.pt] data=data.yaml imgsz=640 [runs=50 threads=2]
     yolo-fgd benchmark-loss [batch=16 imgsz=640 device=cpu]
     yolo-fgd benchmark-step teacher=t.pt [data=shapes imgsz=192 batch=16]   (plain vs FGD vs distill_model=)
+    yolo-fgd soak [steps=200]              (memory soak on odd labels, prints peak RSS)
     yolo-fgd help
 """
 
@@ -180,11 +181,15 @@ def run(argv: list[str]):
         from .bench import benchmark_step
 
         return benchmark_step(**kv)
+    if cmd == "soak":
+        from .bench import soak
+
+        return soak(**kv)
     if cmd == "benchmark-loss":
         from .bench import benchmark_loss
 
         return benchmark_loss(**kv)
-    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, benchmark, data, demo, study, attention, tv-train, tv-val, benchmark-loss, benchmark-step or help")
+    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, benchmark, data, demo, study, attention, tv-train, tv-val, benchmark-loss, benchmark-step, soak or help")
 
 
 def entrypoint(argv: list[str] | None = None) -> int:

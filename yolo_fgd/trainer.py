@@ -364,6 +364,17 @@ class FGDTrainer(DetectionTrainer):
         args = get_cfg({k: v for k, v in vars(self.args).items() if k in DEFAULT_CFG_DICT})
         return DetectionValidator(self.test_loader, save_dir=self.save_dir, args=args, _callbacks=self.callbacks)
 
+    def _handle_nan_recovery(self, epoch):
+        """Ultralytics reloads the student, optimiser and EMA from last.pt; reload the FGD modules from their sidecar
+        too, so student and FGD state come from the same epoch."""
+        recovered = super()._handle_nan_recovery(epoch)
+        sidecar = self.wdir / SIDECAR
+        if recovered and self.fgd is not None and sidecar.is_file():
+            state = torch.load(sidecar, map_location=self.device, weights_only=True)
+            self.fgd.load_state_dict(state["fgd"])
+            self.fgd_mult = float(state.get("mult", 1.0))
+        return recovered
+
     def save_model(self):
         """Ultralytics' checkpoints (student only) plus the FGD modules in ``fgd_last.pt``, every file written to a
         temporary name and renamed, so a kill never leaves a half-written checkpoint."""
