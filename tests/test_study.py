@@ -63,3 +63,29 @@ def test_plan_orders_overrides_and_finetune(tmp_path):
     ft = [s for s in specs if s["method"] == "ft"][1]
     assert ft["model"].endswith("a/baseline-s1/weights/best.pt") and ft["model"] in ft["needs"]
     assert ft["args"]["teacher"].endswith("a/teacher/weights/best.pt") and ft["args"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("recipe", ["study.yaml", "calibrate.yaml", "ablations.yaml", "demo.yaml"])
+def test_shipped_recipes_resolve(recipe):
+    from yolo_fgd.presets import resolve_fgd
+    from yolo_fgd.study import load_recipe
+
+    rec = load_recipe(f"cfg/{recipe}")
+    assert rec["methods"] and rec["seeds"] and rec["train"]["epochs"] > 0
+    for name, m in rec["methods"].items():
+        m = m or {}
+        if m.get("fgd"):
+            cfg = resolve_fgd({k: v for k, v in (m.get("args") or {}).items() if k.startswith("fgd_")})
+            assert cfg["alpha"] >= 0 and cfg["temperature"] > 0, name
+
+
+def test_presets_follow_the_paper():
+    from yolo_fgd.presets import presets
+
+    p = presets()
+    assert (p["anchor_based"]["alpha"], p["anchor_based"]["beta"], p["anchor_based"]["gamma"],
+            p["anchor_based"]["lambda"]) == (1e-3, 5e-4, 1e-3, 5e-6)
+    assert (p["two_stage"]["alpha"], p["two_stage"]["lambda"]) == (5e-5, 5e-7)
+    assert (p["anchor_free"]["alpha"], p["anchor_free"]["gamma"]) == (1.6e-3, 8e-3)
+    assert (p["yolox"]["alpha"], p["yolox"]["lambda"]) == (2e-3, 1e-5)
+    assert all(v["temperature"] == 0.5 for v in p.values())
