@@ -36,13 +36,14 @@ def test_study_runs_reports_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime for p in root.rglob("summary.json")} == stamp
 
 
-def test_demo_table(tmp_path, capsys):
+def test_demo_table(tmp_path, capsys, monkeypatch):
     from yolo_fgd.demo import demo
 
     rec = tiny_recipe(tmp_path)
     rec["seeds"] = [0]
     rec["methods"] = {"baseline": {}, "fgd": {"fgd": True}}
-    demo(rec, project=str(tmp_path / "runs"), name="demo")
+    monkeypatch.chdir(tmp_path)
+    demo(rec, project="runs", name="demo")  # relative project, as `make demo` passes it
     assert (tmp_path / "runs" / "demo" / "benchmark" / "benchmark.md").is_file()
     out = capsys.readouterr().out
     md = (tmp_path / "runs" / "demo" / "comparison.md").read_text()

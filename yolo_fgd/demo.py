@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .errors import FGDError
 from .study import load_recipe, study
 
 
@@ -30,12 +31,15 @@ def demo(recipe: str = "cfg/demo.yaml", project: str = "runs", name: str = "demo
         rec["train"]["imgsz"] = int(imgsz)
     if teacher_epochs:
         rec["teacher"].setdefault("train", {})["epochs"] = int(teacher_epochs)
-    root = Path(project) / name
+    root = Path(project).resolve() / name
     for ds in rec["datasets"]:
         for method in rec["methods"]:
             for seed in rec["seeds"]:
                 shutil.rmtree(root / ds / f"{method}-s{seed}", ignore_errors=True)  # students are retrained
     study(rec, project=project, name=name, lanes=lanes)
+    failed = [str(p.parent) for p in root.rglob("spec.json") if not (p.parent / "summary.json").is_file()]
+    if failed:
+        raise FGDError(f"demo run(s) {', '.join(failed)} failed: see train.log in each folder")
 
     lines = ["| model | mAP50 | mAP50-95 | params (M) | GFLOPs (640) | s/epoch |", "|---|---|---|---|---|---|"]
     csv = ["model,map50,map50_95,params_m,gflops,epoch_s"]

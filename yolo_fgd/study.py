@@ -205,7 +205,8 @@ def study(recipe: str = "cfg/study.yaml", project: str = "runs/study", name: str
           only: str | None = None) -> str:
     """Run (or resume) every run of ``recipe`` with ``lanes`` processes, then write and print the report."""
     rec = load_recipe(recipe)
-    root = Path(project) / (name or (Path(recipe).stem if not isinstance(recipe, dict) else "study"))
+    # absolute: Ultralytics would put a relative project under runs/detect/
+    root = Path(project).resolve() / (name or (Path(recipe).stem if not isinstance(recipe, dict) else "study"))
     root.mkdir(parents=True, exist_ok=True)
     specs = plan(rec, root)
     if only:
