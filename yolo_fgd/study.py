@@ -169,7 +169,7 @@ def report(root: Path, specs: list[dict]) -> str:
             warnings.simplefilter("ignore", RuntimeWarning)  # a metric absent in every run (e.g. no large objects)
             stat = {m: (np.nanmean(v), np.nanstd(v)) for m, v in vals.items()}
         lines_csv.append(f"{ds},{method},{len(runs)}," + ",".join(f"{stat[m][0]:.5f},{stat[m][1]:.5f}" for m in METRICS))
-        pm = lambda m, k=100: f"{stat[m][0] * k:.1f} ± {stat[m][1] * k:.1f}"
+        pm = lambda m, k=100: "–" if np.isnan(stat[m][0]) else f"{stat[m][0] * k:.1f} ± {stat[m][1] * k:.1f}"
         md.append(f"| {ds} | {method} | {len(runs)} | {pm('map')} | {pm('map50')} | {pm('aps')} | {pm('apm')} | "
                   f"{pm('apl')} | {stat['epoch_s'][0]:.1f} |")
     (root / "results.csv").write_text("\n".join(lines_csv) + "\n")
@@ -202,8 +202,9 @@ def _plot(root, rows):
 
 
 def study(recipe: str = "cfg/study.yaml", project: str = "runs/study", name: str | None = None, lanes: int = 2,
-          only: str | None = None) -> str:
-    """Run (or resume) every run of ``recipe`` with ``lanes`` processes, then write and print the report."""
+          only: str | None = None, report_only: bool = False) -> str:
+    """Run (or resume) every run of ``recipe`` with ``lanes`` processes, then write and print the report
+    (``report_only=True``: just the report of the runs finished so far)."""
     rec = load_recipe(recipe)
     # absolute: Ultralytics would put a relative project under runs/detect/
     root = Path(project).resolve() / (name or (Path(recipe).stem if not isinstance(recipe, dict) else "study"))
@@ -212,7 +213,7 @@ def study(recipe: str = "cfg/study.yaml", project: str = "runs/study", name: str
     if only:
         keep = set(str(only).split(","))
         specs = [s for s in specs if s["method"] in keep or s["method"] == "teacher"]
-    todo = [s for s in specs if not (Path(s["dir"]) / "summary.json").is_file()]
+    todo = [] if report_only else [s for s in specs if not (Path(s["dir"]) / "summary.json").is_file()]
     todo.sort(key=lambda s: (s["method"] != "teacher", s["seed"]))  # teachers first, then seed by seed
     from ultralytics.utils import LOGGER
 
