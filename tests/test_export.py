@@ -108,3 +108,16 @@ def test_export_errors_are_one_line(tmp_path):
     edge = subprocess.run([sys.executable, str(ROOT / "export" / "edge.py"), str(bad_onnx), str(tmp_path)],
                           capture_output=True, text=True)
     assert edge.returncode == 2 and "could not be loaded" in edge.stderr
+
+
+def test_int8_keeps_the_head_decode_in_float(exported):
+    import onnx
+
+    from yolo_fgd.export import head_tail
+
+    tail = head_tail(exported["onnx"])
+    assert tail and any("dfl" in n for n in tail) and not any("cv2" in n or "cv3" in n for n in tail)
+    q = onnx.load(exported["int8"])
+    quantized_inputs = {i for n in q.graph.node if n.op_type == "DequantizeLinear" for i in n.output}
+    decode = [n for n in q.graph.node if n.name in tail and n.op_type in ("Concat", "Softmax")]
+    assert decode and not any(set(n.input) & quantized_inputs for n in decode if n.name.endswith("Concat_3"))

@@ -72,6 +72,8 @@ def benchmark(model: str, data: str | None = None, imgsz: int = 640, runs: int =
     for m in models:
         if not Path(m).is_file():
             raise FGDError(f"model '{m}' not found: pass model=path/to/best.pt (comma-separate several)")
+        label = Path(m).parent.parent.name if Path(m).stem in {"best", "last"} and Path(m).parent.name == "weights" \
+            else Path(m).stem  # runs/NAME/weights/best.pt -> NAME
         yolo = load_yolo(m)
         net = yolo.model.float().eval().fuse(verbose=False)
         params = sum(p.numel() for p in net.parameters()) / 1e6
@@ -80,7 +82,7 @@ def benchmark(model: str, data: str | None = None, imgsz: int = 640, runs: int =
         with torch.inference_mode():
             p50, p95 = _latency(lambda: net(x), runs)
         acc = torch_map(m, data, imgsz)
-        rows.append(dict(model=Path(m).stem, format="pytorch-fp32", size_mb=Path(m).stat().st_size / 2**20,
+        rows.append(dict(model=label, format="pytorch-fp32", size_mb=Path(m).stat().st_size / 2**20,
                          params_m=params, gflops=flops, p50_ms=p50, p95_ms=p95, fps=1e3 / p50,
                          map50_95=acc["mAP"], map50=acc["AP50"], threads=threads))
         steps.update()
@@ -92,7 +94,7 @@ def benchmark(model: str, data: str | None = None, imgsz: int = 640, runs: int =
             xin = np.random.rand(1, 3, imgsz, imgsz).astype(edge.dtype)
             p50, p95 = _latency(lambda: edge.infer(xin), runs)
             acc = edge_map(path, data, threads)
-            rows.append(dict(model=Path(m).stem, format=fmt, size_mb=Path(path).stat().st_size / 2**20,
+            rows.append(dict(model=label, format=fmt, size_mb=Path(path).stat().st_size / 2**20,
                              params_m=params, gflops=flops, p50_ms=p50, p95_ms=p95, fps=1e3 / p50,
                              map50_95=acc["mAP"], map50=acc["AP50"], threads=threads))
             steps.update()

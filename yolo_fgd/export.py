@@ -86,6 +86,19 @@ class _Calib:
         self.i = 0
 
 
+def head_tail(onnx_path) -> list[str]:
+    """Nodes of the Detect head after its conv branches (DFL, box decode, concat of pixel boxes with [0,1] scores):
+    kept in float, since one int8 scale cannot hold both ranges (the scores would round to 0)."""
+    import onnx
+
+    nodes = onnx.load(str(onnx_path)).graph.node
+    heads = [n.name.split("/")[1] for n in nodes if n.name.count("/") > 1 and n.name.split("/")[1].startswith("model.")]
+    if not heads:
+        return []
+    head = f"/{max(heads, key=lambda h: int(h.split('.')[1]) if h.split('.')[1].isdigit() else -1)}/"
+    return [n.name for n in nodes if n.name.startswith(head) and not any(b in n.name for b in ("cv2", "cv3", "cv4"))]
+
+
 def quantize(onnx_path, data=None, imgsz=640, mode="static", calib: int = 64) -> Path:
     """INT8 model next to ``onnx_path``: ``static`` QDQ per-channel (calibrated on ``calib`` training images) or
     ``dynamic`` (weights only)."""
@@ -105,6 +118,7 @@ def quantize(onnx_path, data=None, imgsz=640, mode="static", calib: int = 64) ->
         name = EdgeModel(src).input_name
         quantize_static(str(pre), str(out), _Calib(files, name, imgsz), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=head_tail(pre),
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     pre.unlink(missing_ok=True)
     _copy_metadata(src, out)
