@@ -40,6 +40,13 @@ def letterbox(img: np.ndarray, size: tuple[int, int], color=(114, 114, 114)):
     return img, gain, (left, top)
 
 
+def blob(img: np.ndarray, size: tuple[int, int], dtype=np.float32):
+    """BGR HWC uint8 image -> letterboxed RGB NCHW array in [0,1] of ``dtype``, with (gain, (pad_x, pad_y))."""
+    x, gain, pad = letterbox(img, size)
+    x = np.ascontiguousarray(x[:, :, ::-1].transpose(2, 0, 1)[None], dtype=dtype)
+    return x / dtype(255), gain, pad
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Greedy NMS on xyxy boxes (K,4) -> kept indices, highest score first."""
     order = scores.argsort()[::-1]
@@ -99,9 +106,7 @@ class EdgeModel:
             return {}
 
     def preprocess(self, img: np.ndarray):
-        x, gain, pad = letterbox(img, self.imgsz)
-        x = x[:, :, ::-1].transpose(2, 0, 1)[None]  # BGR HWC -> RGB NCHW
-        return np.ascontiguousarray(x, dtype=self.dtype) / self.dtype(255), gain, pad
+        return blob(img, self.imgsz, self.dtype)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import torch
 
-from .edge import letterbox
+from .edge import blob
 from .errors import FGDError
 from .loss import attention
 from .trainer import load_teacher, neck_features
@@ -21,9 +21,9 @@ def attention_maps(model: str, teacher: str, source: str, baseline: str | None =
     img = cv2.imread(str(source)) if Path(str(source)).is_file() else None
     if img is None:
         raise FGDError(f"source '{source}' is not a readable image: pass source=path/to/image.jpg")
-    x, _, _ = letterbox(img, (imgsz, imgsz))
-    rgb = x[:, :, ::-1].copy()
-    t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].float() / 255
+    x, _, _ = blob(img, (imgsz, imgsz))
+    t = torch.from_numpy(x)
+    rgb = (x[0].transpose(1, 2, 0) * 255).astype(np.uint8)
     models = [("teacher", teacher)] + ([("baseline", baseline)] if baseline else []) + [("FGD student", model)]
     rows = []
     for label, path in models:

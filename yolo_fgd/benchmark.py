@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from .coco import evaluate_detections, yolo_split_to_coco
-from .edge import EdgeModel, letterbox
+from .edge import EdgeModel
 from .errors import FGDError
 from .export import export, load_yolo
 

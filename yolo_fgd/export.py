@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .edge import EdgeModel, letterbox
+from .edge import EdgeModel, blob
 from .errors import FGDError
 
 PARITY_TOL = 1e-3
@@ -50,9 +50,7 @@ def parity(pt_model, onnx_path, images: list[Path], imgsz: int) -> float:
     session = EdgeModel(onnx_path)
     worst = 0.0
     for f in images:
-        img = cv2.imread(str(f))
-        x, _, _ = letterbox(img, (imgsz, imgsz))
-        x = np.ascontiguousarray(x[:, :, ::-1].transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
+        x, _, _ = blob(cv2.imread(str(f)), (imgsz, imgsz))
         with torch.no_grad():
             y = model(torch.from_numpy(x))
         y = (y[0] if isinstance(y, (list, tuple)) else y).numpy()
@@ -77,9 +75,7 @@ class _Calib:
             self.i += 1
             if img is None:
                 continue
-            x, _, _ = letterbox(img, (self.imgsz, self.imgsz))
-            x = np.ascontiguousarray(x[:, :, ::-1].transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
-            return {self.name: x}
+            return {self.name: blob(img, (self.imgsz, self.imgsz))[0]}
         return None
 
     def rewind(self):

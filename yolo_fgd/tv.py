@@ -384,7 +384,7 @@ def export_onnx(model: str, data="shapes", arch: str = "retinanet", backbone: st
     with a parity check against PyTorch on real images of the data (error above 1e-3)."""
     import onnxruntime as ort
 
-    from .edge import letterbox
+    from .edge import blob
     from .export import PARITY_TOL, sample_images
 
     if int(opset) < 17:
@@ -411,8 +411,7 @@ def export_onnx(model: str, data="shapes", arch: str = "retinanet", backbone: st
     worst, det = 0.0, 0.0
     for f in sample_images(resolve_data(data) if isinstance(data, str) else None, "val") or [None]:
         img = cv2.imread(str(f)) if f else (np.random.rand(imgsz, imgsz, 3) * 255).astype(np.uint8)
-        lb, _, _ = letterbox(img, (imgsz, imgsz))
-        t = torch.from_numpy(lb[:, :, ::-1].copy()).permute(2, 0, 1).float() / 255
+        t = torch.from_numpy(blob(img, (imgsz, imgsz))[0][0])
         with torch.no_grad():
             ref = head(t[None]).numpy()
             ref_det = net([t])[0]
