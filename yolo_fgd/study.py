@@ -71,6 +71,17 @@ def coco_ap(model_path, data_yaml, imgsz, batch=16) -> dict:
     return {"map": stats["mAP"], "map50": stats["AP50"], "aps": stats["APs"], "apm": stats["APm"], "apl": stats["APl"]}
 
 
+def warm_label_cache(data) -> None:
+    """Build Ultralytics' label caches of a data YAML's train and val splits once, in this process."""
+    from ultralytics.data import YOLODataset
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.utils import DEFAULT_CFG
+
+    d = check_det_dataset(str(data), autodownload=False)
+    for split in ("train", "val"):
+        YOLODataset(img_path=d[split], data=d, imgsz=64, augment=False, hyp=DEFAULT_CFG, prefix=f"{split}: ")
+
+
 def run_one(spec: dict) -> dict:
     """Train one (method, seed) run as described by ``spec`` and write its summary.json."""
     from ultralytics import YOLO
@@ -218,6 +229,8 @@ def study(recipe: str = "cfg/study.yaml", project: str = "runs/study", name: str
     from ultralytics.utils import LOGGER
 
     LOGGER.info(f"study {root}: {len(specs)} runs, {len(todo)} to do, {lanes} lanes")
+    for data in {s["data"] for s in todo}:
+        warm_label_cache(data)  # parallel lanes would otherwise race to write the same labels/*.cache
     threads = max(1, (os.cpu_count() or 2) // max(lanes, 1))
     running: list[tuple[subprocess.Popen, dict]] = []
     pending = list(todo)
