@@ -219,9 +219,7 @@ class FGDTrainer(DetectionTrainer):
             sidecar = Path(self.args.resume if isinstance(self.args.resume, (str, Path)) else self.args.model)
             sidecar = sidecar.with_name(SIDECAR)
             if sidecar.is_file():
-                state = torch.load(sidecar, map_location=self.device, weights_only=True)
-                self.fgd.load_state_dict(state["fgd"])
-                self.fgd_mult = float(state.get("mult", 1.0))
+                self.load_sidecar(sidecar)
                 LOGGER.info(f"{colorstr('FGD:')} restored align/GcBlock modules from {sidecar}")
             else:
                 LOGGER.warning(f"FGD: {sidecar} not found, resuming with freshly initialised align/GcBlock modules")
@@ -370,10 +368,14 @@ class FGDTrainer(DetectionTrainer):
         recovered = super()._handle_nan_recovery(epoch)
         sidecar = self.wdir / SIDECAR
         if recovered and self.fgd is not None and sidecar.is_file():
-            state = torch.load(sidecar, map_location=self.device, weights_only=True)
-            self.fgd.load_state_dict(state["fgd"])
-            self.fgd_mult = float(state.get("mult", 1.0))
+            self.load_sidecar(sidecar)
         return recovered
+
+    def load_sidecar(self, path):
+        """Restore the FGD modules and the share multiplier from ``fgd_last.pt``."""
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.fgd.load_state_dict(state["fgd"])
+        self.fgd_mult = float(state.get("mult", 1.0))
 
     def save_model(self):
         """Ultralytics' checkpoints (student only) plus the FGD modules in ``fgd_last.pt``, every file written to a
