@@ -66,7 +66,7 @@ def test_plan_orders_overrides_and_finetune(tmp_path):
     assert ft["args"]["teacher"].endswith("a/teacher/weights/best.pt") and ft["args"]["epochs"] == 2
 
 
-@pytest.mark.parametrize("recipe", ["study.yaml", "calibrate.yaml", "ablations.yaml", "demo.yaml"])
+@pytest.mark.parametrize("recipe", ["study.yaml", "calibrate.yaml", "remedies.yaml", "ablations.yaml", "demo.yaml"])
 def test_shipped_recipes_resolve(recipe):
     from yolo_fgd.presets import resolve_fgd
     from yolo_fgd.study import load_recipe
@@ -90,3 +90,12 @@ def test_presets_follow_the_paper():
     assert (p["anchor_free"]["alpha"], p["anchor_free"]["gamma"]) == (1.6e-3, 8e-3)
     assert (p["yolox"]["alpha"], p["yolox"]["lambda"]) == (2e-3, 1e-5)
     assert all(v["temperature"] == 0.5 for v in p.values())
+
+
+@pytest.mark.parametrize("key", ["fgd_decay", "fgd_warmup", "fgd_gain"])
+def test_negative_schedule_or_weight_is_a_clear_error(key):
+    from yolo_fgd.errors import FGDError
+    from yolo_fgd.presets import resolve_fgd
+
+    with pytest.raises(FGDError, match=f"{key}=-1.0 is negative"):
+        resolve_fgd({key: -1})

@@ -260,3 +260,23 @@ def test_grad_share_balancing_moves_the_multiplier(data, runs, teacher, monkeypa
     assert seen["cfg"]["share"] == 5.0 and seen["mult"] != 1.0
     r = read_csv(Path(runs) / "share" / "results.csv")[0]
     assert float(r["fgd/grad_ratio"]) > 0 and abs(float(r["fgd/mult"]) - seen["mult"]) < 1e-3 * max(1, seen["mult"])
+
+
+def test_fgd_schedule_warmup_then_cosine_decay(data, runs, teacher):
+    """fgd_warmup ramps the weight 0 -> 1, fgd_decay brings it back to 0 by the last batch (per batch, fractional)."""
+    from yolo_fgd import FGDTrainer
+
+    t = FGDTrainer(overrides=dict(model="yolo11n.yaml", data=data, teacher=teacher, epochs=10, fgd_warmup=2,
+                                  fgd_decay=4, project=str(runs), name="schedule", **TINY))
+    t.train_loader = [None] * 5  # 5 batches per epoch
+
+    def at(epoch, batch):
+        t.epoch, t._fgd_iter = epoch, batch
+        return t.fgd_scale()
+
+    assert at(0, 0) == 0 and at(0, 5) == pytest.approx(0.5) and at(1, 5) == 1
+    assert at(5, 5) == 1 and at(6, 0) == 1  # plateau until epochs - decay
+    assert at(8, 0) == pytest.approx(0.5)  # half-way through the cosine
+    assert 0 < at(9, 4) < at(9, 1) < at(8, 0) and at(9, 5) == pytest.approx(0, abs=1e-12)
+    t.fgd_cfg["decay"] = 0  # off: flat after warm-up
+    assert at(9, 5) == 1

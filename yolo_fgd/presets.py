@@ -11,10 +11,10 @@ import yaml
 from .errors import FGDError
 
 PRESETS_FILE = Path(__file__).resolve().parent / "cfg" / "fgd.yaml"
-KEYS = ("alpha", "beta", "gamma", "lambda", "temperature", "gain", "norm", "warmup", "share", "split", "spatial",
+KEYS = ("alpha", "beta", "gamma", "lambda", "temperature", "gain", "norm", "warmup", "decay", "share", "split", "spatial",
         "channel", "mse")
 BOOL_KEYS = {"norm", "split", "spatial", "channel", "mse"}
-DEFAULTS = {"share": 0.0, "split": True, "spatial": True, "channel": True, "mse": False}
+DEFAULTS = {"decay": 0.0, "share": 0.0, "split": True, "spatial": True, "channel": True, "mse": False}
 
 # Extra train args (merged into Ultralytics' cfg). None means "take it from the preset".
 FGD_ARGS = {
@@ -54,9 +54,9 @@ def resolve_fgd(args) -> dict:
         v = get(f"fgd_{k}")
         if v is not None:
             cfg[k] = _as_bool(k, v) if k in BOOL_KEYS else float(v)
-    for k in ("alpha", "beta", "gamma", "lambda", "gain", "warmup", "share"):
+    for k in ("alpha", "beta", "gamma", "lambda", "gain", "warmup", "decay", "share"):
         if float(cfg[k]) < 0:
-            raise FGDError(f"fgd_{k}={cfg[k]} is negative: FGD weights and warm-up must be >= 0")
+            raise FGDError(f"fgd_{k}={cfg[k]} is negative: FGD weights, warm-up and decay must be >= 0")
     if float(cfg["temperature"]) <= 0:
         raise FGDError(f"fgd_temperature={cfg['temperature']} must be > 0 (the paper uses 0.5)")
     return cfg

@@ -9,6 +9,8 @@ student, so they load with plain ``YOLO("best.pt")`` and ``ULTRALYTICS_SAFE_LOAD
 
 from __future__ import annotations
 
+import math
+
 import copy
 import os
 from pathlib import Path
@@ -160,7 +162,7 @@ class FGDTrainer(DetectionTrainer):
 
     Extra train args (see :data:`yolo_fgd.presets.FGD_ARGS`): ``teacher``, ``fgd_preset``, ``fgd_alpha``,
     ``fgd_beta``, ``fgd_gamma``, ``fgd_lambda``, ``fgd_temperature``, ``fgd_gain``, ``fgd_norm``, ``fgd_warmup``,
-    ``fgd_share``, ablation switches ``fgd_split``, ``fgd_spatial``, ``fgd_channel`` and ``fgd_mse`` (Eq. 1 instead).
+    ``fgd_decay``, ``fgd_share``, ablation switches ``fgd_split``, ``fgd_spatial``, ``fgd_channel`` and ``fgd_mse`` (Eq. 1 instead).
 
     Example:
         >>> from ultralytics import YOLO
@@ -270,12 +272,16 @@ class FGDTrainer(DetectionTrainer):
         return batch
 
     def fgd_scale(self) -> float:
-        """Warm-up factor of the FGD weight: linear 0 -> 1 over ``fgd_warmup`` epochs."""
-        warmup = float(self.fgd_cfg["warmup"])
-        if warmup <= 0:
-            return 1.0
+        """Schedule factor of the FGD weight: linear 0 -> 1 over the first ``fgd_warmup`` epochs, cosine 1 -> 0 over
+        the last ``fgd_decay`` epochs (both fractional, per batch)."""
         nb = max(len(getattr(self, "train_loader", []) or []), 1)
-        return min(1.0, (self.epoch + self._fgd_iter / nb) / warmup)
+        pos = self.epoch + self._fgd_iter / nb  # epochs done, fractional
+        warmup, decay = float(self.fgd_cfg["warmup"]), float(self.fgd_cfg.get("decay") or 0)
+        scale = min(1.0, pos / warmup) if warmup > 0 else 1.0
+        if decay > 0:
+            t = min(max((pos - (self.epochs - decay)) / decay, 0.0), 1.0)
+            scale *= 0.5 * (1.0 + math.cos(math.pi * t))
+        return scale
 
     LOG_EVERY = 25  # batches between gradient-norm measurements (two extra backward passes each)
 
