@@ -238,3 +238,28 @@ def test_ablation_switches():
     assert plain["bg"].item() == pytest.approx((d2 * bg).sum().item(), rel=1e-5)
     nosplit = FGDLoss(4, 4, split=False, spatial_attention=False, channel_attention=False)(fs, ft, box, bi)
     assert nosplit["fg"].item() == pytest.approx(d2.sum().item() / 36, rel=1e-5) and nosplit["bg"] == 0
+
+
+def test_level_norm_equalises_levels_and_keeps_the_sum():
+    from yolo_fgd.loss import FGDPyramid
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(16, 16), (8, 8), (4, 4)]
+    fs = [torch.randn(2, 4, h, w, generator=gen, requires_grad=True) for h, w in shapes]
+    ft = [torch.randn(2, 8, h, w, generator=gen) * (3 - i) for i, (h, w) in enumerate(shapes)]
+    boxes, idx = torch.tensor([[0.1, 0.1, 0.6, 0.5], [0.3, 0.2, 0.9, 0.9]]), torch.tensor([0, 1])
+    plain, normed = FGDPyramid([4] * 3, [8] * 3), FGDPyramid([4] * 3, [8] * 3, level_norm=True)
+    normed.load_state_dict(plain.state_dict(), strict=False)  # same align/GcBlock weights
+    a, b = plain(fs, ft, boxes, idx), normed(fs, ft, boxes, idx)
+    assert a["levels"].max() > 2 * a["levels"].min()  # unequal raw levels ...
+    torch.testing.assert_close(b["levels"], b["levels"].mean().expand(3))  # ... equal after the first update
+    torch.testing.assert_close(b["total"], a["total"])  # and the sum keeps its scale
+    torch.testing.assert_close(b["fg"] + b["bg"] + b["attention"] + b["global"], b["total"].detach())
+    b["total"].backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in fs)
+    m = normed.level_mean.clone()
+    normed(fs, [2 * f for f in ft], boxes, idx)  # training: running mean moves by 1%
+    assert not torch.equal(m, normed.level_mean) and "level_mean" in normed.state_dict()
+    m = normed.level_mean.clone()
+    normed.eval()(fs, [2 * f for f in ft], boxes, idx)  # eval: frozen
+    assert torch.equal(m, normed.level_mean)

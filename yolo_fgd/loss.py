@@ -278,6 +278,9 @@ class FGDPyramid(nn.Module):
 
     Args:
         student_channels, teacher_channels: per-level channel counts, same length.
+        level_norm: weight level l by mean_k(m_k) / m_l, m_l a running mean (momentum 0.99, detached) of its weighted
+            total, so every level contributes alike while the sum keeps its scale (the paper weighs levels equally by
+            their raw sums, where the largest map dominates).
         **kwargs: forwarded to every :class:`FGDLoss` (weights, temperature, ablation switches).
 
     forward(student_feats [L x (N,Cs_l,H_l,W_l)], teacher_feats [L x (N,Ct_l,H_l,W_l)], boxes (M,4), batch_idx (M,))
@@ -285,7 +288,7 @@ class FGDPyramid(nn.Module):
     'fg', 'bg', 'attention', 'global', and 'levels' (L,) each level's weighted total (detached).
     """
 
-    def __init__(self, student_channels, teacher_channels, **kwargs):
+    def __init__(self, student_channels, teacher_channels, level_norm: bool = False, **kwargs):
         super().__init__()
         if len(student_channels) != len(teacher_channels):
             raise ValueError(
@@ -293,15 +296,28 @@ class FGDPyramid(nn.Module):
                 f"({len(teacher_channels)})"
             )
         self.levels = nn.ModuleList(FGDLoss(cs, ct, **kwargs) for cs, ct in zip(student_channels, teacher_channels))
+        self.level_norm = level_norm
+        if level_norm:  # running mean of each level's total; 0 = not yet seen
+            self.register_buffer("level_mean", torch.zeros(len(self.levels)))
+
+    def level_weights(self, totals: torch.Tensor) -> torch.Tensor:
+        """(L,) per-level factors: ones, or mean(m)/m_l with m the running means updated from ``totals`` (L,)."""
+        if not self.level_norm:
+            return torch.ones_like(totals)
+        t = totals.detach().float()
+        if self.training:
+            seen = self.level_mean.gt(0).all()
+            self.level_mean.copy_(torch.where(seen, 0.99 * self.level_mean + 0.01 * t, t))
+        m = torch.where(self.level_mean.gt(0), self.level_mean, t).clamp(min=1e-12)
+        return (m.mean() / m).to(totals.dtype)
 
     def forward(self, student_feats, teacher_feats, boxes, batch_idx):
-        terms = {"fg": 0.0, "bg": 0.0, "attention": 0.0, "global": 0.0}
-        totals = []
-        for level, fs, ft in zip(self.levels, student_feats, teacher_feats):
-            out = level(fs, ft, boxes, batch_idx)
-            weights = {"fg": level.alpha, "bg": level.beta, "attention": level.gamma, "global": level.lambda_}
-            for k, wk in weights.items():
-                terms[k] = terms[k] + wk * out[k].detach()
-            totals.append(out["total"])
-        total = torch.stack(totals).sum()
-        return {"total": total, **terms, "levels": torch.stack(totals).detach()}
+        outs = [level(fs, ft, boxes, batch_idx) for level, fs, ft in zip(self.levels, student_feats, teacher_feats)]
+        totals = torch.stack([o["total"] for o in outs])
+        w = self.level_weights(totals)
+        terms = {}
+        for k, attr in (("fg", "alpha"), ("bg", "beta"), ("attention", "gamma"), ("global", "lambda_")):
+            terms[k] = sum(w[i].detach() * getattr(level, attr) * o[k].detach() for i, (level, o) in
+                           enumerate(zip(self.levels, outs)))
+        totals = totals * w.detach()
+        return {"total": totals.sum(), **terms, "levels": totals.detach()}

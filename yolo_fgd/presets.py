@@ -12,9 +12,9 @@ from .errors import FGDError
 
 PRESETS_FILE = Path(__file__).resolve().parent / "cfg" / "fgd.yaml"
 KEYS = ("alpha", "beta", "gamma", "lambda", "temperature", "gain", "norm", "warmup", "decay", "share", "split", "spatial",
-        "channel", "mse")
-BOOL_KEYS = {"norm", "split", "spatial", "channel", "mse"}
-DEFAULTS = {"decay": 0.0, "share": 0.0, "split": True, "spatial": True, "channel": True, "mse": False}
+        "channel", "mse", "level_norm")
+BOOL_KEYS = {"norm", "split", "spatial", "channel", "mse", "level_norm"}
+DEFAULTS = {"decay": 0.0, "share": 0.0, "split": True, "spatial": True, "channel": True, "mse": False, "level_norm": False}
 
 # Extra train args (merged into Ultralytics' cfg). None means "take it from the preset".
 FGD_ARGS = {
@@ -61,3 +61,14 @@ def resolve_fgd(args) -> dict:
         raise FGDError(f"fgd_temperature={cfg['temperature']} must be > 0 (the paper uses 0.5)")
     return cfg
 
+
+
+def build_pyramid(student_channels, teacher_channels, cfg: dict):
+    """The :class:`~yolo_fgd.loss.FGDPyramid` a resolved FGD config describes (weights of Eq. 13 times the gain)."""
+    from .loss import FGDPyramid
+
+    g = cfg["gain"]
+    return FGDPyramid(student_channels, teacher_channels, temperature=cfg["temperature"], alpha=cfg["alpha"] * g,
+                      beta=cfg["beta"] * g, gamma=cfg["gamma"] * g, lambda_=cfg["lambda"] * g, norm=cfg["norm"],
+                      split=cfg["split"], spatial_attention=cfg["spatial"], channel_attention=cfg["channel"],
+                      mse=cfg["mse"], level_norm=cfg["level_norm"])

@@ -25,8 +25,7 @@ from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK, color
 from ultralytics.utils.torch_utils import unwrap_model
 
 from .errors import FGDError
-from .loss import FGDPyramid
-from .presets import FGD_ARGS, resolve_fgd
+from .presets import FGD_ARGS, build_pyramid, resolve_fgd
 
 SIDECAR = "fgd_last.pt"
 
@@ -162,7 +161,7 @@ class FGDTrainer(DetectionTrainer):
 
     Extra train args (see :data:`yolo_fgd.presets.FGD_ARGS`): ``teacher``, ``fgd_preset``, ``fgd_alpha``,
     ``fgd_beta``, ``fgd_gamma``, ``fgd_lambda``, ``fgd_temperature``, ``fgd_gain``, ``fgd_norm``, ``fgd_warmup``,
-    ``fgd_decay``, ``fgd_share``, ablation switches ``fgd_split``, ``fgd_spatial``, ``fgd_channel`` and ``fgd_mse`` (Eq. 1 instead).
+    ``fgd_decay``, ``fgd_share``, ``fgd_level_norm``, ablation switches ``fgd_split``, ``fgd_spatial``, ``fgd_channel`` and ``fgd_mse`` (Eq. 1 instead).
 
     Example:
         >>> from ultralytics import YOLO
@@ -202,21 +201,7 @@ class FGDTrainer(DetectionTrainer):
         self.teacher = load_teacher(self.args.teacher, self.device)
         student = unwrap_model(self.model)
         check_pair(student, self.teacher, self.data["names"], self.args.teacher)
-        c = self.fgd_cfg
-        self.fgd = FGDPyramid(
-            head_channels(student),
-            head_channels(self.teacher),
-            temperature=c["temperature"],
-            alpha=c["alpha"] * c["gain"],
-            beta=c["beta"] * c["gain"],
-            gamma=c["gamma"] * c["gain"],
-            lambda_=c["lambda"] * c["gain"],
-            norm=c["norm"],
-            split=c["split"],
-            spatial_attention=c["spatial"],
-            channel_attention=c["channel"],
-            mse=c["mse"],
-        ).to(self.device)
+        self.fgd = build_pyramid(head_channels(student), head_channels(self.teacher), self.fgd_cfg).to(self.device)
         if self.resume:
             sidecar = Path(self.args.resume if isinstance(self.args.resume, (str, Path)) else self.args.model)
             sidecar = sidecar.with_name(SIDECAR)

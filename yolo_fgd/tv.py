@@ -25,8 +25,7 @@ from torch import nn
 
 from .coco import COLUMNS, evaluate_detections
 from .errors import FGDError
-from .loss import FGDPyramid
-from .presets import resolve_fgd
+from .presets import build_pyramid, resolve_fgd
 
 ARCH_PRESET = {"retinanet": "anchor_based", "fcos": "anchor_free"}
 DEFAULTS = {
@@ -101,11 +100,7 @@ class Distiller(nn.Module):
         self._teacher = [teacher]  # a list: not a submodule (not in state_dict, DDP or the optimiser)
         self.fgd = None
         if teacher is not None and fgd_cfg:
-            c = fgd_cfg
-            self.fgd = FGDPyramid([256] * 5, [256] * 5, temperature=c["temperature"], alpha=c["alpha"] * c["gain"],
-                                  beta=c["beta"] * c["gain"], gamma=c["gamma"] * c["gain"],
-                                  lambda_=c["lambda"] * c["gain"], norm=c["norm"], split=c["split"],
-                                  spatial_attention=c["spatial"], channel_attention=c["channel"], mse=c["mse"])
+            self.fgd = build_pyramid([256] * 5, [256] * 5, fgd_cfg)
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
