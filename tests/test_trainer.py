@@ -280,3 +280,19 @@ def test_fgd_schedule_warmup_then_cosine_decay(data, runs, teacher):
     assert 0 < at(9, 4) < at(9, 1) < at(8, 0) and at(9, 5) == pytest.approx(0, abs=1e-12)
     t.fgd_cfg["decay"] = 0  # off: flat after warm-up
     assert at(9, 5) == 1
+
+
+def test_imitation_ranks_teacher_above_untrained_student(teacher, data, tmp_path):
+    from yolo_fgd.attention_maps import imitation
+
+    untrained = save_untrained("yolo11n.yaml", read_names(teacher), tmp_path / "untrained.pt")
+    r2 = imitation(f"{teacher},{untrained}", teacher, data=data, imgsz=64)
+    own, rand = r2[teacher], r2[untrained]
+    assert len(own) == len(rand) == 3 and all(v <= 1 for v in own + rand)
+    assert all(o > 0.5 and o > r for o, r in zip(own, rand)), (own, rand)
+    bad = run_cli("imitation", f"model={untrained}")
+    assert bad.returncode == 2 and "teacher=" in bad.stderr
+
+
+def read_names(ckpt):
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["model"].names

@@ -1,6 +1,9 @@
 """``yolo-fgd attention``: spatial and channel attention (Eq. 5-8) of teacher, baseline and FGD student on an image
 (paper Fig. 1 and 5). Writes one PNG: a row per model, a column per Detect level (spatial attention over the image),
-and a last column with the channel attention of the middle level."""
+and a last column with the channel attention of the middle level.
+
+``yolo-fgd imitation``: how much of the teacher's Detect-input features a student can reach linearly (held-out R^2 of
+the best 1x1 map, per level), the ceiling FGD's align layer works against."""
 
 from __future__ import annotations
 
@@ -58,3 +61,40 @@ def attention_maps(model: str, teacher: str, source: str, baseline: str | None =
     plt.close(fig)
     print(dst)
     return dst
+
+
+def _standardise(f: torch.Tensor) -> torch.Tensor:
+    return (f - f.mean((2, 3), keepdim=True)) / (f.std((2, 3), keepdim=True) + 1e-6)
+
+
+def imitation(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, images: int = 120) -> dict:
+    """Per student checkpoint (comma-separated ``model``): held-out R^2, per Detect level, of the least-squares 1x1 map
+    (with bias) from its features (N,Cs,H,W) to the teacher's per-image, per-channel standardised ones (N,Ct,H,W),
+    fitted on half the pixels of ``images`` validation images and scored on the other half."""
+    from ultralytics.utils import LOGGER
+
+    from .cli import resolve_data
+    from .coco import split_images
+
+    files, _ = split_images(resolve_data(data), "val")
+    if not files:
+        raise FGDError(f"no validation images in {data}: check the data YAML's val path")
+    x = torch.cat([torch.from_numpy(blob(cv2.imread(str(p)), (imgsz, imgsz))[0]) for p in files[: int(images)]])
+    with torch.no_grad():
+        targets = [_standardise(f) for f in neck_features(load_teacher(teacher, "cpu"), x)]
+    out = {}
+    for path in str(model).split(","):
+        with torch.no_grad():
+            feats = neck_features(load_teacher(path, "cpu"), x)
+        r2 = []
+        for fs, ft in zip(feats, targets):
+            a = torch.cat([fs.permute(0, 2, 3, 1).flatten(0, 2), torch.ones(fs.numel() // fs.shape[1], 1)], 1)
+            b = ft.permute(0, 2, 3, 1).flatten(0, 2)
+            g = torch.Generator().manual_seed(0)
+            fit = torch.randperm(len(a), generator=g) < len(a) // 2
+            w = torch.linalg.lstsq(a[fit], b[fit]).solution
+            r2.append(round(1 - float(((a[~fit] @ w - b[~fit]) ** 2).mean() / b[~fit].var(0).mean()), 3))
+        out[path] = r2
+        LOGGER.info(f"imitation: {path}: held-out R^2 of the best linear map to the teacher, "
+                    + ", ".join(f"P{i + 3} {v:.3f}" for i, v in enumerate(r2)))
+    return out

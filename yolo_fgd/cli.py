@@ -10,6 +10,7 @@
     yolo-fgd tv-train recipe=cfg/tv_retinanet_r101_r50.yaml [key=value]   (torchvision RetinaNet/FCOS, paper setup)
     yolo-fgd tv-val model=student.pth data=... arch=retinanet backbone=resnet50
     yolo-fgd attention model=fgd.pt teacher=teacher.pt source=image.jpg [baseline=plain.pt imgsz=640]
+    yolo-fgd imitation model=a.pt[,b.pt] teacher=teacher.pt [data=shapes imgsz=640]   (linear reach of the teacher)
     yolo-fgd benchmark model=a.pt[,b.pt] data=data.yaml imgsz=640 [runs=50 threads=2]
     yolo-fgd benchmark-loss [batch=16 imgsz=640 device=cpu]
     yolo-fgd benchmark-step teacher=t.pt [data=shapes imgsz=192 batch=16]   (plain vs FGD vs distill_model=)
@@ -169,6 +170,12 @@ def run(argv: list[str]):
         if missing:
             raise FGDError(f"attention needs {', '.join(k + '=' for k in missing)} (baseline= is optional)")
         return attention_maps(**kv)
+    if cmd == "imitation":
+        from .attention_maps import imitation
+
+        if "model" not in kv or "teacher" not in kv:
+            raise FGDError("imitation needs model=student.pt[,other.pt] and teacher=teacher.pt (data= for images)")
+        return imitation(**kv)
     if cmd == "study":
         from .study import study
 
@@ -191,7 +198,7 @@ def run(argv: list[str]):
         from .bench import benchmark_loss
 
         return benchmark_loss(**kv)
-    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, benchmark, data, demo, study, attention, tv-train, tv-val, benchmark-loss, benchmark-step, soak or help")
+    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, benchmark, data, demo, study, attention, imitation, tv-train, tv-val, benchmark-loss, benchmark-step, soak or help")
 
 
 def entrypoint(argv: list[str] | None = None) -> int:
