@@ -99,3 +99,57 @@ def test_negative_schedule_or_weight_is_a_clear_error(key):
 
     with pytest.raises(FGDError, match=f"{key}=-1.0 is negative"):
         resolve_fgd({key: -1})
+
+
+def test_run_dir_lock_refuses_a_second_writer(tmp_path):
+    import subprocess
+    import sys
+
+    from yolo_fgd.errors import FGDError
+    from yolo_fgd.study import claim
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(str(other.pid))
+        with pytest.raises(FGDError, match=f"being trained by process {other.pid}"):
+            claim(tmp_path)
+    finally:
+        other.kill()
+        other.wait()
+    assert claim(tmp_path).read_text() == str(__import__("os").getpid())  # a dead holder's lock is taken over
+
+
+def test_terminating_the_study_stops_its_lanes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    rec = tiny_recipe(tmp_path)
+    rec["train"]["epochs"] = 100
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+    root = tmp_path / "runs" / "s"
+    study = subprocess.Popen([sys.executable, "-m", "yolo_fgd.cli", "study", f"recipe={tmp_path / 'r.yaml'}",
+                              f"project={tmp_path / 'runs'}", "name=s", "lanes=1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = root / "tiny" / "teacher" / ".lock"
+    for _ in range(240):
+        if lock.is_file() or study.poll() is not None:
+            break
+        time.sleep(0.5)
+    assert lock.is_file(), "the teacher lane never started"
+    lane = int(lock.read_text())
+    study.send_signal(signal.SIGTERM)
+    study.wait(timeout=60)
+    for _ in range(60):
+        try:
+            os.kill(lane, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.kill(lane, signal.SIGKILL)
+        pytest.fail("the lane outlived the study")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -82,11 +83,36 @@ def warm_label_cache(data) -> None:
         YOLODataset(img_path=d[split], data=d, imgsz=64, augment=False, hyp=DEFAULT_CFG, prefix=f"{split}: ")
 
 
+def claim(run_dir: Path) -> Path:
+    """Take ``run_dir/.lock`` for this process, or raise if a live process holds it (two writers would interleave
+    results.csv and last.pt). A lock left by a dead process is taken over."""
+    lock = run_dir / ".lock"
+    try:
+        pid = int(lock.read_text())
+        os.kill(pid, 0)  # PermissionError: alive, someone else's
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pid = None
+    except PermissionError:
+        pass
+    if pid is not None and pid != os.getpid():
+        raise FGDError(f"run {run_dir} is being trained by process {pid}: stop it first, or wait for it")
+    lock.write_text(str(os.getpid()))
+    return lock
+
+
 def run_one(spec: dict) -> dict:
     """Train one (method, seed) run as described by ``spec`` and write its summary.json."""
+    out = Path(spec["dir"])
+    lock = claim(out)
+    try:
+        return _train_one(spec, out)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _train_one(spec: dict, out: Path) -> dict:
     from ultralytics import YOLO
 
-    out = Path(spec["dir"])
     kwargs = dict(spec["train"])
     kwargs.update(project=str(out.parent), name=out.name, exist_ok=True, seed=spec["seed"], data=spec["data"])
     kwargs.update(spec.get("args") or {})
@@ -235,6 +261,28 @@ def study(recipe: str = "cfg/study.yaml", project: str = "runs/study", name: str
     running: list[tuple[subprocess.Popen, dict]] = []
     pending = list(todo)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # a TERM to the study (kill, a scheduler) stops its lanes too, as Ctrl-C does; they resume on the next start
+    old_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        _drive(pending, running, lanes, env)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        for proc, s in running:
+            proc.terminate()
+        for proc, s in running:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    text = report(root, specs)
+    print(text)
+    return text
+
+
+def _drive(pending: list, running: list, lanes: int, env: dict) -> None:
+    """Start runs whose inputs exist, ``lanes`` at a time, until none is left (``running`` is kept up to date)."""
+    from ultralytics.utils import LOGGER
+
     while pending or running:
         for proc, s in list(running):
             if proc.poll() is not None:
@@ -257,9 +305,6 @@ def study(recipe: str = "cfg/study.yaml", project: str = "runs/study", name: str
             LOGGER.warning(f"study: {len(pending)} runs wait for a teacher or base run that failed; stopping")
             break
         time.sleep(5)
-    text = report(root, specs)
-    print(text)
-    return text
 
 
 if __name__ == "__main__":  # one run: python -m yolo_fgd.study spec.json
