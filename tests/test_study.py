@@ -153,3 +153,27 @@ def test_terminating_the_study_stops_its_lanes(tmp_path):
     else:
         os.kill(lane, signal.SIGKILL)
         pytest.fail("the lane outlived the study")
+
+
+def test_detect_is_multi_label_like_the_validator(data, teacher):
+    from yolo_fgd.coco import split_images
+    from yolo_fgd.study import detect
+
+    files, _ = split_images(data, "val")
+    dets = detect(teacher, files, 64)
+    assert len(dets) == len(files) and all(len(d) <= 300 for d in dets)
+    boxes = [tuple(round(v, 3) for v in d[:4]) for im in dets for d in im]
+    assert len(set(boxes)) < len(boxes), "no box was kept for two classes: NMS is not multi-label"
+    assert all(d[4] >= 0.001 for im in dets for d in im)
+
+
+def test_summary_sums_wall_time_over_resumed_segments(tmp_path, monkeypatch):
+    import yolo_fgd.study as st
+
+    run = tmp_path / "m-s0"
+    run.mkdir()
+    rows = ["epoch,time,metrics/mAP50-95(B)", "1,10,0.1", "2,20,0.2", "3,8,0.3", "4,17,0.4"]  # resumed after epoch 2
+    (run / "results.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(st, "coco_ap", lambda *a: {"map": 0.3})
+    s = st.summarise({"dir": str(run), "method": "m", "seed": 0, "data": "d", "train": {"imgsz": 64}})
+    assert s["wall_s"] == 37 and s["epoch_s"] == 37 / 4 and s["ul_map"] == 0.4

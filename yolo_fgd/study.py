@@ -19,11 +19,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from .errors import FGDError
 
-METRICS = ("map", "map50", "aps", "apm", "apl", "epoch_s", "wall_s")
+METRICS = ("map", "map50", "aps", "apm", "apl", "ul_map", "epoch_s", "wall_s")
 
 
 def load_recipe(path) -> dict:
@@ -51,23 +52,44 @@ def resolve_dataset(spec):
     return str(spec)
 
 
+def detect(model_path, files, imgsz: int, batch: int = 16) -> list[list]:
+    """Detections per image as Ultralytics' validator makes them: letterbox to ``imgsz``, conf 0.001, IoU 0.7,
+    **multi-label** NMS (a box may count for several classes, as in RetinaNet/FCOS evaluation), max 300 -> per file a
+    list of (x1, y1, x2, y2, score, cls) in original pixels. (``YOLO.predict`` keeps one label per box, which scores
+    students with more class confusion several points lower.)"""
+    import cv2
+    from ultralytics import YOLO
+    from ultralytics.utils.nms import non_max_suppression
+
+    from .edge import blob
+
+    net = YOLO(model_path).model.float().fuse().eval()
+    out = []
+    for i in range(0, len(files), batch):
+        ims = [blob(cv2.imread(str(f)), (imgsz, imgsz)) for f in files[i : i + batch]]
+        with torch.no_grad():
+            preds = net(torch.from_numpy(np.concatenate([x for x, _, _ in ims])))
+        preds = preds[0] if isinstance(preds, (list, tuple)) else preds
+        if getattr(net, "end2end", False):  # YOLO26 end-to-end head: already (N, max_det, 6)
+            dets = [p[p[:, 4] > 0.001] for p in preds]
+        else:
+            dets = non_max_suppression(preds, 0.001, 0.7, multi_label=True, max_det=300)
+        for d, (_, gain, (px, py)) in zip(dets, ims):
+            d = d.clone()
+            d[:, [0, 2]] = (d[:, [0, 2]] - px) / gain
+            d[:, [1, 3]] = (d[:, [1, 3]] - py) / gain
+            out.append(d[:, :6].tolist())
+    return out
+
+
 def coco_ap(model_path, data_yaml, imgsz, batch=16) -> dict:
     """mAP50-95, mAP50 and APs/APm/APl of a YOLO checkpoint on the val split (pycocotools, COCO area ranges)."""
-    from ultralytics import YOLO
-
-    from .coco import yolo_split_to_coco, evaluate_detections
+    from .coco import evaluate_detections, yolo_split_to_coco
 
     gt, files = yolo_split_to_coco(data_yaml, "val")
-    model = YOLO(model_path)
-    dets = []
-    for i in range(0, len(files), batch):
-        chunk = files[i : i + batch]
-        for (image_id, _), r in zip(chunk, model.predict([f for _, f in chunk], imgsz=imgsz, conf=0.001, iou=0.7,
-                                                           max_det=300, verbose=False)):
-            b = r.boxes
-            for xyxy, s, c in zip(b.xyxy.tolist(), b.conf.tolist(), b.cls.tolist()):
-                dets.append({"image_id": image_id, "category_id": int(c), "score": float(s),
-                             "bbox": [xyxy[0], xyxy[1], xyxy[2] - xyxy[0], xyxy[3] - xyxy[1]]})
+    dets = [{"image_id": image_id, "category_id": int(c), "score": float(sc), "bbox": [x1, y1, x2 - x1, y2 - y1]}
+            for (image_id, _), found in zip(files, detect(model_path, [f for _, f in files], imgsz, batch))
+            for x1, y1, x2, y2, sc, c in found]
     stats = evaluate_detections(gt, dets)
     return {"map": stats["mAP"], "map50": stats["AP50"], "aps": stats["APs"], "apm": stats["APm"], "apl": stats["APl"]}
 
@@ -129,22 +151,29 @@ def _train_one(spec: dict, out: Path) -> dict:
             YOLO(str(last)).train(trainer=trainer, resume=True)
     else:
         YOLO(spec["model"]).train(trainer=trainer, **kwargs)
-    wall = time.time() - t0
-    best = out / "weights" / "best.pt"
+    return summarise(spec, fallback_s=time.time() - t0)
+
+
+def summarise(spec: dict, fallback_s: float = 0.0) -> dict:
+    """Write ``summary.json`` of a finished run: COCO AP of its best.pt, training seconds (summed over resumed
+    segments: Ultralytics' ``time`` column restarts on resume) and Ultralytics' own final val mAP50-95."""
+    out = Path(spec["dir"])
     rows = _results(out / "results.csv")
-    epochs = len(rows)
-    times = [float(r["time"]) for r in rows]
+    wall, prev = 0.0, 0.0
+    for t in (float(r["time"]) for r in rows):
+        wall, prev = (wall + prev, t) if t < prev else (wall, t)
+    wall = (wall + prev) or fallback_s
     summary = {
-        "method": spec["method"], "seed": spec["seed"], "epochs": epochs, "wall_s": times[-1] if times else wall,
-        "epoch_s": (times[-1] / epochs) if epochs else 0.0, **coco_ap(str(best), spec["data"], kwargs["imgsz"]),
+        "method": spec["method"], "seed": spec["seed"], "epochs": len(rows), "wall_s": wall,
+        "epoch_s": wall / len(rows) if rows else 0.0,
+        "ul_map": float(rows[-1]["metrics/mAP50-95(B)"]) if rows else float("nan"),
+        **coco_ap(str(out / "weights" / "best.pt"), spec["data"], spec["train"]["imgsz"]),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def _ckpt_epoch(path):
-    import torch
-
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         return ckpt.get("epoch", -1) if ckpt.get("optimizer") is not None else None
@@ -199,16 +228,18 @@ def report(root: Path, specs: list[dict]) -> str:
         if f.is_file():
             rows.setdefault((s["dataset"], s["method"]), []).append(json.loads(f.read_text()))
     lines_csv = ["dataset,method,seeds," + ",".join(f"{m}_mean,{m}_std" for m in METRICS)]
-    md = ["| dataset | method | seeds | mAP50-95 | mAP50 | APs | APm | APl | s/epoch |", "|---|---|---|---|---|---|---|---|---|"]
+    md = ["| dataset | method | seeds | mAP50-95 | per seed | mAP50 | APs | APm | APl | Ultralytics val | s/epoch |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, method), runs in rows.items():
         vals = {m: np.array([r.get(m, np.nan) for r in runs], float) for m in METRICS}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a metric absent in every run (e.g. no large objects)
-            stat = {m: (np.nanmean(v), np.nanstd(v)) for m, v in vals.items()}
+            stat = {m: (np.nanmean(v), np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else 0.0) for m, v in vals.items()}
         lines_csv.append(f"{ds},{method},{len(runs)}," + ",".join(f"{stat[m][0]:.5f},{stat[m][1]:.5f}" for m in METRICS))
         pm = lambda m, k=100: "–" if np.isnan(stat[m][0]) else f"{stat[m][0] * k:.1f} ± {stat[m][1] * k:.1f}"
-        md.append(f"| {ds} | {method} | {len(runs)} | {pm('map')} | {pm('map50')} | {pm('aps')} | {pm('apm')} | "
-                  f"{pm('apl')} | {stat['epoch_s'][0]:.1f} |")
+        seeds = " / ".join(f"{r['map'] * 100:.1f}" for r in sorted(runs, key=lambda r: r["seed"]))
+        md.append(f"| {ds} | {method} | {len(runs)} | {pm('map')} | {seeds} | {pm('map50')} | {pm('aps')} | {pm('apm')} | "
+                  f"{pm('apl')} | {pm('ul_map')} | {stat['epoch_s'][0]:.1f} |")
     (root / "results.csv").write_text("\n".join(lines_csv) + "\n")
     text = "\n".join(md) + "\n"
     (root / "results.md").write_text(text)
@@ -239,9 +270,10 @@ def _plot(root, rows):
 
 
 def study(recipe: str = "cfg/study.yaml", project: str = "runs/study", name: str | None = None, lanes: int = 2,
-          only: str | None = None, report_only: bool = False) -> str:
+          only: str | None = None, report_only: bool = False, rescore: bool = False) -> str:
     """Run (or resume) every run of ``recipe`` with ``lanes`` processes, then write and print the report
-    (``report_only=True``: just the report of the runs finished so far)."""
+    (``report_only=True``: just the report of the runs finished so far; ``rescore=True``: first re-evaluate every
+    finished run, e.g. after a change of the evaluation protocol)."""
     rec = load_recipe(recipe)
     # absolute: Ultralytics would put a relative project under runs/detect/
     root = Path(project).resolve() / (name or (Path(recipe).stem if not isinstance(recipe, dict) else "study"))
@@ -250,6 +282,10 @@ def study(recipe: str = "cfg/study.yaml", project: str = "runs/study", name: str
     if only:
         keep = set(str(only).split(","))
         specs = [s for s in specs if s["method"] in keep or s["method"] == "teacher"]
+    if rescore:
+        for s in specs:
+            if (Path(s["dir"]) / "summary.json").is_file():
+                summarise(s)
     todo = [] if report_only else [s for s in specs if not (Path(s["dir"]) / "summary.json").is_file()]
     todo.sort(key=lambda s: (s["method"] != "teacher", s["seed"]))  # teachers first, then seed by seed
     from ultralytics.utils import LOGGER
@@ -308,7 +344,5 @@ def _drive(pending: list, running: list, lanes: int, env: dict) -> None:
 
 
 if __name__ == "__main__":  # one run: python -m yolo_fgd.study spec.json
-    import torch
-
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     run_one(json.loads(Path(sys.argv[1]).read_text()))
