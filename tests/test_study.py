@@ -64,6 +64,10 @@ def test_plan_orders_overrides_and_finetune(tmp_path):
     ft = [s for s in specs if s["method"] == "ft"][1]
     assert ft["model"].endswith("a/baseline-s1/weights/best.pt") and ft["model"] in ft["needs"]
     assert ft["args"]["teacher"].endswith("a/teacher/weights/best.pt") and ft["args"]["epochs"] == 2
+    rec["datasets"]["b"] = rec["datasets"]["a"]["data"]
+    rec["methods"]["ft"]["datasets"] = ["a"]  # a method limited to some data sets
+    runs = {(s["dataset"], s["method"]) for s in plan(rec, tmp_path / "r")}
+    assert ("a", "ft") in runs and ("b", "ft") not in runs and ("b", "baseline") in runs
 
 
 @pytest.mark.parametrize("recipe", ["study.yaml", "calibrate.yaml", "remedies.yaml", "ablations.yaml", "demo.yaml"])

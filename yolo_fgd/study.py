@@ -207,6 +207,8 @@ def plan(recipe: dict, root: Path) -> list[dict]:
                           "train": {**train, **(tcfg.get("train") or {})}, "dataset": ds_name})
         for method, m in recipe["methods"].items():
             m = dict(m or {})
+            if m.get("datasets") and ds_name not in m["datasets"]:  # a method limited to some data sets
+                continue
             args = {k: (teacher_pt if v == "TEACHER" else v) for k, v in (m.get("args") or {}).items()}
             for seed in m.get("seeds", recipe["seeds"]):
                 model, needs = m.get("model", recipe["student"]), [] if tcfg.get("weights") else [teacher_pt]
