@@ -6,7 +6,7 @@
     yolo-fgd val|predict ...               (delegated to Ultralytics' `yolo`)
     yolo-fgd data [shapes|deepforest]      (build a data set, print its data YAML)
     yolo-fgd demo [epochs=.. teacher_epochs=.. imgsz=..]
-    yolo-fgd study recipe=cfg/study.yaml [lanes=2 only=baseline,fgd]
+    yolo-fgd study recipe=cfg/study.yaml [lanes=2 only=baseline,fgd report_only=True rescore=True]
     yolo-fgd tv-train recipe=cfg/tv_retinanet_r101_r50.yaml [key=value]   (torchvision RetinaNet/FCOS, paper setup)
     yolo-fgd tv-val model=student.pth data=... arch=retinanet backbone=resnet50
     yolo-fgd attention model=fgd.pt teacher=teacher.pt source=image.jpg [baseline=plain.pt imgsz=640]
