@@ -96,6 +96,25 @@ def test_benchmark_writes_report(student, data, tmp_path):
     assert all(r["p50_ms"] > 0 and r["size_mb"] > 0 for r in rows)
 
 
+def test_benchmark_scores_pytorch_like_the_edge_runner(student, exported, data):
+    """The benchmark's PyTorch row and its ONNX rows must see the same detections (one label per box, as deployed)."""
+    import cv2
+    import numpy as np
+
+    from yolo_fgd.coco import split_images
+    from yolo_fgd.edge import EdgeModel
+    from yolo_fgd.study import detect
+
+    files, _ = split_images(data, "val")
+    edge = EdgeModel(exported["onnx"], conf=0.001, iou=0.7)
+    for pt, f in zip(detect(student, files, 64, multi_label=False), files):
+        onnx = edge(cv2.imread(str(f)))
+        assert len(pt) == len(onnx) > 0
+        pt = np.array(sorted(pt, key=lambda d: -d[4]))
+        onnx = onnx[np.argsort(-onnx[:, 4])]
+        assert np.abs(pt[:, 4] - onnx[:, 4]).max() < 1e-3 and (pt[:, 5] == onnx[:, 5]).mean() > 0.95
+
+
 def test_export_errors_are_one_line(tmp_path):
     missing = run_cli("export", f"model={tmp_path / 'none.pt'}")
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr

@@ -52,11 +52,11 @@ def resolve_dataset(spec):
     return str(spec)
 
 
-def detect(model_path, files, imgsz: int, batch: int = 16) -> list[list]:
+def detect(model_path, files, imgsz: int, batch: int = 16, multi_label: bool = True) -> list[list]:
     """Detections per image as Ultralytics' validator makes them: letterbox to ``imgsz``, conf 0.001, IoU 0.7,
     **multi-label** NMS (a box may count for several classes, as in RetinaNet/FCOS evaluation), max 300 -> per file a
-    list of (x1, y1, x2, y2, score, cls) in original pixels. (``YOLO.predict`` keeps one label per box, which scores
-    students with more class confusion several points lower.)"""
+    list of (x1, y1, x2, y2, score, cls) in original pixels. ``multi_label=False``: one label per box, as
+    ``YOLO.predict`` and the edge runner deploy it (students with more class confusion score lower that way)."""
     import cv2
     from ultralytics import YOLO
     from ultralytics.utils.nms import non_max_suppression
@@ -73,7 +73,7 @@ def detect(model_path, files, imgsz: int, batch: int = 16) -> list[list]:
         if getattr(net, "end2end", False):  # YOLO26 end-to-end head: already (N, max_det, 6)
             dets = [p[p[:, 4] > 0.001] for p in preds]
         else:
-            dets = non_max_suppression(preds, 0.001, 0.7, multi_label=True, max_det=300)
+            dets = non_max_suppression(preds, 0.001, 0.7, multi_label=multi_label, max_det=300)
         for d, (_, gain, (px, py)) in zip(dets, ims):
             d = d.clone()
             d[:, [0, 2]] = (d[:, [0, 2]] - px) / gain
@@ -82,13 +82,14 @@ def detect(model_path, files, imgsz: int, batch: int = 16) -> list[list]:
     return out
 
 
-def coco_ap(model_path, data_yaml, imgsz, batch=16) -> dict:
-    """mAP50-95, mAP50 and APs/APm/APl of a YOLO checkpoint on the val split (pycocotools, COCO area ranges)."""
+def coco_ap(model_path, data_yaml, imgsz, batch=16, multi_label: bool = True) -> dict:
+    """mAP50-95, mAP50 and APs/APm/APl of a YOLO checkpoint on the val split (pycocotools, COCO area ranges), on
+    detections made by :func:`detect`."""
     from .coco import evaluate_detections, yolo_split_to_coco
 
     gt, files = yolo_split_to_coco(data_yaml, "val")
     dets = [{"image_id": image_id, "category_id": int(c), "score": float(sc), "bbox": [x1, y1, x2 - x1, y2 - y1]}
-            for (image_id, _), found in zip(files, detect(model_path, [f for _, f in files], imgsz, batch))
+            for (image_id, _), found in zip(files, detect(model_path, [f for _, f in files], imgsz, batch, multi_label))
             for x1, y1, x2, y2, sc, c in found]
     stats = evaluate_detections(gt, dets)
     return {"map": stats["mAP"], "map50": stats["AP50"], "aps": stats["APs"], "apm": stats["APm"], "apl": stats["APl"]}
