@@ -15,7 +15,7 @@ import torch
 
 from .edge import blob
 from .errors import FGDError
-from .loss import attention
+from .loss import attention, standardise
 from .trainer import load_teacher, neck_features
 
 
@@ -63,10 +63,6 @@ def attention_maps(model: str, teacher: str, source: str, baseline: str | None =
     return dst
 
 
-def _standardise(f: torch.Tensor) -> torch.Tensor:
-    return (f - f.mean((2, 3), keepdim=True)) / (f.std((2, 3), keepdim=True) + 1e-6)
-
-
 def imitation(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, images: int = 120) -> dict:
     """Per student checkpoint (comma-separated ``model``): held-out R^2, per Detect level, of the least-squares 1x1 map
     (with bias) from its features (N,Cs,H,W) to the teacher's per-image, per-channel standardised ones (N,Ct,H,W),
@@ -81,7 +77,7 @@ def imitation(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, 
         raise FGDError(f"no validation images in {data}: check the data YAML's val path")
     x = torch.cat([torch.from_numpy(blob(cv2.imread(str(p)), (imgsz, imgsz))[0]) for p in files[: int(images)]])
     with torch.no_grad():
-        targets = [_standardise(f) for f in neck_features(load_teacher(teacher, "cpu"), x)]
+        targets = [standardise(f) for f in neck_features(load_teacher(teacher, "cpu"), x)]
     out = {}
     for path in str(model).split(","):
         with torch.no_grad():

@@ -110,7 +110,8 @@ def _write(out_dir: Path, rows: list[dict], imgsz: int, runs: int):
     (out_dir / "benchmark.csv").write_text(
         ",".join(COLS) + "\n" + "".join(",".join(fmt(r[c]) for c in COLS) + "\n" for r in rows))
     md = [f"Batch 1, {imgsz} px, CPU, {rows[0]['threads'] if rows else '?'} threads, {runs} timed runs after 10 warm-up; "
-          "latency = model forward only (no pre/post-processing); mAP = pycocotools on the val split, one label per box as deployed.", "",
+          "latency = model forward only (no pre/post-processing); mAP = pycocotools on the val split, one label per "
+          "box as deployed.", "",
           "| model | format | size (MB) | params (M) | GFLOPs | p50 (ms) | p95 (ms) | FPS | mAP50-95 | mAP50 |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

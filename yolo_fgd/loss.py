@@ -152,6 +152,13 @@ class GcBlock(nn.Module):
         return feat + self.delta(feat)[:, :, None, None]
 
 
+def standardise(feat: torch.Tensor) -> torch.Tensor:
+    """(N,C,H,W) -> zero mean, unit std per image and channel over H*W (a 1x1 map only centred)."""
+    mean = feat.mean((2, 3), keepdim=True)
+    std = feat.std((2, 3), keepdim=True) if feat.shape[2] * feat.shape[3] > 1 else torch.ones_like(mean)
+    return (feat - mean) / (std + 1e-6)
+
+
 def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Plain feature distillation (Eq. 1): sum (F_t - F_s')^2 / N, on already aligned features."""
     return (teacher.float() - student.float()).square().sum() / student.shape[0]
@@ -212,12 +219,6 @@ class FGDLoss(nn.Module):
             f"T={self.temperature}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, lambda_={self.lambda_}"
         )
 
-    @staticmethod
-    def _standardise(feat: torch.Tensor) -> torch.Tensor:
-        mean = feat.mean((2, 3), keepdim=True)
-        std = feat.std((2, 3), keepdim=True) if feat.shape[2] * feat.shape[3] > 1 else torch.ones_like(mean)
-        return (feat - mean) / (std + 1e-6)
-
     def forward(self, student_feat, teacher_feat, boxes, batch_idx):
         if student_feat.dim() != 4 or teacher_feat.dim() != 4:
             raise ValueError(
@@ -236,7 +237,7 @@ class FGDLoss(nn.Module):
             fs = self.align(student_feat.float())
             ft = teacher_feat.detach().float()
             if self.norm:
-                fs, ft = self._standardise(fs), self._standardise(ft)
+                fs, ft = standardise(fs), standardise(ft)
             if self.mse:
                 mse, zero = feature_mse(fs, ft), fs.new_zeros(())
                 return {"fg": mse, "bg": zero, "attention": zero, "global": zero, "total": self.alpha * mse}
@@ -317,7 +318,6 @@ class FGDPyramid(nn.Module):
         w = self.level_weights(totals)
         terms = {}
         for k, attr in (("fg", "alpha"), ("bg", "beta"), ("attention", "gamma"), ("global", "lambda_")):
-            terms[k] = sum(w[i].detach() * getattr(level, attr) * o[k].detach() for i, (level, o) in
-                           enumerate(zip(self.levels, outs)))
-        totals = totals * w.detach()
+            terms[k] = sum(wi * getattr(level, attr) * o[k].detach() for wi, level, o in zip(w, self.levels, outs))
+        totals = totals * w
         return {"total": totals.sum(), **terms, "levels": totals.detach()}

@@ -11,10 +11,11 @@ import yaml
 from .errors import FGDError
 
 PRESETS_FILE = Path(__file__).resolve().parent / "cfg" / "fgd.yaml"
-KEYS = ("alpha", "beta", "gamma", "lambda", "temperature", "gain", "norm", "warmup", "decay", "share", "split", "spatial",
-        "channel", "mse", "level_norm")
+KEYS = ("alpha", "beta", "gamma", "lambda", "temperature", "gain", "norm", "warmup", "decay", "share", "split",
+        "spatial", "channel", "mse", "level_norm")
 BOOL_KEYS = {"norm", "split", "spatial", "channel", "mse", "level_norm"}
-DEFAULTS = {"decay": 0.0, "share": 0.0, "split": True, "spatial": True, "channel": True, "mse": False, "level_norm": False}
+DEFAULTS = {"decay": 0.0, "share": 0.0, "split": True, "spatial": True, "channel": True, "mse": False,
+            "level_norm": False}
 
 # Extra train args (merged into Ultralytics' cfg). None means "take it from the preset".
 FGD_ARGS = {
@@ -60,7 +61,6 @@ def resolve_fgd(args) -> dict:
     if float(cfg["temperature"]) <= 0:
         raise FGDError(f"fgd_temperature={cfg['temperature']} must be > 0 (the paper uses 0.5)")
     return cfg
-
 
 
 def build_pyramid(student_channels, teacher_channels, cfg: dict):

@@ -237,12 +237,13 @@ def report(root: Path, specs: list[dict]) -> str:
         vals = {m: np.array([r.get(m, np.nan) for r in runs], float) for m in METRICS}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a metric absent in every run (e.g. no large objects)
-            stat = {m: (np.nanmean(v), np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else 0.0) for m, v in vals.items()}
+            stat = {m: (np.nanmean(v), np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else 0.0)
+                    for m, v in vals.items()}
         lines_csv.append(f"{ds},{method},{len(runs)}," + ",".join(f"{stat[m][0]:.5f},{stat[m][1]:.5f}" for m in METRICS))
         pm = lambda m, k=100: "–" if np.isnan(stat[m][0]) else f"{stat[m][0] * k:.1f} ± {stat[m][1] * k:.1f}"
         seeds = " / ".join(f"{r['map'] * 100:.1f}" for r in sorted(runs, key=lambda r: r["seed"]))
-        md.append(f"| {ds} | {method} | {len(runs)} | {pm('map')} | {seeds} | {pm('map50')} | {pm('aps')} | {pm('apm')} | "
-                  f"{pm('apl')} | {pm('ul_map')} | {stat['epoch_s'][0]:.1f} |")
+        md.append(f"| {ds} | {method} | {len(runs)} | {pm('map')} | {seeds} | {pm('map50')} | {pm('aps')} | "
+                  f"{pm('apm')} | {pm('apl')} | {pm('ul_map')} | {stat['epoch_s'][0]:.1f} |")
     (root / "results.csv").write_text("\n".join(lines_csv) + "\n")
     text = "\n".join(md) + "\n"
     (root / "results.md").write_text(text)

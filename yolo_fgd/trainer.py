@@ -9,9 +9,8 @@ student, so they load with plain ``YOLO("best.pt")`` and ``ULTRALYTICS_SAFE_LOAD
 
 from __future__ import annotations
 
-import math
-
 import copy
+import math
 import os
 from pathlib import Path
 
@@ -161,7 +160,8 @@ class FGDTrainer(DetectionTrainer):
 
     Extra train args (see :data:`yolo_fgd.presets.FGD_ARGS`): ``teacher``, ``fgd_preset``, ``fgd_alpha``,
     ``fgd_beta``, ``fgd_gamma``, ``fgd_lambda``, ``fgd_temperature``, ``fgd_gain``, ``fgd_norm``, ``fgd_warmup``,
-    ``fgd_decay``, ``fgd_share``, ``fgd_level_norm``, ablation switches ``fgd_split``, ``fgd_spatial``, ``fgd_channel`` and ``fgd_mse`` (Eq. 1 instead).
+    ``fgd_decay``, ``fgd_share``, ``fgd_level_norm``, ablation switches ``fgd_split``, ``fgd_spatial``,
+    ``fgd_channel`` and ``fgd_mse`` (Eq. 1 instead).
 
     Example:
         >>> from ultralytics import YOLO
