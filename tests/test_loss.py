@@ -263,3 +263,36 @@ def test_level_norm_equalises_levels_and_keeps_the_sum():
     m = normed.level_mean.clone()
     normed.eval()(fs, [2 * f for f in ft], boxes, idx)  # eval: frozen
     assert torch.equal(m, normed.level_mean)
+
+
+def test_head_kd_zero_at_match_positive_otherwise_student_only_gradient():
+    from yolo_fgd.loss import head_kd
+
+    g = torch.Generator().manual_seed(0)
+    t_s, t_d = torch.randn(2, 6, 40, generator=g), torch.randn(2, 64, 40, generator=g)
+    same = head_kd(t_s.clone(), t_s, t_d.clone(), t_d, reg_max=16)
+    assert same["cls"].abs() < 1e-5 and same["box"].abs() < 1e-5
+    s_s = torch.randn(2, 6, 40, generator=g, requires_grad=True)
+    s_d = torch.randn(2, 64, 40, generator=g, requires_grad=True)
+    t_s.requires_grad_(True)
+    out = head_kd(s_s, t_s, s_d, t_d, reg_max=16)
+    assert out["cls"] > 0 and out["box"] > 0
+    (out["cls"] + out["box"]).backward()
+    assert s_s.grad.abs().sum() > 0 and s_d.grad.abs().sum() > 0 and t_s.grad is None
+    d1 = head_kd(s_s.detach(), t_s.detach(), s_d.detach()[:, :4], t_d[:, :4], reg_max=1)  # distance heads: L1
+    assert d1["box"] > 0
+
+
+def test_head_kd_box_term_weighted_by_teacher_confidence():
+    """A box mismatch where the teacher sees background costs (almost) nothing; where it sees an object, it costs."""
+    from yolo_fgd.loss import head_kd
+
+    t_s = torch.full((1, 2, 2), -20.0)
+    t_s[0, 0, 0] = 5.0  # anchor 0: confident object; anchor 1: background
+    t_d = torch.zeros(1, 64, 2)
+    s_d = t_d.clone()
+    s_d[0, :16, 1] = torch.linspace(-5, 5, 16)  # wrong box only at the background anchor
+    assert head_kd(t_s, t_s, s_d, t_d, 16)["box"] < 1e-6
+    s_d = t_d.clone()
+    s_d[0, :16, 0] = torch.linspace(-5, 5, 16)  # wrong box at the object
+    assert head_kd(t_s, t_s, s_d, t_d, 16)["box"] > 0.1

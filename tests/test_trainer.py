@@ -131,6 +131,24 @@ def test_cross_family_and_yolo26_student(data, runs):
     assert float(rows[0]["train/fgd_loss"]) > 0
 
 
+def test_response_kd_is_logged_and_needs_matching_box_bins(data, runs, teacher):
+    """fgd_kd_cls/fgd_kd_box add the head-response term (its own kd_loss column); a teacher whose head has other box
+    bins (yolov8n, reg_max 16 -> yolo26n, reg_max 1) is refused with a one-line error."""
+    from ultralytics import YOLO
+
+    from yolo_fgd import FGDTrainer
+    from yolo_fgd.errors import FGDError
+
+    YOLO("yolo11n.yaml").train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="kd",
+                               fgd_kd_cls=1.0, fgd_kd_box=1.0, fgd_warmup=0, **TINY)
+    row = read_csv(Path(runs) / "kd" / "results.csv")[0]
+    assert float(row["train/kd_loss"]) > 0 and float(row["train/fgd_loss"]) > 0
+    t8 = train_teacher("yolov8n.yaml", data, runs, "teacher8n")
+    with pytest.raises(FGDError, match="reg_max 16 vs student 1"):
+        YOLO("yolo26n.yaml").train(trainer=FGDTrainer, teacher=t8, data=data, epochs=1, project=str(runs),
+                                   name="kd26", fgd_kd_cls=1.0, **TINY)
+
+
 def test_cli_train_and_val(data, runs, teacher):
     out = run_cli("train", "model=yolo11n.yaml", f"teacher={teacher}", f"data={data}", "epochs=1", "imgsz=64",
                   "batch=4", "plots=False", f"project={runs}", "name=cli", "exist_ok=True", "device=cpu",

@@ -37,6 +37,7 @@ FGD arguments (defaults from cfg/fgd.yaml, preset 'yolo'):
     fgd_decay=             last epochs over which the FGD weight falls to 0 (cosine; 0: off)
     fgd_level_norm=True    weigh FGD levels equally (running mean of each level's term)
     fgd_share=             keep |grad FGD| / |grad detection| at this value (0: off), measured every 25 batches
+    fgd_kd_cls= fgd_kd_box=   weights of the head-response term (teacher class scores as soft labels, box-bin KL)
     fgd_split= fgd_spatial= fgd_channel=   ablations: fg/bg split, spatial / channel attention (True/False)
     fgd_mse=True           plain feature MSE (paper Eq. 1) instead of FGD, e.g. with fgd_preset=mse
 Any other key is an Ultralytics train argument (epochs, imgsz, batch, device, ...). data=shapes (the default)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FGDLoss", "FGDPyramid", "GcBlock", "attention", "fgd_masks", "fgd_masks_loop", "feature_mse"]
+__all__ = ["FGDLoss", "FGDPyramid", "GcBlock", "attention", "fgd_masks", "fgd_masks_loop", "feature_mse", "head_kd"]
 
 
 def _box_cells(boxes: torch.Tensor, h: int, w: int, official_rounding: bool = False):
@@ -162,6 +162,39 @@ def standardise(feat: torch.Tensor) -> torch.Tensor:
 def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Plain feature distillation (Eq. 1): sum (F_t - F_s')^2 / N, on already aligned features."""
     return (teacher.float() - student.float()).square().sum() / student.shape[0]
+
+
+def head_kd(s_scores, t_scores, s_dist, t_dist, reg_max: int, temperature: float = 1.0) -> dict:
+    """Response distillation on a dense head (not part of FGD; the YOLO adapter's optional companion term).
+
+    Args:
+        s_scores, t_scores: (N,K,A) class logits of student and teacher over A anchor points.
+        s_dist, t_dist: (N,4*reg_max,A) box-side distribution logits (DFL heads), or (N,4,A) distances (reg_max 1).
+        reg_max: bins per box side. temperature: T of the box distributions' softmax (LD, Zheng et al. CVPR 2022).
+
+    Returns dict of 0-d fp32 tensors:
+        'cls': sum over anchors and classes of KL(Bernoulli(sigmoid t) || Bernoulli(sigmoid s)) / sum sigmoid(t)
+            (teacher scores as soft labels, normalised like the detection loss by the target score mass);
+        'box': T^2 * KL(softmax(t/T) || softmax(s/T)) per side, weighted by the teacher's top class score,
+            / the sum of those weights (anchors the teacher deems background count little).
+    """
+    with torch.autocast(device_type=s_scores.device.type, enabled=False):
+        s, t = s_scores.float(), t_scores.detach().float()
+        n = s.shape[0]
+        p = t.sigmoid()
+        entropy = F.binary_cross_entropy_with_logits(t, p, reduction="none")
+        cls = (F.binary_cross_entropy_with_logits(s, p, reduction="none") - entropy).sum() / p.sum().clamp(min=1.0)
+        weight = p.amax(1)  # (N,A)
+        sd, td = s_dist.float(), t_dist.detach().float()
+        a = sd.shape[-1]
+        if reg_max > 1:
+            sd, td = sd.view(n, 4, reg_max, a), td.view(n, 4, reg_max, a)
+            log_s, log_t = F.log_softmax(sd / temperature, 2), F.log_softmax(td / temperature, 2)
+            per_anchor = (log_t.exp() * (log_t - log_s)).sum((1, 2)) * temperature**2  # (N,A)
+        else:
+            per_anchor = (td - sd).abs().sum(1)
+        box = (per_anchor * weight).sum() / weight.sum().clamp(min=1e-6)
+    return {"cls": cls, "box": box}
 
 
 class FGDLoss(nn.Module):

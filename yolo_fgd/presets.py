@@ -12,9 +12,9 @@ from .errors import FGDError
 
 PRESETS_FILE = Path(__file__).resolve().parent / "cfg" / "fgd.yaml"
 KEYS = ("alpha", "beta", "gamma", "lambda", "temperature", "gain", "norm", "warmup", "decay", "share", "split",
-        "spatial", "channel", "mse", "level_norm")
+        "spatial", "channel", "mse", "level_norm", "kd_cls", "kd_box")
 BOOL_KEYS = {"norm", "split", "spatial", "channel", "mse", "level_norm"}
-DEFAULTS = {"decay": 0.0, "share": 0.0, "split": True, "spatial": True, "channel": True, "mse": False,
+DEFAULTS = {"kd_cls": 0.0, "kd_box": 0.0, "decay": 0.0, "share": 0.0, "split": True, "spatial": True, "channel": True, "mse": False,
             "level_norm": False}
 
 # Extra train args (merged into Ultralytics' cfg). None means "take it from the preset".
@@ -55,7 +55,7 @@ def resolve_fgd(args) -> dict:
         v = get(f"fgd_{k}")
         if v is not None:
             cfg[k] = _as_bool(k, v) if k in BOOL_KEYS else float(v)
-    for k in ("alpha", "beta", "gamma", "lambda", "gain", "warmup", "decay", "share"):
+    for k in ("alpha", "beta", "gamma", "lambda", "gain", "warmup", "decay", "share", "kd_cls", "kd_box"):
         if float(cfg[k]) < 0:
             raise FGDError(f"fgd_{k}={cfg[k]} is negative: FGD weights, warm-up and decay must be >= 0")
     if float(cfg["temperature"]) <= 0:

@@ -24,6 +24,7 @@ from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK, color
 from ultralytics.utils.torch_utils import unwrap_model
 
 from .errors import FGDError
+from .loss import head_kd
 from .presets import FGD_ARGS, build_pyramid, resolve_fgd
 
 SIDECAR = "fgd_last.pt"
@@ -54,11 +55,19 @@ def neck_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [x if j == -1 else y[j] for j in ([head.f] if isinstance(head.f, int) else head.f)]
 
 
-def train_feats(preds) -> list[torch.Tensor]:
-    """Detect inputs from the student's training output (``preds['feats']``, under ``one2many`` for YOLO26)."""
+def train_outputs(preds) -> dict:
+    """The student's raw training outputs ``{'boxes', 'scores', 'feats'}`` (under ``one2many`` for YOLO26);
+    ``feats`` are the Detect inputs."""
     preds = preds[1] if isinstance(preds, tuple) else preds
-    preds = preds.get("one2many", preds)
-    return preds["feats"]
+    return preds.get("one2many", preds)
+
+
+def head_outputs(model: nn.Module, feats: list[torch.Tensor]) -> dict:
+    """Raw ``{'boxes' (N,4*reg_max,A), 'scores' (N,nc,A)}`` of a model's Detect head on its inputs ``feats``
+    (the one-to-many branch, or one-to-one where fusion removed it)."""
+    head = detect_head(model)
+    out = head.forward_head(feats, **head.one2many)
+    return out or head.forward_head(feats, **head.one2one)
 
 
 def load_teacher(path, device) -> nn.Module:
@@ -131,12 +140,15 @@ class FGDCriterion:
 
     def __call__(self, preds, batch):
         loss, items = self.base(preds, batch)
-        out = self.trainer.fgd_loss(train_feats(preds), batch)
+        out = self.trainer.fgd_loss(train_outputs(preds), batch)
         bs = batch["img"].shape[0]
         fgd = out["total"] * bs
         self.trainer.fgd_observe(loss.sum(), fgd, out)
         loss = torch.cat([loss.view(-1), fgd.view(1).to(loss.dtype)])
         items = {**items, "fgd_loss": out["total"].detach(), **{f"{k}_loss": out[k] for k in ("fg", "bg", "at", "gl")}}
+        if "kd" in out:  # response distillation, its own entry so the FGD instrumentation stays FGD's
+            loss = torch.cat([loss, (out["kd"] * bs).view(1).to(loss.dtype)])
+            items["kd_loss"] = out["kd"].detach()
         return loss, items
 
     def update(self):
@@ -202,6 +214,12 @@ class FGDTrainer(DetectionTrainer):
         student = unwrap_model(self.model)
         check_pair(student, self.teacher, self.data["names"], self.args.teacher)
         self.fgd = build_pyramid(head_channels(student), head_channels(self.teacher), self.fgd_cfg).to(self.device)
+        s_reg, t_reg = int(detect_head(student).reg_max), int(detect_head(self.teacher).reg_max)
+        if (self.fgd_cfg["kd_cls"] or self.fgd_cfg["kd_box"]) and s_reg != t_reg:
+            raise FGDError(
+                f"fgd_kd_cls/fgd_kd_box need the same box bins in both heads, teacher reg_max {t_reg} vs student "
+                f"{s_reg}: set fgd_kd_cls=0 fgd_kd_box=0, or pair models of one family"
+            )
         if self.resume:
             sidecar = Path(self.args.resume if isinstance(self.args.resume, (str, Path)) else self.args.model)
             sidecar = sidecar.with_name(SIDECAR)
@@ -319,11 +337,16 @@ class FGDTrainer(DetectionTrainer):
     def save_metrics(self, metrics):
         super().save_metrics({**metrics, **self.fgd_epoch_metrics()})
 
-    def fgd_loss(self, student_feats, batch) -> dict:
-        """FGD over all levels for one batch -> dict total (scaled), fg, bg, at, gl (weighted, detached)."""
+    def fgd_loss(self, student_out, batch) -> dict:
+        """FGD over all levels for one batch -> dict total (scaled), fg, bg, at, gl (weighted, detached), and with
+        ``fgd_kd_cls``/``fgd_kd_box`` > 0 also kd (scaled response distillation, :func:`~yolo_fgd.loss.head_kd`).
+        ``student_out``: the student's raw training outputs (:func:`train_outputs`)."""
         img = batch["img"]
+        student_feats = student_out["feats"]
+        kd_cls, kd_box = float(self.fgd_cfg["kd_cls"]), float(self.fgd_cfg["kd_box"])
         with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
             teacher_feats = neck_features(self.teacher, img.float())
+            teacher_out = head_outputs(self.teacher, teacher_feats) if kd_cls or kd_box else None
         xywh = batch["bboxes"].to(img.device).float()
         boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
         # A non-finite feature must not reach the weights: such a batch gets zero FGD features (so a finite loss with
@@ -338,7 +361,7 @@ class FGDTrainer(DetectionTrainer):
         total = torch.where(ok, total, torch.zeros_like(total))
         if self._fgd_stats is not None:
             self._fgd_stats["skipped"] = self._fgd_stats.get("skipped", 0) + (~ok).int()
-        return {
+        result = {
             "total": total,
             "fg": out["fg"] * s,
             "bg": out["bg"] * s,
@@ -346,6 +369,13 @@ class FGDTrainer(DetectionTrainer):
             "gl": out["global"] * s,
             "levels": out["levels"] * s,
         }
+        if teacher_out is not None:
+            reg_max = int(detect_head(self.teacher).reg_max)
+            kd = head_kd(student_out["scores"], teacher_out["scores"], student_out["boxes"], teacher_out["boxes"], reg_max)
+            kd = (kd_cls * kd["cls"] + kd_box * kd["box"]) * self.fgd_scale()
+            ok = ok & torch.isfinite(kd)
+            result["kd"] = torch.where(ok, kd, torch.zeros_like(kd))
+        return result
 
     # --- Ultralytics plumbing ---------------------------------------------------------------------------------
     def get_validator(self):
