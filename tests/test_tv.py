@@ -142,6 +142,9 @@ def test_tv_val_cli(tv_teacher, data):
     assert "mAP | AP50 | AP75 | APs | APm | APl | AR100 | ARs | ARm | ARl" in out.stdout
     bad = run_cli("tv-train", "fgd=True", f"data={data}", "epochs=1")
     assert bad.returncode == 2 and "needs teacher=" in bad.stderr
+    bad = run_cli("tv-train", "fgd=True", f"teacher={path}", "fgd_preset=yolo", f"data={data}", "epochs=1",
+                  "teacher_backbone=resnet18", "student_backbone=resnet18", "min_size=64", "max_size=96")
+    assert bad.returncode == 2 and "paper's FGD only" in bad.stderr, bad.stderr[-500:]
 
 
 def test_tv_student_onnx_export_parity(tv_teacher, data):

@@ -1,4 +1,5 @@
-"""FGDTrainer: Ultralytics ``DetectionTrainer`` that adds FGD on the Detect inputs (P3/P4/P5).
+"""FGDTrainer: Ultralytics ``DetectionTrainer`` that adds FGD on the Detect inputs (P3/P4/P5) and, in the shipped
+preset, a head-response term on the Detect outputs.
 
 The student stays a plain ``DetectionModel``: its criterion is wrapped for training only, the FGD modules
 (align + GcBlocks, one :class:`~yolo_fgd.loss.FGDLoss` per level) live on the trainer, join the optimiser,
@@ -173,7 +174,8 @@ class FGDTrainer(DetectionTrainer):
     Extra train args (see :data:`yolo_fgd.presets.FGD_ARGS`): ``teacher``, ``fgd_preset``, ``fgd_alpha``,
     ``fgd_beta``, ``fgd_gamma``, ``fgd_lambda``, ``fgd_temperature``, ``fgd_gain``, ``fgd_norm``, ``fgd_warmup``,
     ``fgd_decay``, ``fgd_share``, ``fgd_level_norm``, ablation switches ``fgd_split``, ``fgd_spatial``,
-    ``fgd_channel`` and ``fgd_mse`` (Eq. 1 instead).
+    ``fgd_channel`` and ``fgd_mse`` (Eq. 1 instead), and the head-response weights ``fgd_kd_cls``, ``fgd_kd_box``
+    (:func:`~yolo_fgd.loss.head_kd`; on in the shipped preset).
 
     Example:
         >>> from ultralytics import YOLO

@@ -262,6 +262,10 @@ def train(**kwargs) -> dict:
         teacher = build(cfg["arch"], cfg["teacher_backbone"], nc, cfg["teacher"], cfg["min_size"], cfg["max_size"])
         fgd_cfg = resolve_fgd({"fgd_preset": cfg["fgd_preset"] or ARCH_PRESET[cfg["arch"]],
                                **{k: v for k, v in cfg.items() if k.startswith("fgd_") and k != "fgd_preset"}})
+        if fgd_cfg["kd_cls"] or fgd_cfg["kd_box"]:
+            raise FGDError("fgd_kd_cls/fgd_kd_box are the YOLO adapter's response term; the torchvision path runs the "
+                           "paper's FGD only: pick a paper preset (fgd_preset=anchor_based, anchor_free, "
+                           "two_stage) or set fgd_kd_cls=0 fgd_kd_box=0 in the recipe")
         if cfg["inherit"]:
             LOGGER.info(f"inherit: copied {len(inherit(student, teacher))} FPN/head tensors from the teacher")
         teacher.to(device)
