@@ -270,17 +270,21 @@ def test_head_kd_zero_at_match_positive_otherwise_student_only_gradient():
 
     g = torch.Generator().manual_seed(0)
     t_s, t_d = torch.randn(2, 6, 40, generator=g), torch.randn(2, 64, 40, generator=g)
-    same = head_kd(t_s.clone(), t_s, t_d.clone(), t_d, reg_max=16)
+    same = head_kd(t_s.clone(), t_s, t_d.clone(), t_d, 16)
     assert same["cls"].abs() < 1e-5 and same["box"].abs() < 1e-5
     s_s = torch.randn(2, 6, 40, generator=g, requires_grad=True)
     s_d = torch.randn(2, 64, 40, generator=g, requires_grad=True)
     t_s.requires_grad_(True)
-    out = head_kd(s_s, t_s, s_d, t_d, reg_max=16)
+    out = head_kd(s_s, t_s, s_d, t_d, 16)
     assert out["cls"] > 0 and out["box"] > 0
     (out["cls"] + out["box"]).backward()
     assert s_s.grad.abs().sum() > 0 and s_d.grad.abs().sum() > 0 and t_s.grad is None
-    d1 = head_kd(s_s.detach(), t_s.detach(), s_d.detach()[:, :4], t_d[:, :4], reg_max=1)  # distance heads: L1
+    d1 = head_kd(s_s.detach(), t_s.detach(), s_d.detach()[:, :4], t_d[:, :4], 1)  # distance heads (YOLO26): L1
     assert d1["box"] > 0
+    # mixed heads (DFL teacher, distance student): L1 of decoded distances, 0 when the student outputs the expectation
+    expected = (t_d.view(2, 4, 16, 40).softmax(2) * torch.arange(16.0).view(1, 1, 16, 1)).sum(2)
+    assert head_kd(t_s.detach(), t_s.detach(), expected, t_d, 1, 16)["box"] < 1e-5
+    assert head_kd(t_s.detach(), t_s.detach(), expected + 1, t_d, 1, 16)["box"] > 0.5
 
 
 def test_head_kd_box_term_weighted_by_teacher_confidence():

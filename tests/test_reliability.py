@@ -45,7 +45,7 @@ def test_odd_labels_train_with_finite_fgd(odd_data, runs, teacher):
     from yolo_fgd import FGDTrainer
 
     YOLO("yolo11n.yaml").train(trainer=FGDTrainer, teacher=teacher, data=odd_data, epochs=1, project=str(runs),
-                               name="odd", fgd_warmup=0, **TINY)
+                               name="odd", fgd_warmup=0, fgd_gain=0.05, **TINY)
     r = rows(Path(runs) / "odd")[0]
     for k in ("train/fgd_loss", "train/fg_loss", "train/bg_loss", "train/gl_loss"):
         assert np.isfinite(float(r[k])), k
@@ -65,7 +65,7 @@ def test_non_finite_teacher_features_are_dropped_not_learned(data, runs, teacher
     model.add_callback("on_pretrain_routine_end", poison)
     model.add_callback("on_train_end", lambda t: seen.update(trainer=t))
     model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="nan", nbs=4,
-                warmup_epochs=0, fgd_warmup=0, **TINY)
+                warmup_epochs=0, fgd_warmup=0, fgd_gain=0.05, **TINY)
     r = rows(Path(runs) / "nan")[0]
     assert int(float(r["fgd/skipped"])) == 2  # both batches of the epoch
     t = seen["trainer"]

@@ -216,12 +216,6 @@ class FGDTrainer(DetectionTrainer):
         student = unwrap_model(self.model)
         check_pair(student, self.teacher, self.data["names"], self.args.teacher)
         self.fgd = build_pyramid(head_channels(student), head_channels(self.teacher), self.fgd_cfg).to(self.device)
-        s_reg, t_reg = int(detect_head(student).reg_max), int(detect_head(self.teacher).reg_max)
-        if (self.fgd_cfg["kd_cls"] or self.fgd_cfg["kd_box"]) and s_reg != t_reg:
-            raise FGDError(
-                f"fgd_kd_cls/fgd_kd_box need the same box bins in both heads, teacher reg_max {t_reg} vs student "
-                f"{s_reg}: set fgd_kd_cls=0 fgd_kd_box=0, or pair models of one family"
-            )
         if self.resume:
             sidecar = Path(self.args.resume if isinstance(self.args.resume, (str, Path)) else self.args.model)
             sidecar = sidecar.with_name(SIDECAR)
@@ -271,6 +265,12 @@ class FGDTrainer(DetectionTrainer):
             self.ema.update(self.model)
 
     # --- the FGD term ----------------------------------------------------------------------------------------
+    @property
+    def fgd_on(self) -> bool:
+        """Whether the FGD term has any weight (gain and one of alpha, beta, gamma, lambda > 0)."""
+        c = self.fgd_cfg
+        return c["gain"] > 0 and any(c[k] > 0 for k in ("alpha", "beta", "gamma", "lambda"))
+
     def preprocess_batch(self, batch):
         batch = super().preprocess_batch(batch)
         self._fgd_iter += 1
@@ -332,8 +332,8 @@ class FGDTrainer(DetectionTrainer):
         skipped = int(st.get("skipped", 0))
         cols["fgd/skipped"] = skipped
         if skipped:
-            LOGGER.warning(f"FGD: {skipped} batch(es) this epoch had non-finite features or FGD loss; their FGD "
-                           "contribution was dropped")
+            LOGGER.warning(f"FGD: {skipped} batch(es) this epoch had non-finite features or distillation loss; their "
+                           "distillation contribution was dropped")
         return cols
 
     def save_metrics(self, metrics):
@@ -348,34 +348,43 @@ class FGDTrainer(DetectionTrainer):
         kd_cls, kd_box = float(self.fgd_cfg["kd_cls"]), float(self.fgd_cfg["kd_box"])
         with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
             teacher_feats = neck_features(self.teacher, img.float())
-            teacher_out = head_outputs(self.teacher, teacher_feats) if kd_cls or kd_box else None
         xywh = batch["bboxes"].to(img.device).float()
         boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
-        # A non-finite feature must not reach the weights: such a batch gets zero FGD features (so a finite loss with
-        # exactly zero gradient, `where` selects rather than multiplies) and is counted. No host sync.
+        # A non-finite feature must not reach the weights: such a batch gets zero FGD features and teacher outputs
+        # (so finite losses with exactly zero gradient, `where` selects rather than multiplies) and is counted.
+        # No host sync.
         ok = torch.stack([torch.isfinite(f).all() for f in (*student_feats, *teacher_feats)]).all()
         student_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in student_feats]
         teacher_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in teacher_feats]
-        out = self.fgd(student_feats, teacher_feats, boxes, batch["batch_idx"].to(img.device).view(-1))
+        with torch.no_grad(), torch.autocast(img.device.type, enabled=False):  # on the sanitised features
+            teacher_out = head_outputs(self.teacher, teacher_feats) if kd_cls or kd_box else None
+        if self.fgd_on:
+            out = self.fgd(student_feats, teacher_feats, boxes, batch["batch_idx"].to(img.device).view(-1))
+        else:  # FGD weight 0 (e.g. the shipped preset, head response only): skip its work, keep the columns
+            z = img.new_zeros(())
+            out = {"total": z, "fg": z, "bg": z, "attention": z, "global": z,
+                   "levels": img.new_zeros(len(self.fgd.levels))}
         s = self.fgd_scale() * self.fgd_mult
         total = out["total"] * s
+        kd = None
+        if teacher_out is not None:
+            s_reg, t_reg = int(detect_head(unwrap_model(self.model)).reg_max), int(detect_head(self.teacher).reg_max)
+            terms = head_kd(student_out["scores"], teacher_out["scores"], student_out["boxes"], teacher_out["boxes"],
+                            s_reg, t_reg)
+            kd = (kd_cls * terms["cls"] + kd_box * terms["box"]) * self.fgd_scale()
+            ok = ok & torch.isfinite(kd)
         ok = ok & torch.isfinite(total)
-        total = torch.where(ok, total, torch.zeros_like(total))
         if self._fgd_stats is not None:
             self._fgd_stats["skipped"] = self._fgd_stats.get("skipped", 0) + (~ok).int()
         result = {
-            "total": total,
+            "total": torch.where(ok, total, torch.zeros_like(total)),
             "fg": out["fg"] * s,
             "bg": out["bg"] * s,
             "at": out["attention"] * s,
             "gl": out["global"] * s,
             "levels": out["levels"] * s,
         }
-        if teacher_out is not None:
-            reg_max = int(detect_head(self.teacher).reg_max)
-            kd = head_kd(student_out["scores"], teacher_out["scores"], student_out["boxes"], teacher_out["boxes"], reg_max)
-            kd = (kd_cls * kd["cls"] + kd_box * kd["box"]) * self.fgd_scale()
-            ok = ok & torch.isfinite(kd)
+        if kd is not None:
             result["kd"] = torch.where(ok, kd, torch.zeros_like(kd))
         return result
 
