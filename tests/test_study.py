@@ -126,6 +126,17 @@ def test_run_dir_lock_refuses_a_second_writer(tmp_path):
     assert claim(tmp_path).read_text() == str(__import__("os").getpid())  # a dead holder's lock is taken over
 
 
+def test_a_run_finished_elsewhere_is_not_retrained(tmp_path):
+    """Two study processes sharing a project: a run the other one finished after this one planned it is kept."""
+    from yolo_fgd.study import run_one
+
+    run = tmp_path / "m-s0"
+    run.mkdir()
+    (run / "summary.json").write_text('{"map": 0.25}')
+    assert run_one({"dir": str(run)}) == {"map": 0.25} and not (run / "weights").exists()
+    assert not (run / ".lock").exists()
+
+
 def test_terminating_the_study_stops_its_lanes(tmp_path):
     import os
     import signal

@@ -317,3 +317,10 @@ def test_imitation_ranks_teacher_above_untrained_student(teacher, data, tmp_path
 
 def read_names(ckpt):
     return torch.load(ckpt, map_location="cpu", weights_only=False)["model"].names
+
+
+def test_benchmark_step_times_every_method(data, teacher, tmp_path):
+    from yolo_fgd.bench import benchmark_step
+
+    res = benchmark_step(teacher, data=data, imgsz=64, batch=4, fraction=1.0, project=str(tmp_path))
+    assert set(res) == {"plain", "default", "fgd", "fgd_response", "distill_model"} and all(v > 0 for v in res.values())

@@ -87,8 +87,9 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
 
 def benchmark_step(teacher: str, data: str = "shapes", model: str = "yolo11n.yaml", imgsz: int = 192, batch: int = 16,
                    fraction: float = 0.5, project: str = "runs/benchmark-step") -> dict:
-    """Seconds per training iteration of the plain student, the FGD student and Ultralytics' ``distill_model=``
-    student (same teacher, data, batch; one epoch each, run one after another; validation not timed)."""
+    """Seconds per training iteration of the plain student, the shipped default (head response), FGD alone, FGD on
+    top of the response term and Ultralytics' ``distill_model=`` (same teacher, data, batch; one epoch each, run one
+    after another; validation not timed)."""
     from pathlib import Path
 
     from ultralytics import YOLO
@@ -103,7 +104,9 @@ def benchmark_step(teacher: str, data: str = "shapes", model: str = "yolo11n.yam
     data = resolve_data(data)
     common = dict(data=data, imgsz=imgsz, batch=batch, epochs=1, fraction=fraction, workers=0, plots=False,
                   val=False, project=project, exist_ok=True, amp=False, seed=0)
-    cases = {"plain": {}, "fgd": {"trainer": FGDTrainer, "teacher": teacher}, "distill_model": {"distill_model": teacher}}
+    fgd = {"trainer": FGDTrainer, "teacher": teacher}
+    cases = {"plain": {}, "default": fgd, "fgd": {**fgd, "fgd_gain": 0.05, "fgd_kd_cls": 0, "fgd_kd_box": 0},
+             "fgd_response": {**fgd, "fgd_gain": 0.05}, "distill_model": {"distill_model": teacher}}
     res = {}
     for name, extra in cases.items():
         times = {}

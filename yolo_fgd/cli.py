@@ -26,12 +26,12 @@ import sys
 from .errors import FGDError
 
 HELP = __doc__ + """
-FGD arguments (defaults from cfg/fgd.yaml, preset 'yolo'):
+FGD arguments (defaults from cfg/fgd.yaml, preset 'yolo': head-response term on, FGD weight 0):
     teacher=PATH           teacher YOLO detection checkpoint (required for train)
     fgd_preset=yolo        yolo | yolox | two_stage | anchor_based | anchor_free
     fgd_alpha= fgd_beta= fgd_gamma= fgd_lambda=   weights of Eq. 13 (fg, bg, attention, global)
     fgd_temperature=0.5    T of Eq. 5-6
-    fgd_gain=              multiplies all four weights
+    fgd_gain=              multiplies all four weights (shipped preset: 0, FGD off; 0.05 turns it on)
     fgd_norm=              standardise features per image and channel before the loss
     fgd_warmup=            epochs of linear warm-up of the FGD weight
     fgd_decay=             last epochs over which the FGD weight falls to 0 (cosine; 0: off)

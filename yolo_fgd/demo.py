@@ -1,5 +1,5 @@
-"""``yolo-fgd demo`` (``make demo``): embedded data -> teacher (cached) -> student plain and with FGD -> table ->
-ONNX export (fp32 + int8) and deployment benchmark of the FGD student."""
+"""``yolo-fgd demo`` (``make demo``): embedded data -> teacher (cached) -> student plain and distilled (shipped
+preset) -> table -> ONNX export (fp32 + int8) and deployment benchmark of the distilled student."""
 
 from __future__ import annotations
 

@@ -124,10 +124,13 @@ def claim(run_dir: Path) -> Path:
 
 
 def run_one(spec: dict) -> dict:
-    """Train one (method, seed) run as described by ``spec`` and write its summary.json."""
+    """Train one (method, seed) run as described by ``spec`` and write its summary.json (a run another study process
+    finished meanwhile is kept, not retrained)."""
     out = Path(spec["dir"])
     lock = claim(out)
     try:
+        if (out / "summary.json").is_file():
+            return json.loads((out / "summary.json").read_text())
         return _train_one(spec, out)
     finally:
         lock.unlink(missing_ok=True)
@@ -330,6 +333,8 @@ def _drive(pending: list, running: list, lanes: int, env: dict) -> None:
                 if proc.returncode:
                     LOGGER.warning(f"study run {s['dir']} failed (exit {proc.returncode}), see its train.log")
         busy = {str(Path(r[1]["dir"]) / "weights" / "best.pt") for r in running}  # best.pt exists before the end
+        for s in [s for s in pending if (Path(s["dir"]) / "summary.json").is_file()]:  # finished by another study
+            pending.remove(s)
         ready = [s for s in pending if all(Path(n).is_file() and n not in busy for n in s.get("needs") or [])]
         while ready and len(running) < lanes:
             s = ready.pop(0)
