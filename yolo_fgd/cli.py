@@ -13,7 +13,8 @@
     yolo-fgd imitation model=a.pt[,b.pt] teacher=teacher.pt [data=shapes imgsz=640]   (linear reach of the teacher)
     yolo-fgd benchmark model=a.pt[,b.pt] data=data.yaml imgsz=640 [runs=50 threads=2]
     yolo-fgd benchmark-loss [batch=16 imgsz=640 device=cpu]
-    yolo-fgd benchmark-step teacher=t.pt [data=shapes imgsz=192 batch=16]   (plain, default, FGD, FGD+response, distill_model=)
+    yolo-fgd benchmark-step teacher=t.pt [data=shapes imgsz=192 batch=16]   (s/step of plain, default, FGD,
+                                                                            FGD+response, distill_model=)
     yolo-fgd soak [steps=200]              (memory soak on odd labels, prints peak RSS)
     yolo-fgd help
 """

@@ -14,8 +14,8 @@ PRESETS_FILE = Path(__file__).resolve().parent / "cfg" / "fgd.yaml"
 KEYS = ("alpha", "beta", "gamma", "lambda", "temperature", "gain", "norm", "warmup", "decay", "share", "split",
         "spatial", "channel", "mse", "level_norm", "kd_cls", "kd_box")
 BOOL_KEYS = {"norm", "split", "spatial", "channel", "mse", "level_norm"}
-DEFAULTS = {"kd_cls": 0.0, "kd_box": 0.0, "decay": 0.0, "share": 0.0, "split": True, "spatial": True, "channel": True, "mse": False,
-            "level_norm": False}
+DEFAULTS = {"kd_cls": 0.0, "kd_box": 0.0, "decay": 0.0, "share": 0.0, "split": True, "spatial": True, "channel": True,
+            "mse": False, "level_norm": False}
 
 # Extra train args (merged into Ultralytics' cfg). None means "take it from the preset".
 FGD_ARGS = {
