@@ -203,6 +203,7 @@ class FGDTrainer(DetectionTrainer):
         self.fgd_cfg = resolve_fgd(self.args)
         self.teacher = None
         self.fgd = None
+        self.box_bins = None  # (student, teacher) reg_max of the Detect heads, read in setup_model
         self._fgd_iter = 0  # batches seen this epoch (warm-up position)
         self._fgd_steps = 0  # batches seen in this process (instrumentation cadence)
         self.fgd_mult = 1.0  # gradient-share balancing multiplier (fgd_share), 1 when off
@@ -216,6 +217,7 @@ class FGDTrainer(DetectionTrainer):
         student = unwrap_model(self.model)
         check_pair(student, self.teacher, self.data["names"], self.args.teacher)
         self.fgd = build_pyramid(head_channels(student), head_channels(self.teacher), self.fgd_cfg).to(self.device)
+        self.box_bins = (int(detect_head(student).reg_max), int(detect_head(self.teacher).reg_max))
         if self.resume:
             sidecar = Path(self.args.resume if isinstance(self.args.resume, (str, Path)) else self.args.model)
             sidecar = sidecar.with_name(SIDECAR)
@@ -364,14 +366,14 @@ class FGDTrainer(DetectionTrainer):
             z = img.new_zeros(())
             out = {"total": z, "fg": z, "bg": z, "attention": z, "global": z,
                    "levels": img.new_zeros(len(self.fgd.levels))}
-        s = self.fgd_scale() * self.fgd_mult
+        warm = self.fgd_scale()
+        s = warm * self.fgd_mult
         total = out["total"] * s
         kd = None
         if teacher_out is not None:
-            s_reg, t_reg = int(detect_head(unwrap_model(self.model)).reg_max), int(detect_head(self.teacher).reg_max)
             terms = head_kd(student_out["scores"], teacher_out["scores"], student_out["boxes"], teacher_out["boxes"],
-                            s_reg, t_reg)
-            kd = (kd_cls * terms["cls"] + kd_box * terms["box"]) * self.fgd_scale()
+                            *self.box_bins)
+            kd = (kd_cls * terms["cls"] + kd_box * terms["box"]) * warm
             ok = ok & torch.isfinite(kd)
         ok = ok & torch.isfinite(total)
         if self._fgd_stats is not None:

@@ -264,8 +264,8 @@ def train(**kwargs) -> dict:
                                **{k: v for k, v in cfg.items() if k.startswith("fgd_") and k != "fgd_preset"}})
         if fgd_cfg["kd_cls"] or fgd_cfg["kd_box"]:
             raise FGDError("fgd_kd_cls/fgd_kd_box are the YOLO adapter's response term; the torchvision path runs the "
-                           "paper's FGD only: pick a paper preset (fgd_preset=anchor_based, anchor_free, "
-                           "two_stage) or set fgd_kd_cls=0 fgd_kd_box=0 in the recipe")
+                           "paper's FGD only: pick a paper preset (fgd_preset=anchor_based, anchor_free or "
+                           "two_stage), or leave fgd_preset unset for the architecture's own")
         if cfg["inherit"]:
             LOGGER.info(f"inherit: copied {len(inherit(student, teacher))} FPN/head tensors from the teacher")
         teacher.to(device)
