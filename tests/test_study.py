@@ -70,7 +70,8 @@ def test_plan_orders_overrides_and_finetune(tmp_path):
     assert ("a", "ft") in runs and ("b", "ft") not in runs and ("b", "baseline") in runs
 
 
-@pytest.mark.parametrize("recipe", ["study.yaml", "calibrate.yaml", "remedies.yaml", "ablations.yaml", "demo.yaml"])
+@pytest.mark.parametrize("recipe", ["study.yaml", "calibrate.yaml", "remedies.yaml", "ablations.yaml", "demo.yaml",
+                                    "deepforest.yaml"])
 def test_shipped_recipes_resolve(recipe):
     from yolo_fgd.presets import resolve_fgd
     from yolo_fgd.study import load_recipe
