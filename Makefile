@@ -8,7 +8,7 @@ export YOLO_AUTOINSTALL := false
 export YOLO_CONFIG_DIR := $(CURDIR)/.yolo_config
 export YOLO_VERBOSE ?= True
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/lint-imports
+
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)

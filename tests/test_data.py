@@ -6,8 +6,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from yolo_fgd.data import NAMES, render, shapes
-from yolo_fgd.deepforest import TRAIN, VAL, deepforest, tile_scene
+from yolo_fgd.data.deepforest import TRAIN, VAL, deepforest, tile_scene
+from yolo_fgd.data.shapes import NAMES, render, shapes
 
 
 def test_render_is_deterministic_and_varied():

@@ -18,7 +18,7 @@ def student(data, runs):
 
 @pytest.fixture(scope="module")
 def exported(student, data):
-    from yolo_fgd.export import export
+    from yolo_fgd.deploy.export import export
 
     return export(student, imgsz=64, data=data, int8=True)
 
@@ -32,8 +32,8 @@ def test_export_parity_and_int8(exported):
 def test_edge_runner_matches_ultralytics_predictor(exported, data):
     from ultralytics import YOLO
 
-    from yolo_fgd.coco import split_images
-    from yolo_fgd.edge import EdgeModel
+    from yolo_fgd.data.coco import split_images
+    from yolo_fgd.deploy.edge import EdgeModel
 
     files, _ = split_images(data, "val")
     edge = EdgeModel(exported["onnx"], conf=0.001, iou=0.7)
@@ -53,10 +53,10 @@ def test_edge_runner_matches_ultralytics_predictor(exported, data):
 
 
 def test_int8_model_runs_and_map_is_computed(exported, data):
-    from yolo_fgd.benchmark import edge_map
+    from yolo_fgd.deploy.evaluate import edge_ap
 
-    stats = edge_map(exported["int8"], data, threads=1)
-    assert 0.0 <= stats["mAP"] <= 1.0
+    stats = edge_ap(exported["int8"], data, threads=1)
+    assert 0.0 <= stats["map"] <= 1.0
 
 
 def test_edge_runner_is_torch_free(exported, tmp_path):
@@ -87,7 +87,7 @@ def test_edge_runner_is_torch_free(exported, tmp_path):
 
 
 def test_benchmark_writes_report(student, data, tmp_path):
-    from yolo_fgd.benchmark import benchmark
+    from yolo_fgd.deploy.benchmark import benchmark
 
     rows = benchmark(student, data=data, imgsz=64, runs=3, threads=1, project=str(tmp_path), name="b")
     assert [r["format"] for r in rows] == ["pytorch-fp32", "onnx-fp32", "onnx-int8"]
@@ -101,9 +101,9 @@ def test_benchmark_scores_pytorch_like_the_edge_runner(student, exported, data):
     import cv2
     import numpy as np
 
-    from yolo_fgd.coco import split_images
-    from yolo_fgd.edge import EdgeModel
-    from yolo_fgd.study import detect
+    from yolo_fgd.data.coco import split_images
+    from yolo_fgd.deploy.edge import EdgeModel
+    from yolo_fgd.deploy.evaluate import detect
 
     files, _ = split_images(data, "val")
     edge = EdgeModel(exported["onnx"], conf=0.001, iou=0.7)
@@ -132,7 +132,7 @@ def test_export_errors_are_one_line(tmp_path):
 def test_int8_keeps_the_head_decode_in_float(exported):
     import onnx
 
-    from yolo_fgd.export import head_tail
+    from yolo_fgd.deploy.export import head_tail
 
     tail = head_tail(exported["onnx"])
     assert tail and any("dfl" in n for n in tail) and not any("cv2" in n or "cv3" in n for n in tail)

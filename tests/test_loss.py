@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from yolo_fgd import FGDLoss
-from yolo_fgd.loss import GcBlock, attention, fgd_masks, fgd_masks_loop
+from yolo_fgd.core import GcBlock, attention, fgd_masks, fgd_masks_loop
 
 
 def px(*xyxy, size=64):
@@ -25,7 +25,7 @@ def test_hand_mask_values():
 @pytest.mark.parametrize("box", [(8, 8, 24, 24), (0, 0, 64, 64), (3, 5, 40, 17), (1, 1, 2, 2)])
 def test_hand_loss_values(box):
     c = 4
-    loss = FGDLoss(c, c)
+    loss = FGDLoss(c, c, fg=1, bg=1, at=1, gl=1)  # unit weights: the terms are the paper's L_fg, L_bg, L_at, L_gl
     fs, ft = torch.ones(2, c, 8, 8), torch.zeros(2, c, 8, 8)
     boxes = torch.cat([px(*box), px(*box)])
     out = loss(fs, ft, boxes, torch.tensor([0, 1]))
@@ -33,10 +33,15 @@ def test_hand_loss_values(box):
     assert out["fg"].item() == pytest.approx(c, rel=1e-6)
     bg_expect = 0.0 if box == (0, 0, 64, 64) else c
     assert out["bg"].item() == pytest.approx(bg_expect, rel=1e-6)
-    assert out["global"].item() == pytest.approx(c * 8 * 8, rel=1e-6)
-    assert out["attention"].item() == pytest.approx(0.0, abs=1e-5)
-    expect = loss.alpha * out["fg"] + loss.beta * out["bg"] + loss.gamma * out["attention"] + loss.lambda_ * out["global"]
-    assert torch.allclose(out["total"], expect)
+    assert out["gl"].item() == pytest.approx(c * 8 * 8, rel=1e-6)
+    assert out["at"].item() == pytest.approx(0.0, abs=1e-5)
+    assert torch.allclose(out["total"], out["fg"] + out["bg"] + out["at"] + out["gl"])
+    # the terms come out weighted: the default weights scale each one
+    weighted = FGDLoss(c, c)
+    weighted.load_state_dict(loss.state_dict())
+    w = weighted(fs, ft, boxes, torch.tensor([0, 1]))
+    for k in ("fg", "bg", "at", "gl"):
+        assert w[k].item() == pytest.approx(weighted.weights[k] * out[k].item(), rel=1e-5, abs=1e-9)
 
 
 def test_overlap_smallest_box_wins():
@@ -88,7 +93,7 @@ def test_zero_when_equal_at_init():
     loss = FGDLoss(8, 8)
     f = torch.randn(2, 8, 6, 6)
     out = loss(f.clone(), f, torch.rand(3, 4).sort(1).values[:, [0, 1, 2, 3]], torch.tensor([0, 1, 1]))
-    for k in ("fg", "bg", "attention", "global", "total"):
+    for k in ("fg", "bg", "at", "gl", "total"):
         assert out[k].item() == pytest.approx(0.0, abs=1e-5), k
 
 
@@ -127,7 +132,7 @@ def test_batch_permutation_and_duplication_invariance():
 
 def test_gradients_reach_student_align_and_gcblocks_not_teacher():
     torch.manual_seed(0)
-    loss = FGDLoss(4, 6, alpha=1, beta=1, gamma=1, lambda_=1)
+    loss = FGDLoss(4, 6, fg=1, bg=1, at=1, gl=1)
     fs = torch.randn(2, 4, 8, 8, requires_grad=True)
     ft = torch.randn(2, 6, 8, 8, requires_grad=True)
     boxes, bi = torch.tensor([[0.1, 0.1, 0.5, 0.6]]), torch.tensor([0])
@@ -161,7 +166,7 @@ def test_global_matches_direct_formula():
     fs, ft = torch.randn(2, 6, 5, 7), torch.randn(2, 6, 5, 7)
     out = loss(fs, ft, torch.zeros(0, 4), torch.zeros(0))
     direct = (loss.gc_t(ft) - loss.gc_s(fs)).square().sum() / 2
-    assert out["global"].item() == pytest.approx(direct.item(), rel=1e-4)
+    assert out["gl"].item() == pytest.approx(loss.weights["gl"] * direct.item(), rel=1e-4)
 
 
 def test_state_dict_round_trip():
@@ -191,10 +196,12 @@ def test_mismatched_shapes_raise_clear_error(ft_shape):
 
 def test_no_host_sync_in_forward():
     """A CUDA-free proxy: forward must not call .item()/.tolist()/bool() on tensors."""
-    import yolo_fgd.loss as mod
     import inspect
 
-    src = inspect.getsource(mod.FGDLoss.forward) + inspect.getsource(mod.fgd_masks) + inspect.getsource(mod._box_cells)
+    import yolo_fgd.core.fgd as fgd
+    import yolo_fgd.core.masks as masks
+
+    src = inspect.getsource(fgd.FGDLoss.forward) + inspect.getsource(masks.fgd_masks) + inspect.getsource(masks._box_cells)
     for bad in (".item()", ".tolist()", ".cpu()", ".nonzero(", "if boxes.any"):
         assert bad not in src
 
@@ -218,30 +225,30 @@ def test_property_finite_nonnegative_and_reference(n, h, w, m, official, seed):
 
 
 def test_mse_option_is_eq1():
-    loss = FGDLoss(4, 6, alpha=0.5, mse=True)
+    loss = FGDLoss(4, 6, fg=0.5, mse=True)
     fs, ft = torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 5)
     out = loss(fs, ft, torch.zeros(0, 4), torch.zeros(0))
     ref = (ft - loss.align(fs)).square().sum() / 2
-    assert out["fg"].item() == pytest.approx(ref.item(), rel=1e-5)
+    assert out["fg"].item() == pytest.approx(0.5 * ref.item(), rel=1e-5)
     assert out["total"].item() == pytest.approx(0.5 * ref.item(), rel=1e-5)
-    assert out["bg"] == 0 and out["global"] == 0
+    assert out["bg"] == 0 and out["gl"] == 0
 
 
 def test_ablation_switches():
     torch.manual_seed(0)
     fs, ft = torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6)
     box, bi = torch.tensor([[0.1, 0.1, 0.5, 0.5]]), torch.tensor([0])
-    plain = FGDLoss(4, 4, spatial_attention=False, channel_attention=False)(fs, ft, box, bi)
+    plain = FGDLoss(4, 4, fg=1, bg=1, spatial=False, channel=False)(fs, ft, box, bi)
     fg, bg = fgd_masks(box, bi, 1, 6, 6)
     d2 = (ft - fs).square().sum(1)
     assert plain["fg"].item() == pytest.approx((d2 * fg).sum().item(), rel=1e-5)
     assert plain["bg"].item() == pytest.approx((d2 * bg).sum().item(), rel=1e-5)
-    nosplit = FGDLoss(4, 4, split=False, spatial_attention=False, channel_attention=False)(fs, ft, box, bi)
+    nosplit = FGDLoss(4, 4, fg=1, bg=1, split=False, spatial=False, channel=False)(fs, ft, box, bi)
     assert nosplit["fg"].item() == pytest.approx(d2.sum().item() / 36, rel=1e-5) and nosplit["bg"] == 0
 
 
 def test_level_norm_equalises_levels_and_keeps_the_sum():
-    from yolo_fgd.loss import FGDPyramid
+    from yolo_fgd.core import FGDPyramid
 
     gen = torch.Generator().manual_seed(0)
     shapes = [(16, 16), (8, 8), (4, 4)]
@@ -254,7 +261,7 @@ def test_level_norm_equalises_levels_and_keeps_the_sum():
     assert a["levels"].max() > 2 * a["levels"].min()  # unequal raw levels ...
     torch.testing.assert_close(b["levels"], b["levels"].mean().expand(3))  # ... equal after the first update
     torch.testing.assert_close(b["total"], a["total"])  # and the sum keeps its scale
-    torch.testing.assert_close(b["fg"] + b["bg"] + b["attention"] + b["global"], b["total"].detach())
+    torch.testing.assert_close((b["fg"] + b["bg"] + b["at"] + b["gl"]).detach(), b["total"].detach())
     b["total"].backward()
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in fs)
     m = normed.level_mean.clone()
@@ -265,38 +272,38 @@ def test_level_norm_equalises_levels_and_keeps_the_sum():
     assert torch.equal(m, normed.level_mean)
 
 
-def test_head_kd_zero_at_match_positive_otherwise_student_only_gradient():
-    from yolo_fgd.loss import head_kd
+def test_response_kd_zero_at_match_positive_otherwise_student_only_gradient():
+    from yolo_fgd.core import response_kd
 
     g = torch.Generator().manual_seed(0)
     t_s, t_d = torch.randn(2, 6, 40, generator=g), torch.randn(2, 64, 40, generator=g)
-    same = head_kd(t_s.clone(), t_s, t_d.clone(), t_d, 16)
+    same = response_kd(t_s.clone(), t_s, t_d.clone(), t_d, 16)
     assert same["cls"].abs() < 1e-5 and same["box"].abs() < 1e-5
     s_s = torch.randn(2, 6, 40, generator=g, requires_grad=True)
     s_d = torch.randn(2, 64, 40, generator=g, requires_grad=True)
     t_s.requires_grad_(True)
-    out = head_kd(s_s, t_s, s_d, t_d, 16)
+    out = response_kd(s_s, t_s, s_d, t_d, 16)
     assert out["cls"] > 0 and out["box"] > 0
     (out["cls"] + out["box"]).backward()
     assert s_s.grad.abs().sum() > 0 and s_d.grad.abs().sum() > 0 and t_s.grad is None
-    d1 = head_kd(s_s.detach(), t_s.detach(), s_d.detach()[:, :4], t_d[:, :4], 1)  # distance heads (YOLO26): L1
+    d1 = response_kd(s_s.detach(), t_s.detach(), s_d.detach()[:, :4], t_d[:, :4], 1)  # distance heads (YOLO26): L1
     assert d1["box"] > 0
     # mixed heads (DFL teacher, distance student): L1 of decoded distances, 0 when the student outputs the expectation
     expected = (t_d.view(2, 4, 16, 40).softmax(2) * torch.arange(16.0).view(1, 1, 16, 1)).sum(2)
-    assert head_kd(t_s.detach(), t_s.detach(), expected, t_d, 1, 16)["box"] < 1e-5
-    assert head_kd(t_s.detach(), t_s.detach(), expected + 1, t_d, 1, 16)["box"] > 0.5
+    assert response_kd(t_s.detach(), t_s.detach(), expected, t_d, 1, 16)["box"] < 1e-5
+    assert response_kd(t_s.detach(), t_s.detach(), expected + 1, t_d, 1, 16)["box"] > 0.5
 
 
-def test_head_kd_box_term_weighted_by_teacher_confidence():
+def test_response_kd_box_term_weighted_by_teacher_confidence():
     """A box mismatch where the teacher sees background costs (almost) nothing; where it sees an object, it costs."""
-    from yolo_fgd.loss import head_kd
+    from yolo_fgd.core import response_kd
 
     t_s = torch.full((1, 2, 2), -20.0)
     t_s[0, 0, 0] = 5.0  # anchor 0: confident object; anchor 1: background
     t_d = torch.zeros(1, 64, 2)
     s_d = t_d.clone()
     s_d[0, :16, 1] = torch.linspace(-5, 5, 16)  # wrong box only at the background anchor
-    assert head_kd(t_s, t_s, s_d, t_d, 16)["box"] < 1e-6
+    assert response_kd(t_s, t_s, s_d, t_d, 16)["box"] < 1e-6
     s_d = t_d.clone()
     s_d[0, :16, 0] = torch.linspace(-5, 5, 16)  # wrong box at the object
-    assert head_kd(t_s, t_s, s_d, t_d, 16)["box"] > 0.1
+    assert response_kd(t_s, t_s, s_d, t_d, 16)["box"] > 0.1

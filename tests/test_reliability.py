@@ -47,9 +47,9 @@ def test_odd_labels_train_with_finite_fgd(odd_data, runs, teacher):
     YOLO("yolo11n.yaml").train(trainer=FGDTrainer, teacher=teacher, data=odd_data, epochs=1, project=str(runs),
                                name="odd", fgd_warmup=0, fgd_gain=0.05, **TINY)
     r = rows(Path(runs) / "odd")[0]
-    for k in ("train/fgd_loss", "train/fg_loss", "train/bg_loss", "train/gl_loss"):
+    for k in ("train/fgd_loss", "train/fg_loss", "train/bg_loss", "train/gl_loss", "train/kd_loss"):
         assert np.isfinite(float(r[k])), k
-    assert int(float(r["fgd/skipped"])) == 0
+    assert int(float(r["distill/skipped"])) == 0
 
 
 def test_non_finite_teacher_features_are_dropped_not_learned(data, runs, teacher):
@@ -58,7 +58,7 @@ def test_non_finite_teacher_features_are_dropped_not_learned(data, runs, teacher
     from yolo_fgd import FGDTrainer
 
     def poison(trainer):  # every teacher feature becomes NaN
-        trainer.teacher.model[0].conv.weight.data.fill_(float("nan"))
+        trainer.distiller.teacher.model[0].conv.weight.data.fill_(float("nan"))
 
     seen = {}
     model = YOLO("yolo11n.yaml")
@@ -67,10 +67,10 @@ def test_non_finite_teacher_features_are_dropped_not_learned(data, runs, teacher
     model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="nan", nbs=4,
                 warmup_epochs=0, fgd_warmup=0, fgd_gain=0.05, **TINY)
     r = rows(Path(runs) / "nan")[0]
-    assert int(float(r["fgd/skipped"])) == 2  # both batches of the epoch
+    assert int(float(r["distill/skipped"])) == 2  # both batches of the epoch
     t = seen["trainer"]
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
-    assert all(torch.isfinite(p).all() for p in t.fgd.parameters())
+    assert all(torch.isfinite(p).all() for p in t.distiller.parameters())
     assert float(r["train/box_loss"]) > 0 and np.isfinite(float(r["train/box_loss"]))
 
 
@@ -85,7 +85,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(data, runs, teacher):
     proc = subprocess.Popen([str(exe), "train", *common, "name=killed"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not (wdir / "fgd_last.pt").exists():
+    while time.time() < deadline and not (wdir / "last.pt").exists():
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # mid-run: after the first checkpoint, during epoch 2
     proc.wait()
@@ -111,7 +111,7 @@ def test_missing_data_yaml_is_one_line(runs, teacher, tmp_path):
 
 
 def test_short_soak_memory_is_stable(tmp_path):
-    from yolo_fgd.bench import soak
+    from yolo_fgd.lab.cost import soak
 
     res = soak(steps=40, project=str(tmp_path))
     assert res["steps"] == 40

@@ -18,7 +18,7 @@ def tiny_recipe(root):
 
 
 def test_study_runs_reports_and_resumes(tmp_path):
-    from yolo_fgd.study import study
+    from yolo_fgd.lab.study import study
 
     rec = tiny_recipe(tmp_path)
     text = study(rec, project=str(tmp_path / "runs"), name="s", lanes=2)
@@ -37,7 +37,7 @@ def test_study_runs_reports_and_resumes(tmp_path):
 
 
 def test_demo_table(tmp_path, capsys, monkeypatch):
-    from yolo_fgd.demo import demo
+    from yolo_fgd.lab.demo import demo
 
     rec = tiny_recipe(tmp_path)
     rec["seeds"] = [0]
@@ -52,7 +52,7 @@ def test_demo_table(tmp_path, capsys, monkeypatch):
 
 
 def test_plan_orders_overrides_and_finetune(tmp_path):
-    from yolo_fgd.study import plan
+    from yolo_fgd.lab.study import plan
 
     rec = tiny_recipe(tmp_path)
     rec["datasets"] = {"a": {"data": rec["datasets"]["tiny"], "train": {"imgsz": 96, "epochs": 3}}}
@@ -73,27 +73,27 @@ def test_plan_orders_overrides_and_finetune(tmp_path):
 @pytest.mark.parametrize("recipe", ["study.yaml", "calibrate.yaml", "remedies.yaml", "ablations.yaml", "demo.yaml",
                                     "deepforest.yaml"])
 def test_shipped_recipes_resolve(recipe):
-    from yolo_fgd.presets import resolve_fgd
-    from yolo_fgd.study import load_recipe
+    from yolo_fgd.cfg import load_recipe
+    from yolo_fgd.core.presets import resolve as resolve_fgd
 
-    rec = load_recipe(f"cfg/{recipe}")
+    rec = load_recipe(f"cfg/{recipe}")  # the path of earlier releases still finds the shipped recipe
     assert rec["methods"] and rec["seeds"] and rec["train"]["epochs"] > 0
     for name, m in rec["methods"].items():
         m = m or {}
         if m.get("fgd"):
-            cfg = resolve_fgd({k: v for k, v in (m.get("args") or {}).items() if k.startswith("fgd_")})
-            assert cfg["alpha"] >= 0 and cfg["temperature"] > 0, name
+            cfg = resolve_fgd(m.get("args") or {})
+            assert cfg["fg"] >= 0 and cfg["temperature"] > 0, name
 
 
 def test_presets_follow_the_paper():
-    from yolo_fgd.presets import presets
+    from yolo_fgd.core.presets import presets
 
-    p = presets()
-    assert (p["anchor_based"]["alpha"], p["anchor_based"]["beta"], p["anchor_based"]["gamma"],
-            p["anchor_based"]["lambda"]) == (1e-3, 5e-4, 1e-3, 5e-6)
-    assert (p["two_stage"]["alpha"], p["two_stage"]["lambda"]) == (5e-5, 5e-7)
-    assert (p["anchor_free"]["alpha"], p["anchor_free"]["gamma"]) == (1.6e-3, 8e-3)
-    assert (p["yolox"]["alpha"], p["yolox"]["lambda"]) == (2e-3, 1e-5)
+    p = presets()  # fg, bg, at, gl = the paper's alpha, beta, gamma, lambda
+    assert (p["anchor_based"]["fg"], p["anchor_based"]["bg"], p["anchor_based"]["at"],
+            p["anchor_based"]["gl"]) == (1e-3, 5e-4, 1e-3, 5e-6)
+    assert (p["two_stage"]["fg"], p["two_stage"]["gl"]) == (5e-5, 5e-7)
+    assert (p["anchor_free"]["fg"], p["anchor_free"]["at"]) == (1.6e-3, 8e-3)
+    assert (p["yolox"]["fg"], p["yolox"]["gl"]) == (2e-3, 1e-5)
     assert all(v["temperature"] == 0.5 for v in p.values())
     # the head-response term is the YOLO adapter's addition: the shipped YOLO default has it, the paper presets not
     assert p["yolo"]["kd_cls"] > 0 and p["yolo"]["kd_box"] > 0
@@ -102,8 +102,8 @@ def test_presets_follow_the_paper():
 
 @pytest.mark.parametrize("key", ["fgd_decay", "fgd_warmup", "fgd_gain"])
 def test_negative_schedule_or_weight_is_a_clear_error(key):
+    from yolo_fgd.core.presets import resolve as resolve_fgd
     from yolo_fgd.errors import FGDError
-    from yolo_fgd.presets import resolve_fgd
 
     with pytest.raises(FGDError, match=f"{key}=-1.0 is negative"):
         resolve_fgd({key: -1})
@@ -114,7 +114,7 @@ def test_run_dir_lock_refuses_a_second_writer(tmp_path):
     import sys
 
     from yolo_fgd.errors import FGDError
-    from yolo_fgd.study import claim
+    from yolo_fgd.lab.study import claim
 
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -129,7 +129,7 @@ def test_run_dir_lock_refuses_a_second_writer(tmp_path):
 
 def test_a_run_finished_elsewhere_is_not_retrained(tmp_path):
     """Two study processes sharing a project: a run the other one finished after this one planned it is kept."""
-    from yolo_fgd.study import run_one
+    from yolo_fgd.lab.study import run_one
 
     run = tmp_path / "m-s0"
     run.mkdir()
@@ -175,8 +175,8 @@ def test_terminating_the_study_stops_its_lanes(tmp_path):
 
 
 def test_detect_is_multi_label_like_the_validator(data, teacher):
-    from yolo_fgd.coco import split_images
-    from yolo_fgd.study import detect
+    from yolo_fgd.data.coco import split_images
+    from yolo_fgd.deploy.evaluate import detect
 
     files, _ = split_images(data, "val")
     dets = detect(teacher, files, 64)
@@ -187,7 +187,7 @@ def test_detect_is_multi_label_like_the_validator(data, teacher):
 
 
 def test_summary_sums_wall_time_over_resumed_segments(tmp_path, monkeypatch):
-    import yolo_fgd.study as st
+    import yolo_fgd.lab.study as st
 
     run = tmp_path / "m-s0"
     run.mkdir()

@@ -31,7 +31,8 @@ def fgd_run(data, runs, teacher):
 
     model = YOLO("yolo11n.yaml")
     seen = {}
-    model.add_callback("on_pretrain_routine_end", lambda t: seen.setdefault("init", copy.deepcopy(t.fgd.state_dict())))
+    model.add_callback("on_pretrain_routine_end",
+                       lambda t: seen.setdefault("init", copy.deepcopy(t.distiller.state_dict())))
     model.add_callback("on_train_end", lambda t: seen.setdefault("trainer", t))
     # nbs=batch and no warm-up: every batch is an optimiser step at full lr, so 4 steps must move every FGD weight;
     # fgd_gain=0.05 turns FGD on (the shipped preset has the head-response term only)
@@ -44,8 +45,8 @@ def test_api_run_logs_fgd_terms(fgd_run):
     run, _ = fgd_run
     rows = read_csv(run / "results.csv")
     assert len(rows) == 2
-    for key in ("train/fgd_loss", "train/fg_loss", "train/bg_loss", "train/at_loss", "train/gl_loss", "fgd/P3", "fgd/P5",
-                "fgd/grad_ratio", "fgd/scale", "metrics/mAP50-95(B)"):
+    for key in ("train/fgd_loss", "train/fg_loss", "train/bg_loss", "train/at_loss", "train/gl_loss", "train/kd_loss",
+                "fgd/P3", "fgd/P5", "fgd/grad_ratio", "distill/scale", "distill/skipped", "metrics/mAP50-95(B)"):
         assert key in rows[0], key
     assert float(rows[-1]["train/fgd_loss"]) > 0
     assert float(rows[0]["fgd/grad_ratio"]) > 0 and float(rows[0]["fgd/P3"]) > 0
@@ -55,22 +56,25 @@ def test_api_run_logs_fgd_terms(fgd_run):
 def test_fgd_modules_are_trained_and_teacher_frozen(fgd_run, teacher):
     _, seen = fgd_run
     trainer, init = seen["trainer"], seen["init"]
-    now = trainer.fgd.state_dict()
-    for name in ("levels.0.align.weight", "levels.2.align.bias", "levels.1.gc_s.context.weight",
-                 "levels.1.gc_t.context.weight", "levels.0.gc_s.transform.3.weight", "levels.2.gc_t.transform.0.weight"):
+    now = trainer.distiller.state_dict()
+    assert not any("teacher" in k or "student" in k for k in now), list(now)[:5]  # neither is a submodule
+    for name in ("fgd.levels.0.align.weight", "fgd.levels.2.align.bias", "fgd.levels.1.gc_s.context.weight",
+                 "fgd.levels.1.gc_t.context.weight", "fgd.levels.0.gc_s.transform.3.weight",
+                 "fgd.levels.2.gc_t.transform.0.weight"):
         assert not torch.equal(init[name].cpu(), now[name].cpu()), f"{name} did not change"
     from ultralytics.nn.tasks import load_checkpoint
 
     ref = load_checkpoint(teacher)[0].fuse(verbose=False).state_dict()  # the teacher runs Conv+BN fused
-    for k, v in trainer.teacher.state_dict().items():
+    teacher_net = trainer.distiller.teacher
+    for k, v in teacher_net.state_dict().items():
         if k in ref and v.shape == ref[k].shape:
             assert torch.allclose(v.float().cpu(), ref[k].float(), atol=1e-3), k
-    assert not trainer.teacher.training
-    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    assert not teacher_net.training
+    assert all(not p.requires_grad for p in teacher_net.parameters())
     # the FGD parameters are in the optimiser, the teacher's are not
     opt_ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-    assert all(id(p) in opt_ids for p in trainer.fgd.parameters())
-    assert not any(id(p) in opt_ids for p in trainer.teacher.parameters())
+    assert all(id(p) in opt_ids for p in trainer.distiller.parameters())
+    assert not any(id(p) in opt_ids for p in teacher_net.parameters())
 
 
 @pytest.mark.parametrize("which", ["best.pt", "last.pt"])
@@ -113,7 +117,7 @@ def test_resume_restores_fgd_state_and_finishes(data, runs, teacher):
     seen = {}
     resumed = YOLO(wdir / "last.pt")
     resumed.add_callback("on_pretrain_routine_end", lambda t: seen.update(
-        start=t.start_epoch, state=copy.deepcopy(t.fgd.state_dict()), teacher=t.args.teacher))
+        start=t.start_epoch, state=copy.deepcopy(t.distiller.fgd.state_dict()), teacher=t.args.teacher))
     resumed.train(trainer=FGDTrainer, resume=True)
     assert seen["start"] == 1 and seen["teacher"] == teacher
     for k, v in saved.items():
@@ -135,21 +139,28 @@ def test_cross_family_and_yolo26_student(data, runs):
     assert float(rows[0]["train/fgd_loss"]) > 0 and float(rows[0]["train/kd_loss"]) > 0
 
 
-def test_default_is_response_only_and_skips_fgd_work(data, runs, teacher, monkeypatch):
-    """The shipped preset: head-response term on (kd_loss column), FGD weight 0 and its modules never run."""
+def test_default_is_response_only_and_builds_no_fgd(data, runs, teacher, monkeypatch):
+    """The shipped preset: head-response term on (kd_loss column); FGD has weight 0, so its modules are not built,
+    optimised, saved or logged."""
     from ultralytics import YOLO
 
     from yolo_fgd import FGDTrainer
-    from yolo_fgd.loss import FGDPyramid
+    from yolo_fgd.core import FGDPyramid
 
     def never(*a, **k):
-        raise AssertionError("FGD ran with weight 0")
+        raise AssertionError("FGD was built with weight 0")
 
-    monkeypatch.setattr(FGDPyramid, "forward", never)
-    YOLO("yolo11n.yaml").train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="kd",
-                               fgd_warmup=0, **TINY)
+    monkeypatch.setattr(FGDPyramid, "__init__", never)
+    seen = {}
+    model = YOLO("yolo11n.yaml")
+    model.add_callback("on_train_end", lambda t: seen.update(trainer=t))
+    model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="kd", fgd_warmup=0,
+                **TINY)
     row = read_csv(Path(runs) / "kd" / "results.csv")[0]
-    assert float(row["train/kd_loss"]) > 0 and float(row["train/fgd_loss"]) == 0
+    assert float(row["train/kd_loss"]) > 0
+    assert not any(k.startswith(("train/fg", "train/bg", "train/at", "train/gl", "fgd/")) for k in row), list(row)
+    assert not list(seen["trainer"].distiller.parameters()) and seen["trainer"].distiller.fgd is None
+    assert not (Path(runs) / "kd" / "weights" / "fgd_last.pt").exists()
 
 
 def test_cli_train_and_val(data, runs, teacher):
@@ -168,6 +179,8 @@ def test_cli_train_and_val(data, runs, teacher):
 
 def test_cli_help():
     out = run_cli("help")
+    assert out.returncode == 0 and "yolo-fgd COMMAND help" in out.stdout and "benchmark-step" in out.stdout
+    out = run_cli("train", "help")
     assert out.returncode == 0 and "teacher=PATH" in out.stdout and "fgd_warmup" in out.stdout
 
 
@@ -218,7 +231,7 @@ def test_error_with_distill_model(data, runs, teacher):
 
 
 def test_error_unknown_key_suggests(data, runs, teacher):
-    one_line_error(cli_train(data, runs, f"teacher={teacher}", "fgd_alpa=1"), "fgd_alpa", "fgd_alpha")
+    one_line_error(cli_train(data, runs, f"teacher={teacher}", "fgd_fgg=1"), "fgd_fgg", "fgd_fg")
     one_line_error(cli_train(data, runs, f"teacher={teacher}", "fgd_preset=yolox2"), "unknown fgd_preset")
 
 
@@ -244,19 +257,19 @@ def test_ddp_recreation_keeps_args_and_not_teacher(data, runs, teacher):
         cfg = DEFAULT_CFG_DICT.copy()
         cfg.update(save_dir="")
         rebuilt = state["trainer"](cfg=cfg, overrides=state["args"], _callbacks=state["callbacks"])
-        assert rebuilt.args.teacher == teacher and rebuilt.fgd_cfg["gain"] == 0.3
+        assert rebuilt.args.teacher == teacher and rebuilt.distill_cfg["gain"] == 0.3
         rebuilt.model = state["model"]
         rebuilt.device = torch.device("cpu")
         rebuilt.setup_model()  # loads the teacher from its path, as each rank does
-        assert rebuilt.teacher is not None and len(rebuilt.fgd.levels) == 3
+        assert rebuilt.distiller.teacher is not None and len(rebuilt.distiller.fgd.levels) == 3
     finally:
         for f in (Path(file), Path(file).with_suffix(".pt")):
             f.unlink(missing_ok=True)
 
 
 def test_attention_maps_png(fgd_run, teacher, data, tmp_path):
-    from yolo_fgd.attention_maps import attention_maps
-    from yolo_fgd.coco import split_images
+    from yolo_fgd.data.coco import split_images
+    from yolo_fgd.lab.probes import attention_maps
 
     run, _ = fgd_run
     img = split_images(data, "val")[0][0]
@@ -272,10 +285,12 @@ def test_grad_share_balancing_moves_the_multiplier(data, runs, teacher, monkeypa
 
     from yolo_fgd import FGDTrainer
 
-    monkeypatch.setattr(FGDTrainer, "LOG_EVERY", 1)
+    from yolo_fgd.yolo import Distiller
+
+    monkeypatch.setattr(Distiller, "MEASURE_EVERY", 1)
     seen = {}
     model = YOLO("yolo11n.yaml")
-    model.add_callback("on_train_end", lambda t: seen.update(mult=t.fgd_mult, cfg=t.fgd_cfg))
+    model.add_callback("on_train_end", lambda t: seen.update(mult=t.distiller.mult, cfg=t.distill_cfg))
     model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="share",
                 fgd_share=5.0, fgd_gain=0.05, fgd_warmup=0, nbs=4, warmup_epochs=0, **TINY)
     assert seen["cfg"]["share"] == 5.0 and seen["mult"] != 1.0
@@ -292,19 +307,19 @@ def test_fgd_schedule_warmup_then_cosine_decay(data, runs, teacher):
     t.train_loader = [None] * 5  # 5 batches per epoch
 
     def at(epoch, batch):
-        t.epoch, t._fgd_iter = epoch, batch
-        return t.fgd_scale()
+        t.epoch, t.batch_i = epoch, batch
+        return t.distill_scale()
 
     assert at(0, 0) == 0 and at(0, 5) == pytest.approx(0.5) and at(1, 5) == 1
     assert at(5, 5) == 1 and at(6, 0) == 1  # plateau until epochs - decay
     assert at(8, 0) == pytest.approx(0.5)  # half-way through the cosine
     assert 0 < at(9, 4) < at(9, 1) < at(8, 0) and at(9, 5) == pytest.approx(0, abs=1e-12)
-    t.fgd_cfg["decay"] = 0  # off: flat after warm-up
+    t.distill_cfg["decay"] = 0  # off: flat after warm-up
     assert at(9, 5) == 1
 
 
 def test_imitation_ranks_teacher_above_untrained_student(teacher, data, tmp_path):
-    from yolo_fgd.attention_maps import imitation
+    from yolo_fgd.lab.probes import imitation
 
     untrained = save_untrained("yolo11n.yaml", read_names(teacher), tmp_path / "untrained.pt")
     r2 = imitation(f"{teacher},{untrained}", teacher, data=data, imgsz=64)
@@ -320,7 +335,7 @@ def read_names(ckpt):
 
 
 def test_benchmark_step_times_every_method(data, teacher, tmp_path):
-    from yolo_fgd.bench import benchmark_step
+    from yolo_fgd.lab.cost import benchmark_step
 
     res = benchmark_step(teacher, data=data, imgsz=64, batch=4, fraction=1.0, project=str(tmp_path))
     assert set(res) == {"plain", "default", "fgd", "fgd_response", "distill_model"} and all(v > 0 for v in res.values())

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from yolo_fgd.loss import fgd_masks
-from yolo_fgd.presets import resolve_fgd
-from yolo_fgd.tv import Distiller, build, coco_files, inherit, train
+from yolo_fgd.core import fgd_masks
+from yolo_fgd.core.presets import resolve as resolve_fgd
+from yolo_fgd.tv.coco_utils import coco_files
+from yolo_fgd.tv.distiller import Distiller
+from yolo_fgd.tv.models import build, inherit
+from yolo_fgd.tv.train import train
 
 SMALL = dict(min_size=[64], max_size=96)
 
@@ -30,7 +33,9 @@ def tv_teacher(data, tmp_path_factory):
 def test_build_recipes_and_fpn_levels(arch, recipe):
     import yaml
 
-    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "cfg" / recipe).read_text())
+    from yolo_fgd.cfg import load_recipe
+
+    cfg = load_recipe(recipe)
     for bb in (cfg["student_backbone"],):
         m = build(arch, "resnet18", 3, **SMALL) if bb in ("resnet50", "resnet101") else build(arch, bb, 3, **SMALL)
         feats = m.backbone(torch.zeros(1, 3, 64, 96))
@@ -148,7 +153,7 @@ def test_tv_val_cli(tv_teacher, data):
 
 
 def test_tv_student_onnx_export_parity(tv_teacher, data):
-    from yolo_fgd.export import export
+    from yolo_fgd.deploy.export import export
 
     path, _ = tv_teacher
     res = export(path, imgsz=96, data=data, arch="retinanet", backbone="resnet18")

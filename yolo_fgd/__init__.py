@@ -1,18 +1,22 @@
 """yolo-fgd: Focal and Global Knowledge Distillation (FGD, CVPR 2022) for Ultralytics YOLO and torchvision.
 
-``FGDLoss`` is the framework-free loss core; ``FGDTrainer`` (imported lazily, it needs Ultralytics)
-is the YOLO adapter.
+Layers, top to bottom (imports point down only; ``make test`` checks it): ``cli`` -> ``lab`` (study, demo, probes,
+cost benchmarks) -> ``deploy`` (export, parity, evaluation, benchmark, the torch-free edge runner) -> ``yolo`` and
+``tv`` (adapters) -> ``core`` (losses, masks, presets) and ``data`` -> ``cfg``, ``errors``, ``timing``.
+
+``FGDLoss`` and friends come from the core; ``FGDTrainer`` (it needs Ultralytics) from the YOLO adapter; both are
+imported on first use.
 """
 
-from .loss import FGDLoss, GcBlock, fgd_masks
-
-__version__ = "0.1.0"
-__all__ = ["FGDLoss", "GcBlock", "fgd_masks", "FGDTrainer", "__version__"]
+__version__ = "0.2.0"
+_LAZY = {"FGDLoss": "core", "FGDPyramid": "core", "GcBlock": "core", "fgd_masks": "core", "response_kd": "core",
+         "FGDTrainer": "yolo"}
+__all__ = [*_LAZY, "__version__"]
 
 
 def __getattr__(name):
-    if name == "FGDTrainer":
-        from .trainer import FGDTrainer
+    if name in _LAZY:
+        import importlib
 
-        return FGDTrainer
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'yolo_fgd' has no attribute {name!r}")

@@ -1,102 +1,96 @@
-"""``yolo-fgd`` console script, in Ultralytics' ``key=value`` style.
+"""``yolo-fgd``: the command line on top of every layer, in Ultralytics' ``key=value`` style. Nothing imports it.
 
-    yolo-fgd train model=yolo11n.yaml teacher=runs/detect/teacher/weights/best.pt data=data.yaml epochs=100
-    yolo-fgd train resume model=runs/detect/train/weights/last.pt [teacher=new/path.pt]
-    yolo-fgd export model=best.pt format=onnx imgsz=640 [dynamic=True half=True int8=True|dynamic data=data.yaml]
-    yolo-fgd val|predict ...               (delegated to Ultralytics' `yolo`)
-    yolo-fgd data [shapes|deepforest]      (build a data set, print its data YAML)
-    yolo-fgd demo [epochs=.. teacher_epochs=.. imgsz=..]
-    yolo-fgd study recipe=cfg/study.yaml [lanes=2 only=baseline,fgd report_only=True rescore=True]
-    yolo-fgd tv-train recipe=cfg/tv_retinanet_r101_r50.yaml [key=value]   (torchvision RetinaNet/FCOS, paper setup)
-    yolo-fgd tv-val model=student.pth data=... arch=retinanet backbone=resnet50
-    yolo-fgd attention model=fgd.pt teacher=teacher.pt source=image.jpg [baseline=plain.pt imgsz=640]
-    yolo-fgd imitation model=a.pt[,b.pt] teacher=teacher.pt [data=shapes imgsz=640]   (linear reach of the teacher)
-    yolo-fgd benchmark model=a.pt[,b.pt] data=data.yaml imgsz=640 [runs=50 threads=2]
-    yolo-fgd benchmark-loss [batch=16 imgsz=640 device=cpu]
-    yolo-fgd benchmark-step teacher=t.pt [data=shapes imgsz=192 batch=16]   (s/step of plain, default, FGD,
-                                                                            FGD+response, distill_model=)
-    yolo-fgd soak [steps=200]              (memory soak on odd labels, prints peak RSS)
-    yolo-fgd help
+A newcomer's order: ``data`` -> teacher (``yolo train``) -> ``train`` (distil) -> ``export`` -> ``benchmark``.
+``yolo-fgd help`` lists the commands, ``yolo-fgd COMMAND help`` shows one with its arguments and an example.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable
 
+from ultralytics import YOLO
+from ultralytics.cfg import entrypoint as yolo_cli
+from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER
+
+from .cfg import parse_kv
+from .core.presets import ARGS, RENAMED, presets, renamed
+from .data import deepforest, resolve_data, shapes
+from .deploy.benchmark import benchmark
+from .deploy.export import export
 from .errors import FGDError
+from .lab.cost import benchmark_loss, benchmark_step, soak
+from .lab.demo import demo
+from .lab.probes import attention_maps, imitation
+from .lab.study import study
+from .tv.train import ARGS as TV_ARGS
+from .tv.train import train as tv_train
+from .tv.train import val as tv_val
+from .yolo import FGDTrainer
 
-HELP = __doc__ + """
-FGD arguments (defaults from cfg/fgd.yaml, preset 'yolo': head-response term on, FGD weight 0):
-    teacher=PATH           teacher YOLO detection checkpoint (required for train)
-    fgd_preset=yolo        yolo | yolox | two_stage | anchor_based | anchor_free
-    fgd_alpha= fgd_beta= fgd_gamma= fgd_lambda=   weights of Eq. 13 (fg, bg, attention, global)
-    fgd_temperature=0.5    T of Eq. 5-6
-    fgd_gain=              multiplies all four weights (shipped preset: 0, FGD off; 0.05 turns it on)
-    fgd_norm=              standardise features per image and channel before the loss
-    fgd_warmup=            epochs of linear warm-up of the FGD weight
-    fgd_decay=             last epochs over which the FGD weight falls to 0 (cosine; 0: off)
-    fgd_level_norm=True    weigh FGD levels equally (running mean of each level's term)
-    fgd_share=             keep |grad FGD| / |grad detection| at this value (0: off), measured every 25 batches
-    fgd_kd_cls= fgd_kd_box=   weights of the head-response term (teacher class scores as soft labels, box-bin KL)
-    fgd_split= fgd_spatial= fgd_channel=   ablations: fg/bg split, spatial / channel attention (True/False)
-    fgd_mse=True           plain feature MSE (paper Eq. 1) instead of FGD, e.g. with fgd_preset=mse
-Any other key is an Ultralytics train argument (epochs, imgsz, batch, device, ...). data=shapes (the default)
-uses the embedded procedural data set. Add debug=True to see full tracebacks.
-"""
+HELP_WORDS = {"help", "-h", "--help"}
 
 
-def parse(argv: list[str]) -> tuple[list[str], dict]:
-    """Split ``argv`` into positional words and a ``key=value`` dict (values parsed like Ultralytics does)."""
-    from ultralytics.cfg import smart_value
+@dataclass
+class Command:
+    """One subcommand: what it does, its arguments (help text), an example, and the function that runs it."""
 
-    words, kv = [], {}
-    for a in argv:
-        if "=" in a:
-            k, v = a.split("=", 1)
-            if not k or v == "":
-                raise FGDError(f"'{a}' is not key=value: write arguments as key=value, e.g. epochs=10")
-            kv[k.strip()] = smart_value(v.strip())
-        else:
-            words.append(a)
-    return words, kv
+    name: str
+    summary: str
+    arguments: str
+    example: str
+    run: Callable[[list[str], dict], object]
+
+    def help(self) -> str:
+        return f"yolo-fgd {self.name}: {self.summary}\n\nArguments:\n{self.arguments}\nExample:\n    {self.example}\n"
 
 
-def resolve_data(data):
-    """``data=shapes`` (or none) -> the embedded data set's YAML, ``data=deepforest`` -> the tiled DeepForest set;
-    anything else is passed through."""
-    if data in (None, "", "shapes", "fgd-shapes"):
-        from .data import shapes
-
-        return str(shapes())
-    if data == "deepforest":
-        from .deepforest import deepforest
-
-        return str(deepforest())
-    return data
-
-
-def check_train_keys(kv: dict) -> None:
-    """Unknown keys fail early with the closest known one (Ultralytics' own error is a page of help)."""
-    import difflib
-
-    from ultralytics.utils import DEFAULT_CFG_DICT
-
-    from .presets import FGD_ARGS
-
-    known = {*DEFAULT_CFG_DICT, *FGD_ARGS}
+def check_keys(kv: dict, known, command: str) -> None:
+    """Unknown keys fail early with the closest known one."""
     for k in kv:
         if k not in known:
-            close = difflib.get_close_matches(k, known, n=1)
-            raise FGDError(f"unknown argument '{k}'" + (f": did you mean '{close[0]}'?" if close else ""))
+            close = difflib.get_close_matches(k, list(known), n=1)
+            raise FGDError(f"unknown argument '{k}' for {command}" + (f": did you mean '{close[0]}'?" if close else
+                                                                        f": see `yolo-fgd {command} help`"))
 
 
-def train(words: list[str], kv: dict):
-    from ultralytics import YOLO
+def call(fn: Callable, kv: dict, command: str, required: tuple[str, ...] = ()):
+    """Call ``fn(**kv)`` after checking the keys against its signature and the simple types of its defaults."""
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        check_keys(kv, params, command)
+    missing = [k for k in required if kv.get(k) in (None, "")]
+    if missing:
+        raise FGDError(f"{command} needs {', '.join(k + '=' for k in missing)}: see `yolo-fgd {command} help`")
+    for k, v in kv.items():
+        default = params[k].default if k in params else None
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise FGDError(f"{k}={v} is not True/False: pass {k}=True or {k}=False")
+        if type(default) in (int, float) and not isinstance(default, bool) and (
+                isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise FGDError(f"{k}={v} is not a number: pass e.g. {k}={default}")
+    return fn(**kv)
 
-    from .trainer import FGDTrainer
 
-    check_train_keys(kv)
+def _renamed(kv: dict) -> dict:
+    """``kv`` with the argument names of earlier releases replaced, each replacement logged once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = renamed(kv)
+    for w in caught:
+        LOGGER.warning(f"yolo-fgd: {w.message}")
+    return out
+
+
+# --- the commands --------------------------------------------------------------------------------------------------
+def _train(words: list[str], kv: dict):
+    kv = _renamed(kv)
+    check_keys(kv, {*DEFAULT_CFG_DICT, *ARGS}, "train")
     resume = "resume" in words or kv.get("resume") in (True, "True")
     model = kv.pop("model", None)
     kv.pop("resume", None)
@@ -113,94 +107,141 @@ def train(words: list[str], kv: dict):
     return YOLO(model).train(trainer=FGDTrainer, **kv)
 
 
-def delegate(mode: str, words: list[str], kv: dict):
-    """Run Ultralytics' own ``yolo MODE ...`` with the same arguments."""
-    from ultralytics.cfg import entrypoint as yolo
+def _delegate(mode: str) -> Callable:
+    def run(words: list[str], kv: dict):
+        """Ultralytics' own ``yolo MODE ...`` with the same arguments."""
+        if "data" in kv:
+            kv["data"] = resolve_data(kv["data"])
+        yolo_cli(" ".join([mode, *words, *(f"{k}={v}" for k, v in kv.items())]))
 
-    if "data" in kv:
-        kv["data"] = resolve_data(kv["data"])
-    yolo(" ".join([mode, *words, *(f"{k}={v}" for k, v in kv.items())]))
+    return run
+
+
+def _data(words: list[str], kv: dict):
+    name = words[0] if words else "shapes"
+    builders = {"shapes": shapes, "deepforest": deepforest}
+    if name not in builders:
+        raise FGDError(f"unknown data set '{name}': choose shapes or deepforest")
+    print(call(builders[name], kv, "data"))
+
+
+def _tv_train(words: list[str], kv: dict):
+    return tv_train(**kv)
+
+
+PRESET_NAMES = " | ".join(presets())
+TRAIN_ARGS = f"""    model=yolo11n.yaml     student: a model YAML (from scratch) or a .pt (fine-tuning)
+    teacher=PATH           teacher YOLO checkpoint, same classes and Detect strides (required)
+    data=shapes            data YAML (shapes / deepforest: the sets `yolo-fgd data` builds)
+    fgd_preset=yolo        {PRESET_NAMES}
+    fgd_fg= fgd_bg= fgd_at= fgd_gl=   FGD term weights (the paper's alpha, beta, gamma, lambda of Eq. 13)
+    fgd_temperature=0.5    T of Eq. 5-6
+    fgd_gain=              multiplies the four FGD weights (preset yolo: 0, FGD off; 0.05 turns it on)
+    fgd_norm=              standardise features per image and channel before FGD
+    fgd_warmup=            epochs of linear warm-up of every distillation term
+    fgd_decay=             last epochs over which the distillation weight falls to 0 (cosine; 0: off)
+    fgd_level_norm=True    weigh FGD levels equally (running mean of each level's term)
+    fgd_share=             keep |grad FGD| / |grad detection| at this value (0: off), measured every 25 batches
+    fgd_split= fgd_spatial= fgd_channel=   ablations: fg/bg split, spatial / channel attention (True/False)
+    fgd_mse=True           plain feature MSE (paper Eq. 1) instead of FGD, e.g. with fgd_preset=mse
+    kd_cls= kd_box=        weights of the head-response term (teacher class scores as soft labels, box-bin KL)
+    resume                 continue an interrupted run: yolo-fgd train resume model=<run>/weights/last.pt
+    any Ultralytics train argument (epochs, imgsz, batch, device, project, name, ...)
+    Renamed (still accepted, with a warning): {', '.join(f'{a} -> {b}' for a, b in RENAMED.items())}
+"""
+
+COMMANDS = {c.name: c for c in [
+    Command("data", "build a data set offline and print its data YAML",
+            "    shapes (default) | deepforest    which set\n    root=DIR   where to write it (default: Ultralytics' "
+            "datasets_dir)\n    shapes: n_train=480 n_val=120 size=256 seed=0\n    deepforest: tile=320 overlap=64 "
+            "min_visible=0.4\n",
+            "yolo-fgd data shapes", _data),
+    Command("train", "distil a student from a teacher (Ultralytics training + distillation terms)", TRAIN_ARGS,
+            "yolo-fgd train model=yolo11n.yaml teacher=runs/detect/teacher/weights/best.pt data=shapes epochs=30 "
+            "imgsz=192 name=distilled", _train),
+    Command("val", "Ultralytics' `yolo val` (data=shapes/deepforest resolved)", "    any `yolo val` argument\n",
+            "yolo-fgd val model=runs/detect/distilled/weights/best.pt data=shapes imgsz=192", _delegate("val")),
+    Command("predict", "Ultralytics' `yolo predict`", "    any `yolo predict` argument\n",
+            "yolo-fgd predict model=runs/detect/distilled/weights/best.pt source=image.jpg", _delegate("predict")),
+    Command("export", "ONNX export with a PyTorch-vs-ONNX Runtime parity check, optional INT8",
+            "    model=PATH             a YOLO .pt, or a torchvision student .pth (with arch= backbone=) (required)\n"
+            "    format=onnx imgsz=640 dynamic=False opset=\n    half=True              fp16 ONNX (no parity check)\n"
+            "    int8=True|dynamic      INT8: static QDQ calibrated on data= train images, or dynamic\n"
+            "    data=                  images for parity and calibration (default: the run's training data)\n"
+            "    calib=64               calibration images\n",
+            "yolo-fgd export model=runs/detect/distilled/weights/best.pt imgsz=192 int8=True",
+            lambda w, kv: call(export, kv, "export", ("model",))),
+    Command("benchmark", "size, latency and mAP of PyTorch fp32 / ONNX fp32 / ONNX int8 for one or more students",
+            "    model=a.pt[,b.pt]      checkpoints (required)\n    data=shapes imgsz=640 runs=50 threads=0 int8=True\n"
+            "    project=runs/benchmark name=bench   where the report goes\n",
+            "yolo-fgd benchmark model=runs/detect/distilled/weights/best.pt data=shapes imgsz=192",
+            lambda w, kv: call(benchmark, kv, "benchmark", ("model",))),
+    Command("demo", "the whole workflow on the embedded data (what `make demo` runs)",
+            "    recipe=demo project=runs name=demo lanes=2 epochs= teacher_epochs= imgsz= export=True\n",
+            "yolo-fgd demo epochs=3 teacher_epochs=3", lambda w, kv: call(demo, kv, "demo")),
+    Command("study", "the comparison of methods over seeds, resumable, with a report",
+            "    recipe=study           a shipped recipe name or a recipe YAML\n    project=runs/study name= lanes=2\n"
+            "    only=a,b               only these methods (and the teacher)\n    report_only=True       only write the "
+            "report of finished runs\n    rescore=True           re-evaluate finished runs first\n",
+            "yolo-fgd study recipe=study lanes=2", lambda w, kv: call(study, kv, "study")),
+    Command("tv-train", "the paper-faithful torchvision path (RetinaNet/FCOS, FGD on P3-P7)",
+            "    recipe=NAME            tv_retinanet_r101_r50 | tv_fcos_r101_r50 | tv_retinanet_r34_r18_cpu\n"
+            + "".join(f"    {k}={v}\n" for k, v in TV_ARGS.items()) + "    fgd_* keys as for train (FGD only)\n",
+            "yolo-fgd tv-train recipe=tv_retinanet_r34_r18_cpu teacher=runs/tv/teacher/student.pth name=fgd",
+            _tv_train),
+    Command("tv-val", "COCOeval of a torchvision student",
+            "    model=PATH (required) data=shapes arch=retinanet backbone=resnet50 device=cpu min_size= max_size=\n",
+            "yolo-fgd tv-val model=runs/tv/fgd/student.pth arch=retinanet backbone=resnet18",
+            lambda w, kv: call(tv_val, kv, "tv-val", ("model",))),
+    Command("attention", "spatial and channel attention maps of teacher, baseline and student (paper Fig. 1/5)",
+            "    model=PATH teacher=PATH source=IMAGE (required) baseline= imgsz=640 temperature=0.5 out=\n",
+            "yolo-fgd attention model=student.pt teacher=teacher.pt source=image.jpg",
+            lambda w, kv: call(attention_maps, kv, "attention", ("model", "teacher", "source"))),
+    Command("imitation", "held-out R^2 of the best linear map from a student's Detect inputs to the teacher's",
+            "    model=a.pt[,b.pt] teacher=PATH (required) data=shapes imgsz=640 images=120\n",
+            "yolo-fgd imitation model=student.pt teacher=teacher.pt",
+            lambda w, kv: call(imitation, kv, "imitation", ("model", "teacher"))),
+    Command("benchmark-loss", "cost of the FGD loss against a plain feature MSE (prints figures)",
+            "    batch=16 imgsz=640 boxes=50 device=cpu repeat=5 step=True\n", "yolo-fgd benchmark-loss device=0",
+            lambda w, kv: call(benchmark_loss, kv, "benchmark-loss")),
+    Command("benchmark-step", "seconds per training step of plain, default, FGD, FGD+response and distill_model=",
+            "    teacher=PATH (required) data=shapes model=yolo11n.yaml imgsz=192 batch=16 fraction=0.5 project=\n",
+            "yolo-fgd benchmark-step teacher=runs/detect/teacher/weights/best.pt",
+            lambda w, kv: call(benchmark_step, kv, "benchmark-step", ("teacher",))),
+    Command("soak", "memory soak on odd labels (prints peak RSS)", "    steps=200 imgsz=64 batch=4 project=runs/soak\n",
+            "yolo-fgd soak steps=200", lambda w, kv: call(soak, kv, "soak")),
+]}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"    {c.name:<{width}}  {c.summary}" for c in COMMANDS.values()]
+    return ("yolo-fgd: Focal and Global Knowledge Distillation for Ultralytics YOLO.\n\n"
+            "Usage: yolo-fgd COMMAND key=value ...   (yolo-fgd COMMAND help: its arguments and an example)\n\n"
+            "A first run, in order:\n"
+            "    yolo-fgd data shapes                                  # embedded data set -> its data YAML\n"
+            "    yolo train model=yolo11s.yaml data=<yaml> epochs=30 imgsz=192 name=teacher\n"
+            "    yolo-fgd train model=yolo11n.yaml teacher=<teacher best.pt> data=<yaml> epochs=30 imgsz=192 "
+            "name=distilled\n"
+            "    yolo-fgd export model=<distilled best.pt> imgsz=192 int8=True\n"
+            "    yolo-fgd benchmark model=<distilled best.pt> data=<yaml> imgsz=192\n\n"
+            "Commands:\n" + "\n".join(lines) + "\n\nAdd debug=True to see full tracebacks.\n")
 
 
 def run(argv: list[str]):
-    words, kv = parse(argv)
-    if not words or words[0] in {"help", "-h", "--help"}:
-        print(HELP)
+    words, kv = parse_kv(argv)
+    if not words or words[0] in HELP_WORDS:
+        print(usage())
         return None
     cmd, rest = words[0], words[1:]
-    if cmd == "train":
-        return train(rest, kv)
-    if cmd == "export":
-        from .export import export
-
-        if "model" not in kv:
-            raise FGDError("export needs model=path/to/best.pt")
-        return export(**kv)
-    if cmd in {"val", "predict"}:
-        return delegate(cmd, rest, kv)
-    if cmd == "data":
-        name = rest[0] if rest else "shapes"
-        if name == "shapes":
-            from .data import shapes
-
-            print(shapes(**kv))
-            return None
-        if name == "deepforest":
-            from .deepforest import deepforest
-
-            print(deepforest(**kv))
-            return None
-        raise FGDError(f"unknown data set '{name}': choose shapes or deepforest")
-    if cmd == "demo":
-        from .demo import demo
-
-        return demo(**kv)
-    if cmd == "tv-train":
-        from .tv import train as tv_train
-
-        return tv_train(**kv)
-    if cmd == "tv-val":
-        from .tv import val as tv_val
-
-        if "model" not in kv:
-            raise FGDError("tv-val needs model=path/to/student.pth (and arch=, backbone=, data=)")
-        return tv_val(**kv)
-    if cmd == "attention":
-        from .attention_maps import attention_maps
-
-        missing = [k for k in ("model", "teacher", "source") if k not in kv]
-        if missing:
-            raise FGDError(f"attention needs {', '.join(k + '=' for k in missing)} (baseline= is optional)")
-        return attention_maps(**kv)
-    if cmd == "imitation":
-        from .attention_maps import imitation
-
-        if "model" not in kv or "teacher" not in kv:
-            raise FGDError("imitation needs model=student.pt[,other.pt] and teacher=teacher.pt (data= for images)")
-        return imitation(**kv)
-    if cmd == "study":
-        from .study import study
-
-        return study(**kv)
-    if cmd == "benchmark":
-        from .benchmark import benchmark
-
-        if "model" not in kv:
-            raise FGDError("benchmark needs model=a.pt[,b.pt] (and data=your.yaml for mAP)")
-        return benchmark(**kv)
-    if cmd == "benchmark-step":
-        from .bench import benchmark_step
-
-        return benchmark_step(**kv)
-    if cmd == "soak":
-        from .bench import soak
-
-        return soak(**kv)
-    if cmd == "benchmark-loss":
-        from .bench import benchmark_loss
-
-        return benchmark_loss(**kv)
-    raise FGDError(f"unknown command '{cmd}': use train, val, predict, export, benchmark, data, demo, study, attention, imitation, tv-train, tv-val, benchmark-loss, benchmark-step, soak or help")
+    if cmd not in COMMANDS:
+        close = difflib.get_close_matches(cmd, list(COMMANDS), n=1)
+        raise FGDError(f"unknown command '{cmd}'" + (f": did you mean '{close[0]}'?" if close else "")
+                       + f" (commands: {', '.join(COMMANDS)})")
+    if set(rest) & HELP_WORDS or any(a in HELP_WORDS for a in argv[1:]):
+        print(COMMANDS[cmd].help())
+        return None
+    return COMMANDS[cmd].run(rest, kv)
 
 
 def entrypoint(argv: list[str] | None = None) -> int:

@@ -1,0 +1,12 @@
+"""The loss core: pure PyTorch (no Ultralytics, torchvision or ONNX import).
+
+``masks`` (Eq. 2-4), ``fgd`` (Eq. 5-13: :class:`FGDLoss` per level, :class:`FGDPyramid`), ``response`` (the YOLO
+adapter's head-response term), ``presets`` (named weights and the train arguments that override them).
+"""
+
+from .fgd import TERMS, FGDLoss, FGDPyramid, GcBlock, attention, feature_mse, standardise
+from .masks import fgd_masks, fgd_masks_loop
+from .response import response_kd, side_distances
+
+__all__ = ["TERMS", "FGDLoss", "FGDPyramid", "GcBlock", "attention", "feature_mse", "standardise", "fgd_masks",
+           "fgd_masks_loop", "response_kd", "side_distances"]

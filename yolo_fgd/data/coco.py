@@ -1,0 +1,73 @@
+"""COCO-format ground truth from YOLO data sets, and pycocotools evaluation with the paper's columns."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from ultralytics.data.utils import check_det_dataset, img2label_paths
+
+COLUMNS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "ARs", "ARm", "ARl")
+_STAT_INDEX = {"mAP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8, "ARs": 9, "ARm": 10, "ARl": 11}
+IMG_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def split_images(data_yaml, split: str = "val") -> tuple[list[Path], dict]:
+    """Image paths of a split of an Ultralytics data YAML, and the class names."""
+    data = check_det_dataset(str(data_yaml), autodownload=False)
+    src = data[split]
+    files = []
+    for s in src if isinstance(src, list) else [src]:
+        p = Path(s)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_SUFFIXES)
+        elif p.suffix == ".txt":
+            root = p.parent
+            files += [(root / ln.strip()).resolve() if not Path(ln.strip()).is_absolute() else Path(ln.strip())
+                      for ln in p.read_text().splitlines() if ln.strip()]
+    return files, data["names"]
+
+
+def yolo_split_to_coco(data_yaml, split: str = "val") -> tuple[dict, list[tuple[int, str]]]:
+    """COCO ground-truth dict (boxes in pixels, category ids = YOLO class ids) and [(image_id, path)]."""
+    files, names = split_images(data_yaml, split)
+    images, anns, index = [], [], []
+    for image_id, (f, lf) in enumerate(zip(files, img2label_paths([str(f) for f in files]))):
+        h, w = cv2.imread(str(f)).shape[:2]
+        images.append({"id": image_id, "file_name": Path(f).name, "width": w, "height": h})
+        index.append((image_id, str(f)))
+        if Path(lf).is_file():
+            rows = np.loadtxt(lf, ndmin=2) if Path(lf).stat().st_size else np.zeros((0, 5))
+            for c, x, y, bw, bh in rows[:, :5]:
+                box = [(x - bw / 2) * w, (y - bh / 2) * h, bw * w, bh * h]
+                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(c), "bbox": box,
+                             "area": box[2] * box[3], "iscrowd": 0})
+    cats = [{"id": int(i), "name": str(n)} for i, n in (names.items() if isinstance(names, dict) else enumerate(names))]
+    return {"images": images, "annotations": anns, "categories": cats}, index
+
+
+def coco_results(image_id: int, rows) -> list[dict]:
+    """COCO result dicts of one image's detections ``rows`` [(x1, y1, x2, y2, score, class), ...] in pixels."""
+    return [{"image_id": image_id, "category_id": int(c), "score": float(s),
+             "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]} for x1, y1, x2, y2, s, c in rows]
+
+
+def evaluate_detections(gt: dict, dets: list[dict]) -> dict:
+    """COCOeval (bbox) of detections [{'image_id','category_id','bbox' xywh px,'score'}] -> the paper's columns."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        if not dets:
+            return dict.fromkeys(COLUMNS, 0.0)
+        coco_dt = coco_gt.loadRes(dets)
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: float(ev.stats[i]) if ev.stats[i] >= 0 else float("nan") for k, i in _STAT_INDEX.items()}  # -1: none

@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Torch-free edge runner for YOLO ONNX models: numpy + opencv-python + onnxruntime only.
+
+Copy this one file to the device. Handles YOLOv8/YOLO11 heads (output (1, 4+nc, A): cx, cy, w, h, class scores;
+NMS here) and YOLO26 end-to-end heads (output (1, 300, 6): x1, y1, x2, y2, score, class; no NMS).
+
+    python edge.py model.onnx image.jpg|folder|video.mp4 [--conf 0.25] [--iou 0.7] [--out runs/edge] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+IMG_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+VID_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
+
+
+def letterbox(img: np.ndarray, size: tuple[int, int], color=(114, 114, 114)):
+    """Resize keeping aspect ratio and pad to ``size`` (h, w), centred, as Ultralytics does.
+
+    Returns (padded image, gain, (pad_x, pad_y)).
+    """
+    h0, w0 = img.shape[:2]
+    gain = min(size[0] / h0, size[1] / w0)
+    w1, h1 = round(w0 * gain), round(h0 * gain)
+    dw, dh = (size[1] - w1) / 2, (size[0] - h1) / 2
+    if (w1, h1) != (w0, h0):
+        img = cv2.resize(img, (w1, h1), interpolation=cv2.INTER_LINEAR)
+    top, bottom = round(dh - 0.1), round(dh + 0.1)
+    left, right = round(dw - 0.1), round(dw + 0.1)
+    img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=color)
+    return img, gain, (left, top)
+
+
+def blob(img: np.ndarray, size: tuple[int, int], dtype=np.float32):
+    """BGR HWC uint8 image -> letterboxed RGB NCHW array in [0,1] of ``dtype``, with (gain, (pad_x, pad_y))."""
+    x, gain, pad = letterbox(img, size)
+    x = np.ascontiguousarray(x[:, :, ::-1].transpose(2, 0, 1)[None], dtype=dtype)
+    return x / dtype(255), gain, pad
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy NMS on xyxy boxes (K,4) -> kept indices, highest score first."""
+    order = scores.argsort()[::-1]
+    x1, y1, x2, y2 = boxes.T
+    area = (x2 - x1).clip(0) * (y2 - y1).clip(0)
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        w = (np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest])).clip(0)
+        h = (np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest])).clip(0)
+        inter = w * h
+        order = rest[inter / (area[i] + area[rest] - inter + 1e-9) <= iou]
+    return np.array(keep, dtype=np.int64)
+
+
+class EdgeModel:
+    """An ONNX YOLO detector on ONNX Runtime (CPU by default).
+
+    ``model(img_bgr)`` -> (K,6) float32 array of x1, y1, x2, y2 (original image pixels), score, class.
+    """
+
+    def __init__(self, path, conf: float = 0.25, iou: float = 0.7, max_det: int = 300, threads: int = 0,
+                 providers=None):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model '{path}' not found: export one with `yolo-fgd export format=onnx`")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:
+            raise ValueError(f"ONNX model '{path}' could not be loaded ({str(e).splitlines()[0][:200]}): re-export it")
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.names = self._parse_names(meta.get("names"))
+        h, w = inp.shape[2], inp.shape[3]
+        imgsz = json.loads(meta["imgsz"]) if "imgsz" in meta else [640, 640]
+        self.imgsz = (h if isinstance(h, int) else imgsz[0], w if isinstance(w, int) else imgsz[1])
+        self.dtype = np.float16 if "float16" in inp.type else np.float32
+        self.conf, self.iou, self.max_det = conf, iou, max_det
+        out = self.session.get_outputs()[0].shape
+        self.end2end = len(out) == 3 and out[-1] == 6 and meta.get("end2end", "").lower() != "false"
+
+    @staticmethod
+    def _parse_names(text):
+        if not text:
+            return {}
+        try:
+            import ast
+
+            return {int(k): str(v) for k, v in ast.literal_eval(text).items()}
+        except Exception:
+            return {}
+
+    def preprocess(self, img: np.ndarray):
+        return blob(img, self.imgsz, self.dtype)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def postprocess(self, out: np.ndarray, gain: float, pad, shape) -> np.ndarray:
+        out = out[0].astype(np.float32)
+        if self.end2end:  # (300,6) x1,y1,x2,y2,score,cls
+            det = out[out[:, 4] > self.conf]
+        else:  # (4+nc, A) -> (A, 4+nc)
+            p = out.T
+            cls = p[:, 4:].argmax(1)
+            score = p[np.arange(len(p)), 4 + cls]
+            m = score > self.conf
+            p, cls, score = p[m], cls[m], score[m]
+            xy, wh = p[:, :2], p[:, 2:4]
+            boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1)
+            # class-aware NMS through a per-class offset, as Ultralytics does
+            keep = nms(boxes + cls[:, None] * 7680.0, score, self.iou)[: self.max_det]
+            det = np.concatenate([boxes[keep], score[keep, None], cls[keep, None].astype(np.float32)], 1)
+        det = det[: self.max_det].copy()
+        det[:, [0, 2]] = ((det[:, [0, 2]] - pad[0]) / gain).clip(0, shape[1])
+        det[:, [1, 3]] = ((det[:, [1, 3]] - pad[1]) / gain).clip(0, shape[0])
+        return det.astype(np.float32)
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        x, gain, pad = self.preprocess(img)
+        return self.postprocess(self.infer(x), gain, pad, img.shape[:2])
+
+
+def draw(img: np.ndarray, det: np.ndarray, names: dict) -> np.ndarray:
+    img = img.copy()
+    for x1, y1, x2, y2, s, c in det:
+        color = tuple(int(v) for v in np.random.RandomState(int(c)).randint(60, 255, 3))
+        cv2.rectangle(img, (int(x1), int(y1)), (int(x2), int(y2)), color, 2)
+        label = f"{names.get(int(c), int(c))} {s:.2f}"
+        cv2.putText(img, label, (int(x1), max(int(y1) - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, color, 1, cv2.LINE_AA)
+    return img
+
+
+def sources(src: Path):
+    if src.is_dir():
+        yield from sorted(f for f in src.rglob("*") if f.suffix.lower() in IMG_SUFFIXES | VID_SUFFIXES)
+    elif src.is_file():
+        yield src
+    else:
+        raise FileNotFoundError(f"source '{src}' not found: pass an image, a folder or a video")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("source")
+    ap.add_argument("--conf", type=float, default=0.25)
+    ap.add_argument("--iou", type=float, default=0.7)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default="runs/edge")
+    a = ap.parse_args(argv)
+    try:
+        model = EdgeModel(a.model, a.conf, a.iou, threads=a.threads)
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sources(Path(a.source)):
+            if f.suffix.lower() in VID_SUFFIXES:
+                cap = cv2.VideoCapture(str(f))
+                fps = cap.get(cv2.CAP_PROP_FPS) or 25
+                writer, n, t0 = None, 0, time.perf_counter()
+                while True:
+                    ok, frame = cap.read()
+                    if not ok:
+                        break
+                    vis = draw(frame, model(frame), model.names)
+                    if writer is None:
+                        writer = cv2.VideoWriter(str(out / f"{f.stem}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                                 (vis.shape[1], vis.shape[0]))
+                    writer.write(vis)
+                    n += 1
+                cap.release()
+                if writer is not None:
+                    writer.release()
+                print(f"{f}: {n} frames, {n / max(time.perf_counter() - t0, 1e-9):.1f} FPS -> {out / (f.stem + '.mp4')}")
+            else:
+                img = cv2.imread(str(f))
+                if img is None:
+                    print(f"{f}: not a readable image, skipped", file=sys.stderr)
+                    continue
+                t0 = time.perf_counter()
+                det = model(img)
+                ms = 1e3 * (time.perf_counter() - t0)
+                cv2.imwrite(str(out / f.name), draw(img, det, model.names))
+                counts = {}
+                for c in det[:, 5].astype(int):
+                    counts[model.names.get(c, c)] = counts.get(model.names.get(c, c), 0) + 1
+                print(f"{f}: {len(det)} detections {counts} in {ms:.1f} ms")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"edge: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""``yolo-fgd export``: Ultralytics ONNX export (onnxslim on), a PyTorch-vs-ONNX Runtime parity check on real images
+of the data, and ONNX Runtime INT8 quantisation (static QDQ per-channel calibrated on training images, or dynamic)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import onnx
+import torch
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from ultralytics import YOLO
+from ultralytics.cfg import entrypoint as yolo_cli
+from ultralytics.utils import LOGGER
+
+from ..data import resolve_data
+from ..errors import FGDError
+from .edge import EdgeModel, blob
+from .parity import check, max_diff, sample_images
+from .tv_export import export_onnx
+
+
+def load_yolo(path):
+    """Ultralytics YOLO from a .pt path with one-line errors for missing or damaged files."""
+    p = Path(str(path))
+    if p.suffix == ".pt" and not p.is_file():
+        raise FGDError(f"model '{path}' not found: pass model=runs/detect/NAME/weights/best.pt")
+    try:
+        return YOLO(str(path))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise FGDError(f"model '{path}' could not be loaded ({first}): pass an Ultralytics YOLO checkpoint") from None
+
+
+class _Calib:
+    """ONNX Runtime CalibrationDataReader over letterboxed images."""
+
+    def __init__(self, files, name, imgsz):
+        self.files, self.name, self.imgsz, self.i = list(files), name, imgsz, 0
+
+    def get_next(self):
+        while self.i < len(self.files):
+            img = cv2.imread(str(self.files[self.i]))
+            self.i += 1
+            if img is None:
+                continue
+            return {self.name: blob(img, (self.imgsz, self.imgsz))[0]}
+        return None
+
+    def rewind(self):
+        self.i = 0
+
+
+def head_tail(onnx_path) -> list[str]:
+    """Nodes of the Detect head after its conv branches (DFL, box decode, concat of pixel boxes with [0,1] scores):
+    kept in float, since one int8 scale cannot hold both ranges (the scores would round to 0)."""
+    nodes = onnx.load(str(onnx_path)).graph.node
+    heads = [n.name.split("/")[1] for n in nodes if n.name.count("/") > 1 and n.name.split("/")[1].startswith("model.")]
+    if not heads:
+        return []
+    head = f"/{max(heads, key=lambda h: int(h.split('.')[1]) if h.split('.')[1].isdigit() else -1)}/"
+    return [n.name for n in nodes if n.name.startswith(head) and not any(b in n.name for b in ("cv2", "cv3", "cv4"))]
+
+
+def quantize(onnx_path, data=None, imgsz=640, mode="static", calib: int = 64) -> Path:
+    """INT8 model next to ``onnx_path``: ``static`` QDQ per-channel (calibrated on ``calib`` training images) or
+    ``dynamic`` (weights only)."""
+    src = Path(onnx_path)
+    pre = src.with_name(f"{src.stem}-pre.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    out = src.with_name(f"{src.stem}-int8{'-dynamic' if mode == 'dynamic' else ''}.onnx")
+    if mode == "dynamic":
+        quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, per_channel=True)
+    else:
+        files = sample_images(data, "train", calib)
+        if not files:
+            raise FGDError("int8=True needs calibration images: pass data=your.yaml (its train split is used)")
+        name = EdgeModel(src).input_name
+        quantize_static(str(pre), str(out), _Calib(files, name, imgsz), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=head_tail(pre),
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    pre.unlink(missing_ok=True)
+    _copy_metadata(src, out)
+    return out
+
+
+def _copy_metadata(src: Path, dst: Path):
+    """Keep Ultralytics' metadata (names, imgsz, stride...) on the quantised model."""
+    a, b = onnx.load(str(src)), onnx.load(str(dst))
+    have = {p.key for p in b.metadata_props}
+    for p in a.metadata_props:
+        if p.key not in have:
+            b.metadata_props.add(key=p.key, value=p.value)
+    onnx.save(b, str(dst))
+
+
+def parity(pt_model, onnx_path, images: list[Path], imgsz: int) -> float:
+    """Max |PyTorch - ONNX Runtime| over the raw output tensors of a YOLO model for ``images``."""
+    model = pt_model.model.float().eval()
+    session = EdgeModel(onnx_path)
+
+    def reference(x):
+        with torch.no_grad():
+            y = model(torch.from_numpy(x))
+        return (y[0] if isinstance(y, (list, tuple)) else y).numpy()
+
+    return max_diff(reference, lambda x: session.infer(x.astype(session.dtype)), images, imgsz,
+                    rows_unordered=session.end2end)
+
+
+def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = False, half: bool = False,
+           int8: bool | str = False, data: str | None = None, opset: int | None = None, device: str = "cpu",
+           calib: int = 64, **kwargs) -> dict:
+    """Export, check parity, optionally quantise. Returns {'onnx': path, 'int8': path|None, 'parity': max_abs}."""
+    if str(model).endswith(".pth"):  # a torchvision student from `yolo-fgd tv-train`
+        if format != "onnx":
+            raise FGDError(f"format={format}: torchvision students export to onnx only")
+        return export_onnx(model, data=data or "shapes", imgsz=imgsz, opset=opset or 17, **kwargs)
+    if format != "onnx":
+        yolo_cli(" ".join(["export", f"model={model}", f"format={format}", f"imgsz={imgsz}",
+                       *(f"{k}={v}" for k, v in kwargs.items())]))
+        return {}
+    yolo_model = load_yolo(model)
+    data = data or (getattr(yolo_model, "ckpt", None) or {}).get("train_args", {}).get("data")
+    if data and not Path(str(data)).is_file():
+        data = resolve_data(data) if data in ("shapes", "deepforest") else data
+    path = Path(yolo_model.export(format="onnx", imgsz=imgsz, dynamic=dynamic, half=half, simplify=True,
+                                  opset=opset, device=device, **kwargs))
+    images = sample_images(data, "val")
+    result = {"onnx": str(path), "int8": None, "parity": None}
+    if images and not half:
+        diff = parity(load_yolo(model), path, images, imgsz)
+        result["parity"] = diff
+        LOGGER.info(f"parity: max |PyTorch - ONNX Runtime| = {diff:.2e} on {len(images)} images of {data}")
+        check(diff, len(images), data)
+    elif not images:
+        LOGGER.warning("parity check skipped: no data images (pass data=your.yaml)")
+    if int8:
+        mode = "dynamic" if str(int8).lower() == "dynamic" else "static"
+        result["int8"] = str(quantize(path, data, imgsz, mode, calib))
+        LOGGER.info(f"INT8 ({mode}) model: {result['int8']}")
+    print(json.dumps(result))
+    return result

@@ -1,1 +1,0 @@
-../export/edge.py

@@ -1,0 +1,185 @@
+"""``yolo-fgd benchmark-loss``: cost of the FGD loss on YOLO-like shapes (prints figures; not a test).
+
+(a) mask construction, vectorised vs the per-image, per-box loop reference;
+(b) FGD forward+backward vs plain feature MSE (Eq. 1) with the same align layer on the same tensors;
+(c) FGD's share of a YOLO11n training step (forward+backward) at the same batch.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ultralytics import YOLO
+from ultralytics.nn.tasks import DetectionModel
+
+from ..core import FGDPyramid, feature_mse, fgd_masks, fgd_masks_loop
+from ..data import resolve_data, shapes
+from ..errors import FGDError
+from ..timing import times_ms
+from ..yolo import FGDTrainer
+
+
+def _timeit(fn, device, repeat: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs after ``warmup``."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    t = sorted(times_ms(fn, repeat, warmup, sync))
+    return t[len(t) // 2] / 1e3
+
+
+LAUNCHES = {"cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel"}
+
+
+def dispatch_counts(fn, device: torch.device) -> dict:
+    """What one call of ``fn`` dispatches, as ``torch.profiler`` counts it: ``aten_ops`` (every ``aten::`` op, nested
+    ones included: the launch-bound proxy a CPU-only machine can track) and, on CUDA, ``kernels`` (kernel launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()  # warm: lazy initialisation is not counted
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    out = {"aten_ops": sum(e.name.startswith("aten::") for e in events)}
+    if device.type == "cuda":
+        out["kernels"] = sum(e.name in LAUNCHES for e in events)
+    return out
+
+
+def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: str = "cpu", repeat: int = 5,
+                   step: bool = True, amp: bool = False) -> dict:
+    """Print and return timings (ms), ratios and dispatch counts for the shapes in the module docstring; ``amp``: the
+    features come in under fp16 autocast as in AMP training (FGD computes in fp32 either way)."""
+    dev = torch.device(device if device not in ("", None) else "cpu")
+    if dev.type == "cpu" and str(device).isdigit():
+        dev = torch.device(f"cuda:{device}")
+    g = torch.Generator().manual_seed(0)
+    strides, cs, ct = (8, 16, 32), (64, 128, 256), (128, 256, 512)
+    sizes = [imgsz // s for s in strides]
+    xy = torch.rand(batch * boxes, 2, generator=g) * 0.9
+    wh = torch.rand(batch * boxes, 2, generator=g) * 0.3 + 0.01
+    bx = torch.cat([xy, (xy + wh).clamp(max=1)], 1).to(dev)
+    bi = torch.arange(batch).repeat_interleave(boxes).to(dev)
+    fs = [torch.randn(batch, c, s, s, generator=g).to(dev).requires_grad_() for c, s in zip(cs, sizes)]
+    ft = [torch.randn(batch, c, s, s, generator=g).to(dev) for c, s in zip(ct, sizes)]
+
+    h = sizes[0]
+    t_vec = _timeit(lambda: fgd_masks(bx, bi, batch, h, h), dev, repeat)
+    t_loop = _timeit(lambda: fgd_masks_loop(bx, bi, batch, h, h), dev, max(1, repeat // 2), warmup=1)
+
+    fgd = FGDPyramid(cs, ct).to(dev)
+    align = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 1) for a, b in zip(cs, ct)).to(dev)
+
+    amp = bool(amp) and dev.type == "cuda"
+
+    def fgd_step():
+        with torch.autocast(dev.type, enabled=amp):
+            total = fgd(fs, ft, bx, bi)["total"]
+        total.backward()
+
+    def mse_step():
+        with torch.autocast(dev.type, enabled=amp):
+            total = sum(feature_mse(a(s), t) for a, s, t in zip(align, fs, ft))
+        total.backward()
+
+    t_fgd = _timeit(fgd_step, dev, repeat)
+    t_mse = _timeit(mse_step, dev, repeat)
+    n_fgd, n_mse = dispatch_counts(fgd_step, dev), dispatch_counts(mse_step, dev)
+    res = {
+        "device": str(dev), "batch": batch, "imgsz": imgsz, "boxes_per_image": boxes, "threads": torch.get_num_threads(),
+        "amp": amp, "masks_vectorised_ms": 1e3 * t_vec, "masks_loop_ms": 1e3 * t_loop, "masks_speedup": t_loop / t_vec,
+        "fgd_fwd_bwd_ms": 1e3 * t_fgd, "mse_fwd_bwd_ms": 1e3 * t_mse, "fgd_over_mse": t_fgd / t_mse,
+        **{f"fgd_{k}": v for k, v in n_fgd.items()}, **{f"mse_{k}": v for k, v in n_mse.items()},
+    }
+    if step:
+        model = DetectionModel("yolo11n.yaml", nc=80, verbose=False).to(dev).train()
+        img = torch.rand(batch, 3, imgsz, imgsz, generator=g).to(dev)
+
+        def yolo_step():
+            out = model(img)  # training output: raw box/score maps (the assigner and IoU loss are not timed)
+            (out["boxes"].float().mean() + out["scores"].float().mean()).backward()
+            model.zero_grad(set_to_none=True)
+
+        t_step = _timeit(yolo_step, dev, max(1, repeat // 2), warmup=1)
+        res.update({"yolo11n_step_ms": 1e3 * t_step, "fgd_share_of_step": t_fgd / (t_step + t_fgd)})
+    lines = [f"FGD loss benchmark ({res['device']}, {res['threads']} threads, batch {batch}, {imgsz} px, "
+             f"P3-P5 {list(cs)} -> {list(ct)} ch, {boxes} boxes/image, median of {repeat})"]
+    lines += [f"  {k:<22} {v:10.3f}" if isinstance(v, float) else f"  {k:<22} {v}" for k, v in res.items()]
+    print("\n".join(lines))
+    return res
+
+
+def benchmark_step(teacher: str, data: str = "shapes", model: str = "yolo11n.yaml", imgsz: int = 192, batch: int = 16,
+                   fraction: float = 0.5, project: str = "runs/benchmark-step") -> dict:
+    """Seconds per training iteration of the plain student, the shipped default (head response), FGD alone, FGD on
+    top of the response term and Ultralytics' ``distill_model=`` (same teacher, data, batch; one epoch each, run one
+    after another; validation not timed)."""
+    if not Path(str(teacher)).is_file():
+        raise FGDError(f"teacher '{teacher}' not found: pass teacher=path/to/best.pt")
+    data = resolve_data(data)
+    common = dict(data=data, imgsz=imgsz, batch=batch, epochs=1, fraction=fraction, workers=0, plots=False,
+                  val=False, project=project, exist_ok=True, amp=False, seed=0)
+    fgd = {"trainer": FGDTrainer, "teacher": teacher}
+    cases = {"plain": {}, "default": fgd, "fgd": {**fgd, "fgd_gain": 0.05, "kd_cls": 0, "kd_box": 0},
+             "fgd_response": {**fgd, "fgd_gain": 0.05}, "distill_model": {"distill_model": teacher}}
+    res = {}
+    for name, extra in cases.items():
+        times = {}
+        m = YOLO(model)
+        m.add_callback("on_train_epoch_start", lambda t: times.update(t0=time.perf_counter()))
+        m.add_callback("on_train_epoch_end", lambda t: times.update(t1=time.perf_counter(), nb=len(t.train_loader)))
+        m.train(name=name, **common, **extra)
+        res[name] = (times["t1"] - times["t0"]) / times["nb"]
+    print(f"seconds per iteration (batch {batch}, {imgsz} px, {torch.get_num_threads()} threads, {model}, "
+          f"teacher {teacher}):")
+    for k, v in res.items():
+        print(f"  {k:<14} {v:.3f} s   x{v / res['plain']:.2f} of plain")
+    return res
+
+
+def soak(steps: int = 200, imgsz: int = 64, batch: int = 4, project: str = "runs/soak") -> dict:
+    """Short soak: ``steps`` FGD training steps at tiny size on data with random empty and odd labels (empty images,
+    zero-area and border boxes, 300-box images); prints peak RSS (MB) at step 50 and at the end."""
+    root = Path(project)
+    src = shapes(root / "data", n_train=32, n_val=8, size=96).parent
+    rng = np.random.RandomState(0)
+    for i, lab in enumerate(sorted((src / "labels" / "train").glob("*.txt"))):
+        kind = i % 4
+        if kind == 0:
+            lab.write_text("")
+        elif kind == 1:
+            lab.write_text("0 0.5 0.5 0.0 0.3\n1 0.01 0.99 0.02 0.02\n2 0.5 0.5 1.0 1.0\n")
+        elif kind == 2:
+            xy = rng.uniform(0.05, 0.95, (300, 2))
+            lab.write_text("".join(f"{j % 6} {x:.4f} {y:.4f} 0.04 0.04\n" for j, (x, y) in enumerate(xy)))
+    for cache in src.glob("labels/*.cache"):
+        cache.unlink()
+    data = str(src / "data.yaml")
+    teacher = root / "teacher" / "weights" / "best.pt"
+    if not teacher.is_file():
+        YOLO("yolov8n.yaml").train(data=data, epochs=1, imgsz=imgsz, batch=batch, workers=0, plots=False,
+                                   project=str(root), name="teacher", exist_ok=True, val=False)
+    rss, count, early = {}, {"n": 0}, min(50, max(steps // 4, 1))
+
+    def step(trainer):
+        count["n"] += 1
+        if count["n"] in (early, steps):
+            rss[count["n"]] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if count["n"] >= steps:
+            trainer.stop = True
+
+    epochs = -(-steps // 8)  # 32 images / batch 4 = 8 steps per epoch
+    m = YOLO("yolo11n.yaml")
+    m.add_callback("on_train_batch_end", step)
+    shutil.rmtree(root / "fgd", ignore_errors=True)
+    m.train(trainer=FGDTrainer, teacher=str(teacher), data=data, epochs=epochs, imgsz=imgsz, batch=batch, workers=0,
+            plots=False, val=False, project=str(root), name="fgd", exist_ok=True, fgd_warmup=0)
+    print(f"soak: {count['n']} FGD steps; peak RSS {rss.get(early, 0):.0f} MB at step {early}, "
+          f"{rss.get(steps, 0):.0f} MB at step {steps}")
+    return {"steps": count["n"], "rss_mb": rss}

@@ -1,0 +1,94 @@
+"""``yolo-fgd attention``: spatial and channel attention (Eq. 5-8) of teacher, baseline and FGD student on an image
+(paper Fig. 1 and 5). Writes one PNG: a row per model, a column per Detect level (spatial attention over the image),
+and a last column with the channel attention of the middle level.
+
+``yolo-fgd imitation``: how much of the teacher's Detect-input features a student can reach linearly (held-out R^2 of
+the best 1x1 map, per level), the ceiling FGD's align layer works against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from ultralytics.utils import LOGGER
+
+from ..core import attention, standardise
+from ..data import resolve_data
+from ..data.coco import split_images
+from ..deploy.edge import blob
+from ..errors import FGDError
+from ..yolo.model import load_model, neck_features
+
+
+def attention_maps(model: str, teacher: str, source: str, baseline: str | None = None, imgsz: int = 640,
+                   temperature: float = 0.5, out: str | None = None) -> Path:
+    img = cv2.imread(str(source)) if Path(str(source)).is_file() else None
+    if img is None:
+        raise FGDError(f"source '{source}' is not a readable image: pass source=path/to/image.jpg")
+    x, _, _ = blob(img, (imgsz, imgsz))
+    t = torch.from_numpy(x)
+    rgb = (x[0].transpose(1, 2, 0) * 255).astype(np.uint8)
+    models = [("teacher", teacher)] + ([("baseline", baseline)] if baseline else []) + [("FGD student", model)]
+    rows = []
+    for label, path in models:
+        net = load_model(path, "cpu", "model" if label != "teacher" else "teacher")
+        with torch.no_grad():
+            feats = neck_features(net, t)
+        rows.append((label, [attention(f, temperature) for f in feats]))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nl = len(rows[0][1])
+    fig, axes = plt.subplots(len(rows), nl + 1, figsize=(3.2 * (nl + 1), 3.0 * len(rows)), squeeze=False)
+    for r, (label, atts) in enumerate(rows):
+        for lvl, (a_s, _) in enumerate(atts):
+            ax = axes[r, lvl]
+            heat = cv2.resize(a_s[0].numpy(), (imgsz, imgsz), interpolation=cv2.INTER_NEAREST)
+            ax.imshow(rgb)
+            ax.imshow(heat, cmap="jet", alpha=0.5)
+            ax.set_title(f"{label}: spatial P{lvl + 3}", fontsize=8)
+            ax.axis("off")
+        a_c = atts[min(1, nl - 1)][1][0].numpy()
+        ax = axes[r, nl]
+        ax.bar(np.arange(len(a_c)), a_c, width=1.0)
+        ax.set_title(f"{label}: channel P{min(1, nl - 1) + 3} ({len(a_c)} ch)", fontsize=8)
+    fig.tight_layout()
+    dst = Path(out) if out else Path("runs") / "attention" / f"{Path(str(source)).stem}_attention.png"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(dst, dpi=110)
+    plt.close(fig)
+    print(dst)
+    return dst
+
+
+def imitation(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, images: int = 120) -> dict:
+    """Per student checkpoint (comma-separated ``model``): held-out R^2, per Detect level, of the least-squares 1x1 map
+    (with bias) from its features (N,Cs,H,W) to the teacher's per-image, per-channel standardised ones (N,Ct,H,W),
+    fitted on half the pixels of ``images`` validation images and scored on the other half."""
+    files, _ = split_images(resolve_data(data), "val")
+    if not files:
+        raise FGDError(f"no validation images in {data}: check the data YAML's val path")
+    x = torch.cat([torch.from_numpy(blob(cv2.imread(str(p)), (imgsz, imgsz))[0]) for p in files[: int(images)]])
+    with torch.no_grad():
+        targets = [standardise(f) for f in neck_features(load_model(teacher, "cpu", "teacher"), x)]
+    out = {}
+    for path in str(model).split(","):
+        with torch.no_grad():
+            feats = neck_features(load_model(path, "cpu", "model"), x)
+        r2 = []
+        for fs, ft in zip(feats, targets):
+            a = torch.cat([fs.permute(0, 2, 3, 1).flatten(0, 2), torch.ones(fs.numel() // fs.shape[1], 1)], 1)
+            b = ft.permute(0, 2, 3, 1).flatten(0, 2)
+            g = torch.Generator().manual_seed(0)
+            fit = torch.randperm(len(a), generator=g) < len(a) // 2
+            w = torch.linalg.lstsq(a[fit], b[fit]).solution
+            r2.append(round(1 - float(((a[~fit] @ w - b[~fit]) ** 2).mean() / b[~fit].var(0).mean()), 3))
+        out[path] = r2
+        LOGGER.info(f"imitation: {path}: held-out R^2 of the best linear map to the teacher, "
+                    + ", ".join(f"P{i + 3} {v:.3f}" for i, v in enumerate(r2)))
+    return out

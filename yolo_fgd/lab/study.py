@@ -1,0 +1,282 @@
+"""``yolo-fgd study recipe=study``: the same budget for every method and seed, resumable, with a report.
+
+Each (dataset, method, seed) is one Ultralytics run in ``<project>/<name>/<dataset>/<method>-s<seed>`` trained in its
+own process (``lanes`` of them at once, the CPU threads split between them); a finished run leaves ``summary.json``
+and is skipped when the study is started again, an unfinished one resumes from its ``last.pt``. The report
+(``results.csv``, ``results.md``, ``results.png``) holds mean ± std over seeds of mAP50-95, mAP50, APs/APm/APl
+(COCO area ranges, pycocotools on the val split) and seconds per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from ultralytics import YOLO
+from ultralytics.data import YOLODataset
+from ultralytics.data.utils import check_det_dataset
+from ultralytics.utils import DEFAULT_CFG, LOGGER
+
+from ..cfg import load_recipe
+from ..data import resolve_data
+from ..deploy.evaluate import coco_ap
+from ..errors import FGDError
+from ..yolo import FGDTrainer
+
+METRICS = ("map", "map50", "aps", "apm", "apl", "ul_map", "epoch_s", "wall_s")
+
+
+def warm_label_cache(data) -> None:
+    """Build Ultralytics' label caches of a data YAML's train and val splits once, in this process."""
+    d = check_det_dataset(str(data), autodownload=False)
+    for split in ("train", "val"):
+        YOLODataset(img_path=d[split], data=d, imgsz=64, augment=False, hyp=DEFAULT_CFG, prefix=f"{split}: ")
+
+
+def claim(run_dir: Path) -> Path:
+    """Take ``run_dir/.lock`` for this process, or raise if a live process holds it (two writers would interleave
+    results.csv and last.pt). A lock left by a dead process is taken over."""
+    lock = run_dir / ".lock"
+    try:
+        pid = int(lock.read_text())
+        os.kill(pid, 0)  # PermissionError: alive, someone else's
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pid = None
+    except PermissionError:
+        pass
+    if pid is not None and pid != os.getpid():
+        raise FGDError(f"run {run_dir} is being trained by process {pid}: stop it first, or wait for it")
+    lock.write_text(str(os.getpid()))
+    return lock
+
+
+def run_one(spec: dict) -> dict:
+    """Train one (method, seed) run as described by ``spec`` and write its summary.json (a run another study process
+    finished meanwhile is kept, not retrained)."""
+    out = Path(spec["dir"])
+    lock = claim(out)
+    try:
+        if (out / "summary.json").is_file():
+            return json.loads((out / "summary.json").read_text())
+        return _train_one(spec, out)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _train_one(spec: dict, out: Path) -> dict:
+    kwargs = dict(spec["train"])
+    kwargs.update(project=str(out.parent), name=out.name, exist_ok=True, seed=spec["seed"], data=spec["data"])
+    kwargs.update(spec.get("args") or {})
+    last = out / "weights" / "last.pt"
+    t0 = time.time()
+    trainer = FGDTrainer if spec.get("fgd") else None
+    if last.is_file():
+        ckpt_epoch = _ckpt_epoch(last)
+        if ckpt_epoch is not None:  # unfinished: resume
+            YOLO(str(last)).train(trainer=trainer, resume=True)
+    else:
+        YOLO(spec["model"]).train(trainer=trainer, **kwargs)
+    return summarise(spec, fallback_s=time.time() - t0)
+
+
+def summarise(spec: dict, fallback_s: float = 0.0) -> dict:
+    """Write ``summary.json`` of a finished run: COCO AP of its best.pt, training seconds (summed over resumed
+    segments: Ultralytics' ``time`` column restarts on resume) and Ultralytics' own final val mAP50-95."""
+    out = Path(spec["dir"])
+    rows = _results(out / "results.csv")
+    wall, prev = 0.0, 0.0
+    for t in (float(r["time"]) for r in rows):
+        wall, prev = (wall + prev, t) if t < prev else (wall, t)
+    wall = (wall + prev) or fallback_s
+    summary = {
+        "method": spec["method"], "seed": spec["seed"], "epochs": len(rows), "wall_s": wall,
+        "epoch_s": wall / len(rows) if rows else 0.0,
+        "ul_map": float(rows[-1]["metrics/mAP50-95(B)"]) if rows else float("nan"),
+        **coco_ap(str(out / "weights" / "best.pt"), spec["data"], spec["train"]["imgsz"]),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _ckpt_epoch(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        return ckpt.get("epoch", -1) if ckpt.get("optimizer") is not None else None
+    except Exception:
+        return None
+
+
+def _results(csv_path):
+    import csv
+
+    if not Path(csv_path).is_file():
+        return []
+    with open(csv_path) as f:
+        return [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def plan(recipe: dict, root: Path) -> list[dict]:
+    """All run specs of a recipe, teachers first (a teacher is trained once per dataset, seed 0)."""
+    specs = []
+    for ds_name, ds in recipe["datasets"].items():
+        train = dict(recipe["train"])
+        if isinstance(ds, dict) and "data" in ds:  # {data: ..., train: {per-dataset overrides}}
+            train.update(ds.get("train") or {})
+            ds = ds["data"]
+        data = resolve_data(ds)
+        tcfg = recipe["teacher"]
+        tdir = root / ds_name / "teacher"
+        teacher_pt = tcfg.get("weights") or str(tdir / "weights" / "best.pt")
+        if not tcfg.get("weights"):
+            specs.append({"dir": str(tdir), "method": "teacher", "seed": 0, "data": data, "model": tcfg["model"],
+                          "train": {**train, **(tcfg.get("train") or {})}, "dataset": ds_name})
+        for method, m in recipe["methods"].items():
+            m = dict(m or {})
+            if m.get("datasets") and ds_name not in m["datasets"]:  # a method limited to some data sets
+                continue
+            args = {k: (teacher_pt if v == "TEACHER" else v) for k, v in (m.get("args") or {}).items()}
+            for seed in m.get("seeds", recipe["seeds"]):
+                model, needs = m.get("model", recipe["student"]), [] if tcfg.get("weights") else [teacher_pt]
+                if str(model).startswith("RUN:"):  # fine-tuning: start from another method's student, same seed
+                    model = str(root / ds_name / f"{model[4:]}-s{seed}" / "weights" / "best.pt")
+                    needs.append(model)
+                specs.append({"dir": str(root / ds_name / f"{method}-s{seed}"), "method": method, "seed": seed,
+                              "data": data, "model": model, "train": train,
+                              "fgd": bool(m.get("fgd")), "args": {**({"teacher": teacher_pt} if m.get("fgd") else {}),
+                                                                    **args}, "dataset": ds_name, "needs": needs})
+    return specs
+
+
+def report(root: Path, specs: list[dict]) -> str:
+    """Aggregate summaries into results.csv / results.md / results.png under ``root``; returns the Markdown."""
+    rows = {}
+    for s in specs:
+        f = Path(s["dir"]) / "summary.json"
+        if f.is_file():
+            rows.setdefault((s["dataset"], s["method"]), []).append(json.loads(f.read_text()))
+    lines_csv = ["dataset,method,seeds," + ",".join(f"{m}_mean,{m}_std" for m in METRICS)]
+    md = ["| dataset | method | seeds | mAP50-95 | per seed | mAP50 | APs | APm | APl | Ultralytics val | s/epoch |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (ds, method), runs in rows.items():
+        vals = {m: np.array([r.get(m, np.nan) for r in runs], float) for m in METRICS}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a metric absent in every run (e.g. no large objects)
+            stat = {m: (np.nanmean(v), np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else 0.0)
+                    for m, v in vals.items()}
+        lines_csv.append(f"{ds},{method},{len(runs)}," + ",".join(f"{stat[m][0]:.5f},{stat[m][1]:.5f}" for m in METRICS))
+        pm = lambda m, k=100: "–" if np.isnan(stat[m][0]) else f"{stat[m][0] * k:.1f} ± {stat[m][1] * k:.1f}"
+        seeds = " / ".join(f"{r['map'] * 100:.1f}" for r in sorted(runs, key=lambda r: r["seed"]))
+        md.append(f"| {ds} | {method} | {len(runs)} | {pm('map')} | {seeds} | {pm('map50')} | {pm('aps')} | "
+                  f"{pm('apm')} | {pm('apl')} | {pm('ul_map')} | {stat['epoch_s'][0]:.1f} |")
+    (root / "results.csv").write_text("\n".join(lines_csv) + "\n")
+    text = "\n".join(md) + "\n"
+    (root / "results.md").write_text(text)
+    _plot(root, rows)
+    return text
+
+
+def _plot(root, rows):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return
+    if not rows:
+        return
+    keys = list(rows)
+    means = [100 * np.mean([r["map"] for r in rows[k]]) for k in keys]
+    stds = [100 * np.std([r["map"] for r in rows[k]]) for k in keys]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys)), 4), tight_layout=True)
+    ax.bar(range(len(keys)), means, yerr=stds, capsize=4, color=["C%d" % (i % 10) for i in range(len(keys))])
+    ax.set_xticks(range(len(keys)), [f"{d}\n{m}" for d, m in keys], fontsize=8)
+    ax.set_ylabel("mAP50-95 (%)")
+    ax.set_title("yolo-fgd study: mean ± std over seeds")
+    fig.savefig(root / "results.png", dpi=120)
+    plt.close(fig)
+
+
+def study(recipe: str = "study", project: str = "runs/study", name: str | None = None, lanes: int = 2,
+          only: str | None = None, report_only: bool = False, rescore: bool = False) -> str:
+    """Run (or resume) every run of ``recipe`` with ``lanes`` processes, then write and print the report
+    (``report_only=True``: just the report of the runs finished so far; ``rescore=True``: first re-evaluate every
+    finished run, e.g. after a change of the evaluation protocol)."""
+    rec = load_recipe(recipe)
+    # absolute: Ultralytics would put a relative project under runs/detect/
+    root = Path(project).resolve() / (name or (Path(recipe).stem if not isinstance(recipe, dict) else "study"))
+    root.mkdir(parents=True, exist_ok=True)
+    specs = plan(rec, root)
+    if only:
+        keep = set(str(only).split(","))
+        specs = [s for s in specs if s["method"] in keep or s["method"] == "teacher"]
+    if rescore:
+        for s in specs:
+            if (Path(s["dir"]) / "summary.json").is_file():
+                summarise(s)
+    todo = [] if report_only else [s for s in specs if not (Path(s["dir"]) / "summary.json").is_file()]
+    todo.sort(key=lambda s: (s["method"] != "teacher", s["seed"]))  # teachers first, then seed by seed
+    LOGGER.info(f"study {root}: {len(specs)} runs, {len(todo)} to do, {lanes} lanes")
+    for data in {s["data"] for s in todo}:
+        warm_label_cache(data)  # parallel lanes would otherwise race to write the same labels/*.cache
+    threads = max(1, (os.cpu_count() or 2) // max(lanes, 1))
+    running: list[tuple[subprocess.Popen, dict]] = []
+    pending = list(todo)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # a TERM to the study (kill, a scheduler) stops its lanes too, as Ctrl-C does; they resume on the next start
+    old_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        _drive(pending, running, lanes, env)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        for proc, s in running:
+            proc.terminate()
+        for proc, s in running:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    text = report(root, specs)
+    print(text)
+    return text
+
+
+def _drive(pending: list, running: list, lanes: int, env: dict) -> None:
+    """Start runs whose inputs exist, ``lanes`` at a time, until none is left (``running`` is kept up to date)."""
+    while pending or running:
+        for proc, s in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, s))
+                if proc.returncode:
+                    LOGGER.warning(f"study run {s['dir']} failed (exit {proc.returncode}), see its train.log")
+        busy = {str(Path(r[1]["dir"]) / "weights" / "best.pt") for r in running}  # best.pt exists before the end
+        for s in [s for s in pending if (Path(s["dir"]) / "summary.json").is_file()]:  # finished by another study
+            pending.remove(s)
+        ready = [s for s in pending if all(Path(n).is_file() and n not in busy for n in s.get("needs") or [])]
+        while ready and len(running) < lanes:
+            s = ready.pop(0)
+            pending.remove(s)
+            Path(s["dir"]).mkdir(parents=True, exist_ok=True)
+            spec_file = Path(s["dir"]) / "spec.json"
+            spec_file.write_text(json.dumps(s))
+            log = open(Path(s["dir"]) / "train.log", "a")
+            running.append((subprocess.Popen([sys.executable, "-m", "yolo_fgd.lab.study", str(spec_file)], stdout=log,
+                                             stderr=subprocess.STDOUT, env=env), s))
+            LOGGER.info(f"study: started {s['dir']}")
+        if not running and pending:
+            LOGGER.warning(f"study: {len(pending)} runs wait for a teacher or base run that failed; stopping")
+            break
+        time.sleep(5)
+
+
+if __name__ == "__main__":  # one run: python -m yolo_fgd.lab.study spec.json
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    run_one(json.loads(Path(sys.argv[1]).read_text()))

@@ -1,0 +1,74 @@
+"""COCO data for the torchvision path (as ``references/detection/coco_utils.py``): a COCO-json dataset, the
+conversion of YOLO data sets to COCO files, and the batch collation."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import cv2
+import torch
+
+from ..data import resolve_data
+from ..data.coco import yolo_split_to_coco
+from ..errors import FGDError
+
+
+class CocoDataset(torch.utils.data.Dataset):
+    """COCO-format detection set -> (image float CHW in [0,1], {'boxes' xyxy px, 'labels', 'image_id'})."""
+
+    def __init__(self, ann_file, image_root, train: bool = False, hflip: float = 0.5):
+        d = json.loads(Path(ann_file).read_text())
+        self.root, self.train, self.hflip = Path(image_root), train, hflip
+        self.images = d["images"]
+        self.anns = {}
+        for a in d["annotations"]:
+            self.anns.setdefault(a["image_id"], []).append(a)
+        self.gt = d
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        info = self.images[i]
+        img = cv2.imread(str(self.root / info["file_name"]))
+        if img is None:
+            raise FGDError(f"image '{self.root / info['file_name']}' is missing or unreadable")
+        img = torch.from_numpy(img[:, :, ::-1].copy()).permute(2, 0, 1).float() / 255
+        anns = [a for a in self.anns.get(info["id"], []) if a["bbox"][2] > 1 and a["bbox"][3] > 1]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+        if self.train and random.random() < self.hflip:
+            img = img.flip(-1)
+            w = img.shape[-1]
+            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+        return img, {"boxes": boxes, "labels": labels, "image_id": info["id"]}
+
+
+def coco_files(data) -> dict:
+    """Resolve ``data`` (a YOLO data YAML / 'shapes' / 'deepforest', or a dict with train_json/train_images/val_json/
+    val_images) to COCO files, converting YOLO sets once (``annotations/instances_{split}.json`` beside the YAML)."""
+    if isinstance(data, dict):
+        return data
+    yaml_path = Path(resolve_data(data))
+    if not yaml_path.is_file():
+        raise FGDError(f"data '{data}' not found: pass a YOLO data YAML, shapes, deepforest, or COCO json paths")
+    out = {}
+    for split in ("train", "val"):
+        ann = yaml_path.parent / "annotations" / f"instances_{split}.json"
+        if not ann.is_file():
+            gt, index = yolo_split_to_coco(yaml_path, split)
+            for img, (_, f) in zip(gt["images"], index):
+                img["file_name"] = str(Path(f).resolve())
+            ann.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ann.with_suffix(".tmp")
+            tmp.write_text(json.dumps(gt))
+            tmp.replace(ann)
+        out[f"{split}_json"], out[f"{split}_images"] = str(ann), "/"
+    return out
+
+
+def collate(batch):
+    return tuple(zip(*batch))

@@ -1,0 +1,174 @@
+"""Paper-faithful path: FGD for torchvision RetinaNet and FCOS, in the style of torchvision's
+``references/detection/train.py`` (plain loop, SGD, warm-up, the 2x step schedule, COCOeval).
+
+    yolo-fgd tv-train recipe=tv_retinanet_r101_r50 [key=value ...]
+    torchrun --nproc_per_node 2 -m yolo_fgd.tv recipe=... (DistributedDataParallel, gloo on CPU, nccl on GPU)
+    yolo-fgd tv-val model=runs/tv/NAME/student.pth data=... arch=retinanet backbone=resnet50
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from ultralytics.utils import LOGGER
+
+from ..cfg import load_recipe
+from ..core.presets import RESPONSE_KEYS, arg_name, renamed, resolve
+from ..data.coco import COLUMNS
+from ..errors import FGDError
+from .coco_utils import CocoDataset, coco_files, collate
+from .distiller import Distiller
+from .engine import evaluate, train_one_epoch
+from .models import ARCH_PRESET, build, inherit
+
+# tv-train arguments and their defaults (FGD's own keys, fgd_*, come on top: see FGD_KEYS)
+ARGS = {
+    "arch": "retinanet", "teacher_backbone": "resnet101", "student_backbone": "resnet50", "teacher": None,
+    "student_weights": None, "data": "shapes", "epochs": 24, "batch": 2, "lr": 0.01, "momentum": 0.9,
+    "weight_decay": 1e-4, "warmup_iters": 500, "warmup_factor": 1e-3, "clip": 35.0, "min_size": [800],
+    "max_size": 1333, "inherit": False, "hflip": 0.5, "workers": 0, "device": "cpu", "project": "runs/tv",
+    "name": "train", "seed": 0, "resume": False, "fgd": True, "fgd_preset": None, "eval_every": 1, "amp": False,
+}
+FGD_KEYS = tuple(arg_name(k) for k in ("fg", "bg", "at", "gl", "temperature", "gain", "norm", "split", "spatial",
+                                       "channel", "mse"))
+
+
+def config(**kwargs) -> dict:
+    """tv-train arguments: ``ARGS`` < recipe (``recipe=``) < ``kwargs``; unknown keys are a one-line error."""
+    cfg = dict(ARGS)
+    recipe = kwargs.pop("recipe", None)
+    if recipe:
+        cfg.update(load_recipe(recipe))
+    kwargs = renamed(kwargs)
+    unknown = sorted(set(kwargs) - set(ARGS) - set(FGD_KEYS))
+    if unknown:
+        hint = (" (the head-response term is the YOLO adapter's; tv-train runs the paper's FGD)"
+                if set(unknown) & set(RESPONSE_KEYS) else "")
+        raise FGDError(f"unknown tv-train argument(s) {unknown}{hint}: see `yolo-fgd tv-train help`")
+    cfg.update(kwargs)
+    return cfg
+
+
+def train(**kwargs) -> dict:
+    """Train a (distilled) torchvision student; returns the final COCO metrics. See ``ARGS`` for arguments."""
+    cfg = config(**kwargs)
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device(cfg["device"] if not str(cfg["device"]).isdigit() else f"cuda:{cfg['device']}")
+    if cfg["amp"] and device.type != "cuda":
+        raise FGDError(f"amp=True needs a CUDA device (device={cfg['device']}): pass device=cuda or amp=False")
+    if ddp and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if ddp and device.type == "cuda":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    torch.manual_seed(cfg["seed"] + rank)
+    random.seed(cfg["seed"] + rank)
+
+    files = coco_files(cfg["data"])
+    train_set = CocoDataset(files["train_json"], files["train_images"], train=True, hflip=cfg["hflip"])
+    val_set = CocoDataset(files["val_json"], files["val_images"])
+    nc = max((c["id"] for c in train_set.gt["categories"]), default=0) + 1
+    save = Path(cfg["project"]) / cfg["name"]
+    if rank == 0:
+        save.mkdir(parents=True, exist_ok=True)
+    student = build(cfg["arch"], cfg["student_backbone"], nc, cfg["student_weights"], cfg["min_size"], cfg["max_size"])
+    teacher, fgd_cfg = None, None
+    if cfg["fgd"]:
+        if not cfg["teacher"]:
+            raise FGDError("tv-train with fgd=True needs teacher=path/to/teacher.pth (or fgd=False for the baseline)")
+        teacher = build(cfg["arch"], cfg["teacher_backbone"], nc, cfg["teacher"], cfg["min_size"], cfg["max_size"])
+        fgd_cfg = resolve({"fgd_preset": cfg["fgd_preset"] or ARCH_PRESET[cfg["arch"]],
+                           **{k: cfg[k] for k in FGD_KEYS if k in cfg}})
+        if any(fgd_cfg[k] for k in RESPONSE_KEYS):
+            raise FGDError("kd_cls/kd_box are the YOLO adapter's response term; the torchvision path runs the "
+                           "paper's FGD only: pick a paper preset (fgd_preset=anchor_based, anchor_free or "
+                           "two_stage), or leave fgd_preset unset for the architecture's own")
+        if cfg["inherit"]:
+            LOGGER.info(f"inherit: copied {len(inherit(student, teacher))} FPN/head tensors from the teacher")
+        teacher.to(device)
+    model = Distiller(student, teacher, fgd_cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg["lr"] * cfg["batch"] * (dist.get_world_size() if ddp else 1) / 16  # linear scaling from 16 images
+    opt = torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type) if cfg["amp"] else None
+    start_epoch, last = 0, save / "last.pth"
+    if cfg["resume"] and last.is_file():
+        ck = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        start_epoch = ck["epoch"] + 1
+        LOGGER.info(f"resumed {last} at epoch {start_epoch + 1}")
+    net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
+    sampler = torch.utils.data.distributed.DistributedSampler(train_set, seed=cfg["seed"]) if ddp else None
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch"], shuffle=sampler is None, sampler=sampler,
+                                         collate_fn=collate, num_workers=cfg["workers"], drop_last=True)
+    if rank == 0:
+        (save / "args.json").write_text(json.dumps(cfg, indent=1, default=str))
+    metrics = {}
+    for epoch in range(start_epoch, cfg["epochs"]):
+        model.train()
+        if teacher is not None:
+            teacher.eval()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        t0 = time.time()
+        means = train_one_epoch(net, opt, loader, device, epoch, cfg, lr, scaler, show=rank == 0)
+        if rank == 0:
+            save_checkpoint(last, model, opt, scaler, epoch)
+            if epoch + 1 == cfg["epochs"] or (cfg["eval_every"] and (epoch + 1) % cfg["eval_every"] == 0):
+                metrics = evaluate(student, val_set, device)
+                LOGGER.info("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            row = {"epoch": epoch + 1, "time": round(time.time() - t0, 2),
+                   "lr": opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in means.items()},
+                   **{k: round(metrics.get(k, float("nan")), 5) for k in COLUMNS}}
+            append_row(save / "results.csv", row)
+        if ddp:
+            dist.barrier()
+    if rank == 0:
+        torch.save(student.state_dict(), save / "student.pth")
+        LOGGER.info(f"student weights: {(save / 'student.pth').resolve()}\n"
+                    + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if ddp:
+        dist.destroy_process_group()
+    return metrics
+
+
+def save_checkpoint(path: Path, model: nn.Module, opt, scaler, epoch: int) -> None:
+    """``last.pth`` (distiller state, optimiser, scaler, epoch), written to a temporary name and renamed."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+             "scaler": scaler.state_dict() if scaler is not None else None}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one epoch's row to ``results.csv`` (header on the first)."""
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def val(model: str, data="shapes", arch: str = "retinanet", backbone: str = "resnet50", device: str = "cpu",
+        min_size=(800,), max_size: int = 1333) -> dict:
+    """COCOeval of a torchvision student checkpoint on the val split; prints the paper's columns."""
+    files = coco_files(data)
+    ds = CocoDataset(files["val_json"], files["val_images"])
+    nc = max((c["id"] for c in ds.gt["categories"]), default=0) + 1
+    net = build(arch, backbone, nc, model, min_size, max_size)
+    m = evaluate(net.to(device), ds, torch.device(device))
+    print(" | ".join(COLUMNS) + "\n" + " | ".join(f"{100 * m[k]:.1f}" for k in COLUMNS))
+    return m

@@ -1,0 +1,7 @@
+"""The Ultralytics YOLO adapter: model taps (``model``), the model-side ``Distiller`` and its criterion
+(``distiller``), and the trainers that call them from named hooks (``trainer``)."""
+
+from .distiller import DistillCriterion, Distiller
+from .trainer import DistillMixin, FGDTrainer
+
+__all__ = ["DistillCriterion", "Distiller", "DistillMixin", "FGDTrainer"]

@@ -1,0 +1,208 @@
+"""The YOLO distiller: owns the teacher, the feature taps and the distillation forward (the shape of Ultralytics'
+``nn/distill_model.py`` and the official FGD ``DetectionDistiller``); the trainer only calls it from named hooks.
+
+Terms whose weight is 0 are not built: no FGD pyramid (align convs, GcBlocks) without FGD weight, no teacher head run
+without a response weight, and neither appears in the loss items or ``results.csv``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..core import TERMS, response_kd
+from ..core.presets import build_pyramid, fgd_on, response_on
+from .model import check_pair, detect_head, head_channels, head_outputs, load_model, neck_features, train_outputs
+
+
+class Distiller(nn.Module):
+    """Teacher + FGD pyramid + head-response term for one YOLO student.
+
+    The teacher is held outside the module tree (not in ``state_dict``, the optimiser or DDP) and the student only by
+    reference; the module's own parameters are the FGD pyramid's (none when FGD has no weight).
+
+    Args:
+        student: the student model (unwrapped), for channel/stride/box-bin checks and the gradient-share probe.
+        teacher: path of the teacher checkpoint, loaded frozen on ``device``.
+        cfg: a resolved preset (:func:`yolo_fgd.core.presets.resolve`).
+        names: the data's class names.
+
+    ``scale`` (the schedule factor, set per batch by the trainer) multiplies every term; ``mult`` (gradient-share
+    balancing, ``fgd_share``) multiplies FGD's.
+    """
+
+    MEASURE_EVERY = 25  # batches between gradient-norm measurements (two extra backward passes each)
+
+    def __init__(self, student: nn.Module, teacher, cfg: dict, names, device):
+        super().__init__()
+        model = load_model(teacher, device, "teacher")
+        check_pair(student, model, names, teacher)
+        self._refs = {"teacher": model, "student": student}  # plain dict: not submodules
+        self.cfg = cfg
+        self.fgd = build_pyramid(head_channels(student), head_channels(model), cfg) if fgd_on(cfg) else None
+        self.response = response_on(cfg)
+        self.box_bins = (int(detect_head(student).reg_max), int(detect_head(model).reg_max))
+        self.scale, self.mult, self.world_size = 1.0, 1.0, 1
+        self.steps = 0  # batches seen in this process (measurement cadence)
+        self.stats = self.new_stats()
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._refs["teacher"]
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """Loss items this distiller adds, in order (fixed at construction: identical on every batch)."""
+        return (("fgd", *TERMS) if self.fgd is not None else ()) + (("kd",) if self.response else ())
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        on = [t for t, v in (("FGD", self.fgd is not None), ("head response", self.response)) if v]
+        return (f"teacher strides {[int(s) for s in self.teacher.stride]}, {' + '.join(on) or 'no term with weight'}, "
+                f"{n:,} trainable distiller parameters")
+
+    # --- the forward of one batch -----------------------------------------------------------------------------
+    def forward(self, student_out: dict, batch: dict) -> dict:
+        """Distillation terms of one batch (0-d fp32 tensors): ``fgd`` (scaled FGD total), ``fg``/``bg``/``at``/``gl``
+        (its terms, detached), ``levels`` (L,), ``kd`` (scaled response term), each present when built.
+        A batch with a non-finite feature or term gets exact zeros (a select, no host sync) and is counted."""
+        img = batch["img"]
+        with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
+            teacher_feats = neck_features(self.teacher, img.float())
+        student_feats = student_out["feats"]
+        ok = torch.stack([torch.isfinite(f).all() for f in (*student_feats, *teacher_feats)]).all()
+        student_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in student_feats]
+        teacher_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in teacher_feats]
+        out = {}
+        if self.fgd is not None:
+            xywh = batch["bboxes"].to(img.device).float()
+            boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+            terms = self.fgd(student_feats, teacher_feats, boxes, batch["batch_idx"].to(img.device).view(-1))
+            s = self.scale * self.mult
+            out = {"fgd": terms["total"] * s, **{k: terms[k].detach() * s for k in TERMS}, "levels": terms["levels"] * s}
+            ok = ok & torch.isfinite(out["fgd"])
+        if self.response:
+            with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
+                teacher_out = head_outputs(self.teacher, teacher_feats)
+            t = response_kd(student_out["scores"], teacher_out["scores"], student_out["boxes"], teacher_out["boxes"],
+                            *self.box_bins)
+            out["kd"] = (self.cfg["kd_cls"] * t["cls"] + self.cfg["kd_box"] * t["box"]) * self.scale
+            ok = ok & torch.isfinite(out["kd"])
+        for k in ("fgd", "kd"):
+            if k in out:
+                out[k] = torch.where(ok, out[k], torch.zeros_like(out[k]))
+        self.stats["skipped"] = self.stats["skipped"] + (~ok).int()
+        return out
+
+    # --- instrumentation ----------------------------------------------------------------------------------------
+    def new_stats(self) -> dict:
+        return {"levels": 0.0, "n": 0, "ratio": [], "skipped": 0}
+
+    def observe(self, det_loss: torch.Tensor, out: dict, bs: int) -> None:
+        """Per-level sums every batch (no host sync); every MEASURE_EVERY batches the FGD/detection gradient-norm ratio
+        on the student's parameters, which also drives ``fgd_share`` balancing."""
+        if self.fgd is None or not det_loss.requires_grad:
+            return
+        st = self.stats
+        st["levels"] = st["levels"] + out["levels"]
+        st["n"] += 1
+        self.steps += 1
+        fgd = out["fgd"] * bs
+        if (self.steps - 1) % self.MEASURE_EVERY or self.world_size > 1 or not fgd.requires_grad:
+            return
+        params = [p for p in self._refs["student"].parameters() if p.requires_grad]
+        g_det = torch.autograd.grad(det_loss, params, retain_graph=True, allow_unused=True)
+        g_fgd = torch.autograd.grad(fgd, params, retain_graph=True, allow_unused=True)
+        norm = lambda gs: torch.linalg.vector_norm(torch.stack([g.float().norm() for g in gs if g is not None]))
+        ratio = float(norm(g_fgd) / norm(g_det).clamp(min=1e-12))
+        st["ratio"].append(ratio)
+        target = float(self.cfg.get("share") or 0)
+        if target > 0 and ratio > 0 and self.scale > 0:
+            # ratio = scale * mult * r0 (r0: ratio at unit weight); aim mult * r0 = target so that the share follows
+            # the warm-up ramp up to `target`, moving half-way in log space each measurement
+            want = target * self.mult * self.scale / ratio
+            self.mult = float(min(max((self.mult * want) ** 0.5, 1e-6), 1e6))
+
+    def epoch_metrics(self) -> dict:
+        """Columns added to results.csv: ``distill/scale``, ``distill/skipped`` and, with FGD, per-level ``fgd/P3``...,
+        ``fgd/grad_ratio`` (mean of the epoch's measurements) and ``fgd/mult``."""
+        st = self.stats
+        cols = {"distill/scale": round(self.scale, 6), "distill/skipped": int(st["skipped"])}
+        if self.fgd is not None:
+            n = max(st["n"], 1)
+            levels = (st["levels"] / n).tolist() if torch.is_tensor(st["levels"]) else [0.0] * len(self.fgd.levels)
+            cols.update({f"fgd/P{i + 3}": round(float(v), 6) for i, v in enumerate(levels)})
+            cols["fgd/grad_ratio"] = round(sum(st["ratio"]) / len(st["ratio"]), 6) if st["ratio"] else 0.0
+            cols["fgd/mult"] = round(self.mult, 6)
+        return cols
+
+    # --- optimisation and state -----------------------------------------------------------------------------------
+    def before_step(self, *_) -> None:
+        """Optimizer step pre-hook (gradients already unscaled): average the distiller's gradients over DDP ranks and
+        clip them at norm 10, as Ultralytics clips the student's."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        if not params:
+            return
+        if self.world_size > 1 and dist.is_initialized():
+            for p in params:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world_size
+        nn.utils.clip_grad_norm_(params, max_norm=10.0)
+
+    def sidecar(self, epoch: int) -> dict:
+        """What ``fgd_last.pt`` holds (the student's checkpoints hold no distiller state)."""
+        return {"fgd": self.fgd.state_dict() if self.fgd is not None else {}, "mult": self.mult, "epoch": epoch}
+
+    def load_sidecar(self, state: dict) -> bool:
+        """Restore from :meth:`sidecar` output; False when it holds no FGD state for a distiller that has FGD."""
+        self.mult = float(state.get("mult", 1.0))
+        if self.fgd is None:
+            return True
+        if not state.get("fgd"):
+            return False
+        self.fgd.load_state_dict(state["fgd"])
+        return True
+
+
+class DistillCriterion:
+    """The student's training criterion: its own loss + the distiller's terms as extra loss items (``fgd``, ``fg``,
+    ``bg``, ``at``, ``gl``, ``kd``: those the distiller has).
+
+    Not an ``nn.Module`` and dropped on deepcopy/pickle (becomes its base criterion), so the teacher never travels
+    with the student (EMA, checkpoints, DDP state).
+    """
+
+    def __init__(self, base, distiller: Distiller):
+        self.base, self.distiller = base, distiller
+
+    def __call__(self, preds, batch):
+        loss, items = self.base(preds, batch)
+        out = self.distiller(train_outputs(preds), batch)
+        bs = batch["img"].shape[0]
+        self.distiller.observe(loss.sum(), out, bs)
+        parts = [loss.view(-1)]
+        if "fgd" in out:
+            parts.append((out["fgd"] * bs).view(1).to(loss.dtype))
+            items = {**items, "fgd_loss": out["fgd"].detach(), **{f"{k}_loss": out[k] for k in TERMS}}
+        if "kd" in out:
+            parts.append((out["kd"] * bs).view(1).to(loss.dtype))
+            items = {**items, "kd_loss": out["kd"].detach()}
+        return torch.cat(parts), items
+
+    def update(self):
+        if hasattr(self.base, "update"):
+            self.base.update()
+
+    def __getattr__(self, name):  # hyp, stride, etc. of the base criterion
+        if name in {"base", "distiller"}:
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(self.base, memo)
+
+    def __reduce__(self):
+        return copy.copy, (self.base,)

@@ -1,0 +1,175 @@
+"""``FGDTrainer``: Ultralytics' trainer with a model-side :class:`~yolo_fgd.yolo.distiller.Distiller`, as small
+overrides of named hooks.
+
+The student stays a plain Ultralytics model: its criterion is wrapped for training only, the distiller's modules join
+the optimiser and are saved in a sidecar ``fgd_last.pt`` next to ``last.pt``. The teacher is loaded from its path on
+every rank. Checkpoints hold only the student, so they load with plain ``YOLO("best.pt")`` and
+``ULTRALYTICS_SAFE_LOAD=1``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from ultralytics.cfg import get_cfg
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK, colorstr
+from ultralytics.utils.torch_utils import unwrap_model
+
+from ..core.presets import ARGS, renamed, resolve
+from ..errors import FGDError
+from .distiller import DistillCriterion, Distiller
+
+SIDECAR = "fgd_last.pt"
+
+
+class DistillMixin:
+    """The distillation hooks, for any Ultralytics trainer of a Detect-family head (``FGDTrainer`` is the detection
+    one). Train args: Ultralytics' plus :data:`yolo_fgd.core.presets.ARGS` (``teacher``, ``fgd_preset``, ``fgd_*``,
+    ``kd_cls``, ``kd_box``)."""
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
+        cfg = {**ARGS, **renamed(vars(cfg) if not isinstance(cfg, dict) else cfg)}
+        overrides = renamed(dict(overrides or {}))
+        repoint = overrides.pop("teacher", None) if overrides.get("resume") else None
+        super().__init__(cfg, overrides, _callbacks)
+        if repoint:
+            self.args.teacher = repoint  # a resumed run may re-point its teacher
+        if getattr(self.args, "distill_model", None):
+            raise FGDError(
+                "teacher= and distill_model= both given: use yolo-fgd's teacher= for FGD, or plain `yolo train "
+                "distill_model=` for Ultralytics' own distillation, not both"
+            )
+        if not self.args.teacher:
+            raise FGDError("no teacher given: pass teacher=path/to/teacher.pt (a trained YOLO detection checkpoint)")
+        if not Path(self.args.teacher).is_file():
+            raise FGDError(
+                f"teacher '{self.args.teacher}' not found: pass teacher=path/to/best.pt of a trained YOLO detection model"
+            )
+        self.distill_cfg = resolve(self.args)
+        self.distiller = None
+        self.batch_i = 0  # batches seen this epoch (schedule position)
+        self.add_callback("on_train_epoch_start", DistillMixin._epoch_start)
+
+    def setup_model(self):
+        ckpt = super().setup_model()
+        self.distiller = Distiller(unwrap_model(self.model), self.args.teacher, self.distill_cfg, self.data["names"],
+                                   self.device).to(self.device)
+        self.distiller.world_size = self.world_size
+        if self.resume:
+            sidecar = Path(self.args.resume if isinstance(self.args.resume, (str, Path)) else self.args.model)
+            self._restore(sidecar.with_name(SIDECAR))
+        if RANK in {-1, 0}:
+            LOGGER.info(f"{colorstr('distill:')} teacher {self.args.teacher}, {self.distiller.describe()}, "
+                        f"{self.distill_cfg}")
+        return ckpt
+
+    def _setup_train(self):
+        super()._setup_train()
+        model = unwrap_model(self.model)
+        base = model.criterion if getattr(model, "criterion", None) is not None else model.init_criterion()
+        model.criterion = DistillCriterion(base, self.distiller)
+
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        """Ultralytics' optimizer plus the distiller's modules (conv weights decayed, the rest not); their gradients
+        are synchronised and clipped by :meth:`Distiller.before_step`."""
+        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        params = list(self.distiller.named_parameters())
+        if params:
+            groups = {g.get("param_group"): g for g in optimizer.param_groups if not g.get("use_muon")}
+            for kind, chosen in (("weight", [p for _, p in params if p.ndim > 1]),
+                                 ("bias", [p for _, p in params if p.ndim <= 1])):
+                template = {k: v for k, v in groups[kind].items() if k not in {"params", "initial_lr"}}
+                optimizer.add_param_group({**template, "params": chosen})
+            optimizer.register_step_pre_hook(self.distiller.before_step)
+        return optimizer
+
+    def preprocess_batch(self, batch):
+        batch = super().preprocess_batch(batch)
+        self.batch_i += 1
+        self.distiller.scale = self.distill_scale()
+        return batch
+
+    def distill_scale(self) -> float:
+        """Schedule factor of every distillation term: linear 0 -> 1 over the first ``fgd_warmup`` epochs, cosine
+        1 -> 0 over the last ``fgd_decay`` epochs (both fractional, per batch)."""
+        nb = max(len(getattr(self, "train_loader", []) or []), 1)
+        pos = self.epoch + self.batch_i / nb  # epochs done, fractional
+        warmup, decay = float(self.distill_cfg["warmup"]), float(self.distill_cfg.get("decay") or 0)
+        scale = min(1.0, pos / warmup) if warmup > 0 else 1.0
+        if decay > 0:
+            t = min(max((pos - (self.epochs - decay)) / decay, 0.0), 1.0)
+            scale *= 0.5 * (1.0 + math.cos(math.pi * t))
+        return scale
+
+    @staticmethod
+    def _epoch_start(trainer):
+        trainer.batch_i = 0
+        trainer.distiller.stats = trainer.distiller.new_stats()
+
+    def save_metrics(self, metrics):
+        cols = self.distiller.epoch_metrics()
+        if cols["distill/skipped"]:
+            LOGGER.warning(f"distill: {cols['distill/skipped']} batch(es) this epoch had non-finite features or "
+                           "distillation loss; their distillation contribution was dropped")
+        super().save_metrics({**metrics, **cols})
+
+    def get_validator(self):
+        """The task's stock validator, given only Ultralytics' own args (it rejects unknown keys)."""
+        args = self.args
+        self.args = get_cfg({k: v for k, v in vars(args).items() if k in DEFAULT_CFG_DICT})
+        try:
+            return super().get_validator()
+        finally:
+            self.args = args
+
+    def _restore(self, sidecar: Path) -> None:
+        """Restore the distiller's modules and share multiplier from ``fgd_last.pt``, or say why not."""
+        if not sidecar.is_file():
+            if self.distiller.fgd is not None:
+                LOGGER.warning(f"distill: {sidecar} not found, resuming with freshly initialised FGD modules")
+            return
+        if self.distiller.load_sidecar(torch.load(sidecar, map_location=self.device, weights_only=True)):
+            LOGGER.info(f"{colorstr('distill:')} restored the distiller's state from {sidecar}")
+        else:
+            LOGGER.warning(f"distill: {sidecar} holds no FGD modules (FGD was off), starting them fresh")
+
+    def _handle_nan_recovery(self, epoch):
+        """Ultralytics reloads the student, optimiser and EMA from last.pt; reload the distiller from its sidecar
+        too, so student and distiller state come from the same epoch."""
+        recovered = super()._handle_nan_recovery(epoch)
+        if recovered and self.distiller is not None:
+            self._restore(self.wdir / SIDECAR)
+        return recovered
+
+    def save_model(self):
+        """Ultralytics' checkpoints (student only) plus the distiller's state in ``fgd_last.pt`` (when it has any),
+        every file written to a temporary name and renamed, so a kill never leaves a half-written checkpoint."""
+        final = {"last": self.last, "best": self.best}
+        self.last, self.best = (p.with_name(f".{p.name}.tmp") for p in (final["last"], final["best"]))
+        try:
+            saved = super().save_model()
+        finally:
+            for key, path in final.items():
+                tmp = getattr(self, key)
+                if tmp.exists():
+                    os.replace(tmp, path)
+            self.last, self.best = final["last"], final["best"]
+        if saved and self.distiller is not None and self.distiller.fgd is not None:
+            tmp = self.wdir / f".{SIDECAR}.tmp"
+            torch.save(self.distiller.sidecar(self.epoch), tmp)
+            os.replace(tmp, self.wdir / SIDECAR)
+        return saved
+
+
+class FGDTrainer(DistillMixin, DetectionTrainer):
+    """DetectionTrainer with distillation from a frozen teacher (``teacher=path.pt``): the head-response term of
+    the shipped preset, FGD on the Detect inputs with ``fgd_gain=0.05`` (or a paper preset).
+
+    Example:
+        >>> from ultralytics import YOLO
+        >>> YOLO("yolo11n.yaml").train(trainer=FGDTrainer, teacher="teacher.pt", data="data.yaml", epochs=100)
+    """
