@@ -16,11 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masks import fgd_masks
+from .masks import fgd_masks, fgd_masks_levels
 
 __all__ = ["FGDLoss", "FGDPyramid", "GcBlock", "TERMS", "attention", "feature_mse", "standardise"]
 
 TERMS = ("fg", "bg", "at", "gl")  # Eq. 9 foreground, Eq. 9 background, Eq. 10 attention, Eq. 11 global
+
+
+def _softmaxes(feat: torch.Tensor, temperature: float):
+    """(N,C,H,W) -> softmax_hw(mean_c|F| / T) (N,HW) and softmax_c(mean_hw|F| / T) (N,C): A_S / HW and A_C / C."""
+    n, c, h, w = feat.shape
+    a = feat.abs().view(n, c, -1)
+    return (F.softmax(a.sum(1) * (1.0 / (c * temperature)), dim=1),
+            F.softmax(a.sum(2) * (1.0 / (h * w * temperature)), dim=1))
 
 
 def attention(feat: torch.Tensor, temperature: float):
@@ -30,12 +38,8 @@ def attention(feat: torch.Tensor, temperature: float):
     A_C (N,C) = C*softmax_c(mean_hw|F| / T), summing to C.
     """
     n, c, h, w = feat.shape
-    a = feat.abs()
-    spatial = a.mean(1).view(n, -1)
-    channel = a.mean((2, 3))
-    a_s = (h * w) * F.softmax(spatial / temperature, dim=1)
-    a_c = c * F.softmax(channel / temperature, dim=1)
-    return a_s.view(n, h, w), a_c
+    p_s, p_c = _softmaxes(feat, temperature)
+    return (h * w) * p_s.view(n, h, w), c * p_c
 
 
 class GcBlock(nn.Module):
@@ -66,8 +70,13 @@ class GcBlock(nn.Module):
         flat = feat.reshape(n, c, -1)
         # W_k F: the C->1 context conv as a matrix-vector product (a 1-channel conv is slow in oneDNN/cuDNN)
         logits = torch.matmul(self.context.weight.view(1, 1, c), flat).view(n, -1) + self.context.bias
-        ctx = torch.bmm(flat, F.softmax(logits, dim=1).unsqueeze(2))  # (N,C,1)
-        return self.transform(ctx.view(n, c, 1, 1)).view(n, c)
+        ctx = torch.bmm(flat, F.softmax(logits, dim=1).unsqueeze(2)).view(n, c)  # (N,C)
+        # the transform's 1x1 convs on a 1x1 map, as the matrix products they are (same parameters, fewer kernels)
+        conv1, norm, _, conv2 = self.transform
+        hidden = conv1.out_channels
+        x = F.linear(ctx, conv1.weight.view(hidden, c), conv1.bias)
+        x = F.relu(F.layer_norm(x, (hidden,), norm.weight.view(-1), norm.bias.view(-1), norm.eps))
+        return F.linear(x, conv2.weight.view(c, hidden), conv2.bias)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         return feat + self.delta(feat)[:, :, None, None]
@@ -102,9 +111,10 @@ class FGDLoss(nn.Module):
         mse: plain feature distillation instead (Eq. 1, the paper's baseline): ``fg`` = fg * sum (F_t - F_s')^2 / N,
             the other terms zero (no attention, no GcBlock work).
 
-    forward(student_feat (N,Cs,H,W), teacher_feat (N,Ct,H,W), boxes (M,4) normalised xyxy, batch_idx (M,))
-    -> dict of 0-d fp32 tensors: the weighted terms ``fg``, ``bg``, ``at``, ``gl`` (each summed over the level and
-    divided by N) and their sum ``total``.
+    forward(student_feat (N,Cs,H,W), teacher_feat (N,Ct,H,W), boxes (M,4) normalised xyxy, batch_idx (M,),
+    masks=None) -> dict of 0-d fp32 tensors: the weighted terms ``fg``, ``bg``, ``at``, ``gl`` (each summed over the
+    level and divided by N) and their sum ``total``. ``masks``: this level's (fg, bg) of Eq. 2-4 when the caller built
+    them (:class:`FGDPyramid` builds every level's in one pass).
     """
 
     def __init__(
@@ -126,6 +136,7 @@ class FGDLoss(nn.Module):
         super().__init__()
         self.temperature = float(temperature)
         self.weights = {"fg": float(fg), "bg": float(bg), "at": float(at), "gl": float(gl)}
+        self.register_buffer("weight_vec", torch.tensor([self.weights[k] for k in TERMS]), persistent=False)
         self.official_rounding = official_rounding
         self.spatial, self.channel = spatial, channel
         self.split, self.norm, self.mse = split, norm, mse
@@ -138,7 +149,7 @@ class FGDLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"T={self.temperature}, " + ", ".join(f"{k}={v}" for k, v in self.weights.items())
 
-    def forward(self, student_feat, teacher_feat, boxes, batch_idx):
+    def forward(self, student_feat, teacher_feat, boxes, batch_idx, masks=None):
         if student_feat.dim() != 4 or teacher_feat.dim() != 4:
             raise ValueError(
                 f"FGDLoss expects 4-D (N,C,H,W) features, got student {tuple(student_feat.shape)} "
@@ -152,7 +163,6 @@ class FGDLoss(nn.Module):
                 "must share N, H and W; pair levels of equal stride and feed both models the same batch"
             )
         n, c, h, w = nt, ct, ht, wt
-        wt_ = self.weights
         with torch.autocast(device_type=student_feat.device.type, enabled=False):
             fs = self.align(student_feat.float())
             ft = teacher_feat.detach().float()
@@ -160,39 +170,36 @@ class FGDLoss(nn.Module):
                 fs, ft = standardise(fs), standardise(ft)
             if self.mse:
                 zero = fs.new_zeros(())
-                fg = wt_["fg"] * feature_mse(fs, ft)
+                fg = self.weights["fg"] * feature_mse(fs, ft)
                 return {"fg": fg, "bg": zero, "at": zero, "gl": zero, "total": fg}
 
             with torch.no_grad():
-                as_t, ac_t = attention(ft, self.temperature)
+                ps_t, pc_t = _softmaxes(ft, self.temperature)  # A_S / HW, A_C / C of the teacher (Eq. 5-8)
                 if self.split:
-                    m_fg, m_bg = fgd_masks(boxes.to(ft.device), batch_idx, n, h, w, self.official_rounding)
+                    m_fg, m_bg = masks or fgd_masks(boxes.to(ft.device), batch_idx, n, h, w, self.official_rounding)
+                    m = torch.stack([m_fg.view(n, -1), m_bg.view(n, -1)], 2)  # (N,HW,2)
                 else:
-                    m_fg, m_bg = ft.new_full((n, h, w), 1.0 / (h * w)), ft.new_zeros(n, h, w)
-                ws_ = as_t if self.spatial else torch.ones_like(as_t)
-                wc_ = ac_t if self.channel else torch.ones_like(ac_t)
+                    m = torch.cat([ft.new_full((n, h * w, 1), 1.0 / (h * w)), ft.new_zeros(n, h * w, 1)], 2)
+                ws = ps_t * (h * w) if self.spatial else torch.ones_like(ps_t)  # A_S
+                wc = pc_t * c if self.channel else torch.ones_like(pc_t)  # A_C
                 # (N,HW,3): spatial weights of fg, bg and the unweighted sum used by the global term
-                spatial = torch.stack(
-                    [(ws_ * m_fg).view(n, -1), (ws_ * m_bg).view(n, -1), ft.new_ones(n, h * w)], dim=2
-                )
+                spatial = torch.cat([m * ws.unsqueeze(2), ft.new_ones(n, h * w, 1)], 2)
 
-            diff = ft - fs  # (N,C,H,W), the one full-size temporary besides its square
-            d = diff.view(n, c, -1)
+            d = (ft - fs).view(n, c, -1)  # D = F_t - F_s', the one full-size temporary besides its square
             sums = torch.bmm(d.square(), spatial)  # (N,C,3): sum_hw of D^2 * {A_S M_fg, A_S M_bg, 1}
-            fg = (wc_ * sums[:, :, 0]).sum() / n  # Eq. 9, foreground
-            bg = (wc_ * sums[:, :, 1]).sum() / n  # Eq. 9, background
+            focal = (sums[:, :, :2] * wc.unsqueeze(2)).sum((0, 1))  # (2,): Eq. 9 foreground, background
 
-            as_s, ac_s = attention(fs, self.temperature)
-            at = ((as_s - as_t).abs().sum() + (ac_s - ac_t).abs().sum()) / n  # Eq. 10
+            ps_s, pc_s = _softmaxes(fs, self.temperature)
+            at = (ps_s - ps_t).abs().sum() * (h * w) + (pc_s - pc_t).abs().sum() * c  # Eq. 10
 
             # Eq. 11: sum (R_t(F_t) - R_s(F_s'))^2 with R(F) = F + delta (N,C): expanded per (n,c) as
             # sum_hw D^2 + 2 delta sum_hw D + HW delta^2, D = F_t - F_s', delta = delta_t - delta_s.
             delta = self.gc_t.delta(ft) - self.gc_s.delta(fs)
-            per_nc = sums[:, :, 2] + 2 * delta * d.sum(2) + (h * w) * delta.square()
-            gl = per_nc.clamp(min=0).sum() / n
+            gl = (sums[:, :, 2] + (2 * d.sum(2) + (h * w) * delta) * delta).clamp(min=0).sum()
 
-            out = {"fg": wt_["fg"] * fg, "bg": wt_["bg"] * bg, "at": wt_["at"] * at, "gl": wt_["gl"] * gl}
-            out["total"] = out["fg"] + out["bg"] + out["at"] + out["gl"]
+            terms = torch.cat([focal, at.view(1), gl.view(1)]) * (self.weight_vec / n)  # weighted, per image
+            out = dict(zip(TERMS, terms.unbind()))
+            out["total"] = terms.sum()
         return out
 
 
@@ -235,9 +242,18 @@ class FGDPyramid(nn.Module):
         return (m.mean() / m).to(totals.dtype)
 
     def forward(self, student_feats, teacher_feats, boxes, batch_idx):
-        outs = [level(fs, ft, boxes, batch_idx) for level, fs, ft in zip(self.levels, student_feats, teacher_feats)]
+        first = self.levels[0]
+        masks = [None] * len(self.levels)
+        if first.split and not first.mse:  # every level's masks in one pass
+            sizes = [f.shape[-2:] for f in teacher_feats]
+            masks = fgd_masks_levels(boxes.to(teacher_feats[0].device), batch_idx, teacher_feats[0].shape[0], sizes,
+                                     first.official_rounding)
+        outs = [level(fs, ft, boxes, batch_idx, m)
+                for level, fs, ft, m in zip(self.levels, student_feats, teacher_feats, masks)]
         totals = torch.stack([o["total"] for o in outs])
-        w = self.level_weights(totals)
-        result = {k: sum(wi * o[k] for wi, o in zip(w, outs)) for k in TERMS}
-        totals = totals * w
+        if self.level_norm:
+            w = self.level_weights(totals)
+            outs = [{k: wi * o[k] for k in TERMS} for wi, o in zip(w, outs)]
+            totals = totals * w
+        result = {k: sum(o[k] for o in outs) for k in TERMS}
         return {**result, "total": totals.sum(), "levels": totals.detach()}

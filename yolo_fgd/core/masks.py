@@ -1,73 +1,91 @@
 """Foreground and background masks of FGD (Eq. 2-4): which feature cells each box covers, and their weights.
 
-Pure PyTorch. Boxes are normalised xyxy of the input image, so one set of boxes serves every pyramid level.
+Pure PyTorch. Boxes are normalised xyxy of the input image, so one set of boxes serves every pyramid level: the masks
+of all levels are built in one pass (a handful of kernels whatever the number of boxes or levels).
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
-__all__ = ["fgd_masks", "fgd_masks_loop"]
+__all__ = ["fgd_masks", "fgd_masks_levels", "fgd_masks_loop"]
 
 
-def _box_cells(boxes: torch.Tensor, h: int, w: int, official_rounding: bool = False):
-    """Integer cell ranges of normalised xyxy ``boxes`` (M,4) on an HxW map.
+def _box_cells(boxes: torch.Tensor, sizes: torch.Tensor, official_rounding: bool = False):
+    """Integer cell ranges of normalised xyxy ``boxes`` (M,4) on maps of ``sizes`` (L,2) rows x cols.
 
-    Returns ``r0, r1, c0, c1`` (M,) as exclusive-end row/column ranges clamped to the map and
-    ``area`` (M,), the cell count that sets each box's weight 1/area (Eq. 2-3).
-    Default: columns floor(x1*W) ... ceil(x2*W)-1. ``official_rounding``: yzd-v/FGD's inclusive
-    ceil, columns floor(x1*W) ... ceil(x2*W), with the area counted before clamping.
+    Returns ``r0, r1, c0, c1`` (M,L) as exclusive-end row/column ranges clamped to each map, ``area`` (M,L), the cell
+    count that sets each box's weight 1/area (Eq. 2-3), and ``valid`` (M,) for boxes of positive size.
+    Default: columns floor(x1*W) ... ceil(x2*W)-1. ``official_rounding``: yzd-v/FGD's inclusive ceil, columns
+    floor(x1*W) ... ceil(x2*W), with the area counted before clamping.
     """
     b = boxes.float().clamp(0.0, 1.0)
-    scale = b.new_tensor([w, h, w, h])
-    xy = b * scale
-    c0, r0 = xy[:, 0].floor(), xy[:, 1].floor()
-    c1, r1 = xy[:, 2].ceil(), xy[:, 3].ceil()
+    scale = sizes.float()[:, [1, 0, 1, 0]]  # (L,4): W, H, W, H
+    xy = b[:, None, :] * scale[None]  # (M,L,4)
+    c0, r0 = xy[..., 0].floor(), xy[..., 1].floor()
+    c1, r1 = xy[..., 2].ceil(), xy[..., 3].ceil()
     if official_rounding:
         c1, r1 = c1 + 1, r1 + 1
-        area = (r1 - r0) * (c1 - c0)
-        c1, r1 = c1.clamp(max=w), r1.clamp(max=h)
-    else:
-        area = (r1 - r0) * (c1 - c0)
+    area = (r1 - r0) * (c1 - c0)
+    if official_rounding:
+        c1, r1 = torch.minimum(c1, scale[None, :, 0]), torch.minimum(r1, scale[None, :, 1])
     valid = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
     return r0, r1, c0, c1, area.clamp(min=1.0), valid
 
 
-def fgd_masks(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, h: int, w: int, official_rounding: bool = False):
-    """Foreground and background masks (Eq. 2-4), vectorised, no host sync.
+@lru_cache(maxsize=32)
+def _lines(sizes: tuple, device: str):
+    """Row coordinates of all levels laid end to end with their level (2 x (sum H,)), the same for columns
+    (2 x (sum W,)), and the sizes as a tensor (L,2); cached per device, so a batch copies nothing to the device."""
+    def coords(k):
+        return (torch.cat([torch.arange(s[k], dtype=torch.float32) for s in sizes]).to(device),
+                torch.cat([torch.full((s[k],), i, dtype=torch.long) for i, s in enumerate(sizes)]).to(device))
+
+    return (*coords(0), *coords(1), torch.tensor(sizes, device=device))
+
+
+def fgd_masks_levels(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, sizes, official_rounding: bool = False):
+    """Foreground and background masks (Eq. 2-4) of every level, vectorised, no host sync, no loop over boxes.
 
     Args:
         boxes: (M,4) normalised xyxy of the input image; zero-area rows are padding and ignored.
         batch_idx: (M,) image index of each box; rows outside [0, n) are ignored.
-        n, h, w: batch size and map size.
+        n: batch size. sizes: the maps' (H,W), one per level.
 
     Returns:
-        fg (N,H,W): 1/(cells of the box) where covered, the smallest box winning on overlaps.
-        bg (N,H,W): 1/N_bg on each image's uncovered cells (zero where an image has none).
+        a list of (fg (N,H,W), bg (N,H,W)) per level: fg is 1/(cells of the box) where covered, the smallest box
+        winning on overlaps; bg is 1/N_bg on each image's uncovered cells (zero where an image has none).
+
+    The box ranges of all levels come from one pass; each level then costs one outer product of the boxes' row and
+    column coverage (a batched matmul) and one scatter-max into the images.
     """
+    sizes = tuple((int(h), int(w)) for h, w in sizes)
     device = boxes.device
-    fg = torch.zeros(n, h, w, device=device, dtype=torch.float32)
+    rows, row_level, cols, col_level, size_t = _lines(sizes, str(device))
+    fgs = [torch.zeros(n, h, w, device=device, dtype=torch.float32) for h, w in sizes]
     if boxes.numel():
-        r0, r1, c0, c1, area, valid = _box_cells(boxes, h, w, official_rounding)
+        r0, r1, c0, c1, area, valid = _box_cells(boxes, size_t, official_rounding)  # (M,L)
         bi = batch_idx.to(device=device, dtype=torch.long).view(-1)
-        valid = valid & (bi >= 0) & (bi < n)
-        weight = valid.float() / area  # (M,)
-        rows = torch.arange(h, device=device, dtype=torch.float32)
-        cols = torch.arange(w, device=device, dtype=torch.float32)
-        in_r = ((rows[None] >= r0[:, None]) & (rows[None] < r1[:, None])).float() * weight[:, None]  # (M,H)
-        in_c = ((cols[None] >= c0[:, None]) & (cols[None] < c1[:, None])).float()  # (M,W)
+        weight = (valid & (bi >= 0) & (bi < n))[:, None].float() / area  # (M,L)
+        in_r = ((rows >= r0[:, row_level]) & (rows < r1[:, row_level])) * weight[:, row_level]  # (M,sum H), weighted
+        in_c = ((cols >= c0[:, col_level]) & (cols < c1[:, col_level])).float()  # (M,sum W)
         index = bi.clamp(0, n - 1)
-        step = max(1, (1 << 17) // (h * w))  # boxes per chunk: keep the (chunk,H,W) block cache-sized
-        for i in range(0, index.shape[0], step):  # chunks of boxes, a shape-only loop (no sync)
-            per_box = torch.bmm(in_r[i : i + step, :, None], in_c[i : i + step, None, :])  # outer products
-            idx = index[i : i + step, None, None].expand(-1, h, w)
-            fg = fg.scatter_reduce(0, idx, per_box, reduce="amax", include_self=True)
-    is_bg = (fg == 0).float()
-    n_bg = is_bg.sum((1, 2), keepdim=True)
-    bg = is_bg / n_bg.clamp(min=1.0)
-    return fg, bg
+        for fg, r, c in zip(fgs, in_r.split([h for h, _ in sizes], 1), in_c.split([w for _, w in sizes], 1)):
+            per_box = torch.bmm(r.unsqueeze(2), c.unsqueeze(1))  # (M,H,W): each box's weight on the cells it covers
+            fg.scatter_reduce_(0, index[:, None, None].expand_as(per_box), per_box, reduce="amax", include_self=True)
+    out = []
+    for fg in fgs:
+        is_bg = (fg == 0).float()
+        out.append((fg, is_bg / is_bg.sum((1, 2), keepdim=True).clamp(min=1.0)))
+    return out
+
+
+def fgd_masks(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, h: int, w: int, official_rounding: bool = False):
+    """Foreground and background masks (Eq. 2-4) of one (H,W) level: :func:`fgd_masks_levels` of that level."""
+    return fgd_masks_levels(boxes, batch_idx, n, [(h, w)], official_rounding)[0]
 
 
 def fgd_masks_loop(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, h: int, w: int, official_rounding: bool = False):
@@ -83,9 +101,7 @@ def fgd_masks_loop(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, h: int,
             c1, r1 = math.ceil(x2 * w), math.ceil(y2 * h)
             if official_rounding:
                 c1, r1 = c1 + 1, r1 + 1
-                area = (r1 - r0) * (c1 - c0)
-            else:
-                area = (r1 - r0) * (c1 - c0)
+            area = (r1 - r0) * (c1 - c0)
             r1, c1 = min(r1, h), min(c1, w)
             fg[i, r0:r1, c0:c1] = torch.clamp(fg[i, r0:r1, c0:c1], min=1.0 / max(area, 1))
     bg = torch.zeros(n, h, w)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import time
@@ -31,31 +32,49 @@ def _timeit(fn, device, repeat: int, warmup: int = 2) -> float:
     return t[len(t) // 2] / 1e3
 
 
+NO_KERNEL = {"as_strided", "view", "reshape", "_reshape_alias", "transpose", "t", "unsqueeze", "squeeze", "expand",
+             "select", "slice", "split", "split_with_sizes", "unbind", "chunk", "narrow", "permute", "resolve_conj",
+             "resolve_neg", "empty", "empty_strided", "empty_like", "to", "detach", "alias", "lift_fresh", "result_type",
+             "_unsafe_view", "contiguous", "is_nonzero", "item", "_local_scalar_dense", "resize_", "set_", "numpy_T"}
 LAUNCHES = {"cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel"}
 
 
 def dispatch_counts(fn, device: torch.device) -> dict:
     """What one call of ``fn`` dispatches, as ``torch.profiler`` counts it: ``aten_ops`` (every ``aten::`` op, nested
-    ones included: the launch-bound proxy a CPU-only machine can track) and, on CUDA, ``kernels`` (kernel launches)."""
+    ones included), ``compute_ops`` (leaf ops that compute: views, allocations and wrapped-scalar casts left out, the
+    CPU-side proxy of kernel launches) and, on CUDA, ``kernels`` (kernel launches)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     fn()  # warm: lazy initialisation is not counted
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     events = prof.events()
-    out = {"aten_ops": sum(e.name.startswith("aten::") for e in events)}
+    aten = [e for e in events if e.name.startswith("aten::")]
+    children = {}
+    for e in aten:
+        if e.cpu_parent is not None:
+            children.setdefault(id(e.cpu_parent), []).append(e)
+
+    def computes(e) -> bool:  # an op that launches work itself: not a view/allocation, no computing child
+        kids = [k for k in children.get(id(e), []) if computes(k)]
+        scalar = e.name in ("aten::copy_", "aten::_to_copy") and all(not s for s in (e.input_shapes or [[]]))
+        return not kids and e.name.split("::")[1] not in NO_KERNEL and not scalar
+
+    out = {"aten_ops": len(aten), "compute_ops": sum(computes(e) for e in aten)}
     if device.type == "cuda":
         out["kernels"] = sum(e.name in LAUNCHES for e in events)
     return out
 
 
 def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: str = "cpu", repeat: int = 5,
-                   step: bool = True, amp: bool = False) -> dict:
+                   step: bool = True, amp: bool = False, threads: int = 0) -> dict:
     """Print and return timings (ms), ratios and dispatch counts for the shapes in the module docstring; ``amp``: the
-    features come in under fp16 autocast as in AMP training (FGD computes in fp32 either way)."""
+    features come in under fp16 autocast as in AMP training (FGD computes in fp32 either way); ``threads``: CPU
+    threads (0: all cores)."""
+    torch.set_num_threads(int(threads) or os.cpu_count() or 1)
     dev = torch.device(device if device not in ("", None) else "cpu")
     if dev.type == "cpu" and str(device).isdigit():
         dev = torch.device(f"cuda:{device}")
@@ -78,12 +97,18 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
 
     amp = bool(amp) and dev.type == "cuda"
 
+    def fresh_grads(*modules):  # as after optimizer.zero_grad(): the first backward writes, nothing accumulates
+        for p in [*fs, *(q for m in modules for q in m.parameters())]:
+            p.grad = None
+
     def fgd_step():
+        fresh_grads(fgd)
         with torch.autocast(dev.type, enabled=amp):
             total = fgd(fs, ft, bx, bi)["total"]
         total.backward()
 
     def mse_step():
+        fresh_grads(align)
         with torch.autocast(dev.type, enabled=amp):
             total = sum(feature_mse(a(s), t) for a, s, t in zip(align, fs, ft))
         total.backward()
