@@ -146,6 +146,11 @@ class FGDLoss(nn.Module):
         self.gc_s = GcBlock(teacher_channels)
         self.gc_t = GcBlock(teacher_channels)
 
+    @property
+    def needs_masks(self) -> bool:
+        """Whether the box masks of Eq. 2-4 are used (the pyramid builds every level's in one pass)."""
+        return self.split and not self.mse
+
     def extra_repr(self) -> str:
         return f"T={self.temperature}, " + ", ".join(f"{k}={v}" for k, v in self.weights.items())
 
@@ -211,21 +216,23 @@ class FGDPyramid(nn.Module):
         level_norm: weight level l by mean_k(m_k) / m_l, m_l a running mean (momentum 0.99, detached) of its weighted
             total, so every level contributes alike while the sum keeps its scale (the paper weighs levels equally by
             their raw sums, where the largest map dominates).
-        **kwargs: forwarded to every :class:`FGDLoss` (weights, temperature, ablation switches).
+        loss: the per-level loss class, :class:`FGDLoss` by default (or :class:`~yolo_fgd.core.mgd.MGDLoss`).
+        **kwargs: forwarded to every level's loss (weights, temperature, ablation switches).
 
     forward(student_feats [L x (N,Cs_l,H_l,W_l)], teacher_feats [L x (N,Ct_l,H_l,W_l)], boxes (M,4), batch_idx (M,))
     -> dict of the same keys as :class:`FGDLoss` (``fg``, ``bg``, ``at``, ``gl``, ``total``; each the sum over levels
     of the level's weighted term times its level weight) and ``levels`` (L,), each level's weighted total (detached).
     """
 
-    def __init__(self, student_channels, teacher_channels, level_norm: bool = False, **kwargs):
+    def __init__(self, student_channels, teacher_channels, level_norm: bool = False, loss: type = None, **kwargs):
         super().__init__()
         if len(student_channels) != len(teacher_channels):
             raise ValueError(
                 f"FGD needs the same number of levels in student ({len(student_channels)}) and teacher "
                 f"({len(teacher_channels)})"
             )
-        self.levels = nn.ModuleList(FGDLoss(cs, ct, **kwargs) for cs, ct in zip(student_channels, teacher_channels))
+        loss = loss or FGDLoss
+        self.levels = nn.ModuleList(loss(cs, ct, **kwargs) for cs, ct in zip(student_channels, teacher_channels))
         self.level_norm = level_norm
         if level_norm:  # running mean of each level's total; 0 = not yet seen
             self.register_buffer("level_mean", torch.zeros(len(self.levels)))
@@ -244,7 +251,7 @@ class FGDPyramid(nn.Module):
     def forward(self, student_feats, teacher_feats, boxes, batch_idx):
         first = self.levels[0]
         masks = [None] * len(self.levels)
-        if first.split and not first.mse:  # every level's masks in one pass
+        if first.needs_masks:  # every level's masks in one pass
             sizes = [f.shape[-2:] for f in teacher_feats]
             masks = fgd_masks_levels(boxes.to(teacher_feats[0].device), batch_idx, teacher_feats[0].shape[0], sizes,
                                      first.official_rounding)

@@ -16,13 +16,16 @@ import yaml
 from ..cfg import PRESETS
 from ..errors import FGDError
 from .fgd import TERMS, FGDPyramid
+from .mgd import MGDLoss
 
-FLOAT_KEYS = (*TERMS, "temperature", "gain", "warmup", "decay", "share", "kd_cls", "kd_box")
-BOOL_KEYS = ("norm", "split", "spatial", "channel", "mse", "level_norm")
+FLOAT_KEYS = (*TERMS, "temperature", "gain", "warmup", "decay", "share", "mgd_ratio", "kd_cls", "kd_box", "crosskd")
+BOOL_KEYS = ("norm", "split", "spatial", "channel", "mse", "mgd", "level_norm", "kd_focal")
 KEYS = FLOAT_KEYS + BOOL_KEYS
-RESPONSE_KEYS = ("kd_cls", "kd_box")
-PRESET_DEFAULTS = {"kd_cls": 0.0, "kd_box": 0.0, "decay": 0.0, "share": 0.0, "split": True, "spatial": True,
-                   "channel": True, "mse": False, "level_norm": False}
+# the head-response family (not FGD, so no fgd_ prefix): weights of the term, its FGD-style anchor weighting, CrossKD
+RESPONSE_KEYS = ("kd_cls", "kd_box", "kd_focal", "crosskd")
+PRESET_DEFAULTS = {"kd_cls": 0.0, "kd_box": 0.0, "kd_focal": False, "crosskd": 0.0, "decay": 0.0, "share": 0.0,
+                   "split": True, "spatial": True, "channel": True, "mse": False, "mgd": False, "mgd_ratio": 0.65,
+                   "level_norm": False}
 # Names of earlier releases, accepted with a warning.
 RENAMED = {"fgd_alpha": "fgd_fg", "fgd_beta": "fgd_bg", "fgd_gamma": "fgd_at", "fgd_lambda": "fgd_gl",
            "fgd_kd_cls": "kd_cls", "fgd_kd_box": "kd_box"}
@@ -92,9 +95,11 @@ def resolve(args) -> dict:
         v = raw.get(arg_name(k))
         if v is not None:
             cfg[k] = _as_bool(k, v) if k in BOOL_KEYS else _as_float(k, v)
-    for k in (*TERMS, "gain", "warmup", "decay", "share", *RESPONSE_KEYS):
+    for k in (*TERMS, "gain", "warmup", "decay", "share", "kd_cls", "kd_box", "crosskd"):
         if float(cfg[k]) < 0:
             raise FGDError(f"{arg_name(k)}={cfg[k]} is negative: distillation weights, warm-up and decay must be >= 0")
+    if not 0 <= float(cfg["mgd_ratio"]) < 1:
+        raise FGDError(f"fgd_mgd_ratio={cfg['mgd_ratio']} must be in [0, 1) (the share of positions MGD masks out)")
     if float(cfg["temperature"]) <= 0:
         raise FGDError(f"fgd_temperature={cfg['temperature']} must be > 0 (the paper uses 0.5)")
     return cfg
@@ -107,12 +112,21 @@ def fgd_on(cfg: dict) -> bool:
 
 def response_on(cfg: dict) -> bool:
     """Whether the head-response term has any weight."""
-    return any(cfg[k] > 0 for k in RESPONSE_KEYS)
+    return cfg["kd_cls"] > 0 or cfg["kd_box"] > 0
+
+
+def cross_on(cfg: dict) -> bool:
+    """Whether CrossKD (the student's features through the teacher's head) has any weight."""
+    return cfg["crosskd"] > 0
 
 
 def build_pyramid(student_channels, teacher_channels, cfg: dict) -> FGDPyramid:
-    """The :class:`FGDPyramid` a resolved config describes (weights of Eq. 13 times the gain)."""
+    """The :class:`FGDPyramid` a resolved config describes (weights of Eq. 13 times the gain; MGD levels with
+    ``mgd``)."""
     g = cfg["gain"]
+    if cfg["mgd"]:
+        return FGDPyramid(student_channels, teacher_channels, loss=MGDLoss, fg=cfg["fg"] * g, ratio=cfg["mgd_ratio"],
+                          norm=cfg["norm"], level_norm=cfg["level_norm"])
     return FGDPyramid(student_channels, teacher_channels, temperature=cfg["temperature"],
                       **{k: cfg[k] * g for k in TERMS}, norm=cfg["norm"], split=cfg["split"], spatial=cfg["spatial"],
                       channel=cfg["channel"], mse=cfg["mse"], level_norm=cfg["level_norm"])

@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["response_kd", "side_distances"]
+from .fgd import attention
+from .masks import fgd_masks_levels
+
+__all__ = ["focal_weights", "response_kd", "side_distances"]
 
 
 def side_distances(dist: torch.Tensor, reg_max: int) -> torch.Tensor:
@@ -22,7 +25,8 @@ def side_distances(dist: torch.Tensor, reg_max: int) -> torch.Tensor:
     return (dist.view(n, 4, reg_max, a).softmax(2) * bins).sum(2)
 
 
-def response_kd(s_scores, t_scores, s_dist, t_dist, s_reg: int, t_reg: int | None = None, temperature: float = 1.0):
+def response_kd(s_scores, t_scores, s_dist, t_dist, s_reg: int, t_reg: int | None = None, temperature: float = 1.0,
+                anchor_weight: torch.Tensor | None = None):
     """Head-response distillation on a dense head (not part of FGD; the YOLO adapter's companion term).
 
     Args:
@@ -30,6 +34,8 @@ def response_kd(s_scores, t_scores, s_dist, t_dist, s_reg: int, t_reg: int | Non
         s_dist, t_dist: (N,4*reg,A) box-side logits: DFL bins (reg > 1) or distances (reg 1, e.g. YOLO26).
         s_reg, t_reg: bins per side of student and teacher (t_reg defaults to s_reg).
         temperature: T of the bins' softmax.
+        anchor_weight: (N,A) weights of the anchors (e.g. :func:`focal_weights`), 1 when None; they multiply each
+            anchor's class and box terms while the normalisers stay those of the unweighted term.
 
     Returns dict of 0-d fp32 tensors:
         'cls': sum over anchors and classes of KL(Bernoulli(sigmoid t) || Bernoulli(sigmoid s)) / sum sigmoid(t)
@@ -44,7 +50,9 @@ def response_kd(s_scores, t_scores, s_dist, t_dist, s_reg: int, t_reg: int | Non
         n = s.shape[0]
         p = t.sigmoid()
         entropy = F.binary_cross_entropy_with_logits(t, p, reduction="none")
-        cls = (F.binary_cross_entropy_with_logits(s, p, reduction="none") - entropy).sum() / p.sum().clamp(min=1.0)
+        kl = F.binary_cross_entropy_with_logits(s, p, reduction="none") - entropy  # (N,K,A)
+        aw = None if anchor_weight is None else anchor_weight.detach().float()
+        cls = (kl.sum() if aw is None else (kl.sum(1) * aw).sum()) / p.sum().clamp(min=1.0)
         weight = p.amax(1)  # (N,A)
         sd, td = s_dist.float(), t_dist.detach().float()
         a = sd.shape[-1]
@@ -54,5 +62,24 @@ def response_kd(s_scores, t_scores, s_dist, t_dist, s_reg: int, t_reg: int | Non
             per_anchor = (log_t.exp() * (log_t - log_s)).sum((1, 2)) * temperature**2  # (N,A)
         else:
             per_anchor = (side_distances(td, t_reg) - side_distances(sd, s_reg)).abs().sum(1)
-        box = (per_anchor * weight).sum() / weight.sum().clamp(min=1e-6)
+        box = (per_anchor * (weight if aw is None else weight * aw)).sum() / weight.sum().clamp(min=1e-6)
     return {"cls": cls, "box": box}
+
+
+def focal_weights(boxes: torch.Tensor, batch_idx: torch.Tensor, teacher_feats, temperature: float = 0.5,
+                  bg: float = 0.5) -> torch.Tensor:
+    """FGD's focal parts in prediction space: a weight per anchor of a dense head (not part of the paper).
+
+    Per cell of each level: (M_fg + bg * M_bg) * A_S, with M_fg / M_bg the scaled foreground/background masks of
+    Eq. 2-4 and A_S the teacher's spatial attention of Eq. 5, the cells of all levels laid end to end in the order a
+    YOLO head lists its anchors; then divided by its mean over each image's anchors (mean 1: all ones would leave
+    :func:`response_kd` unchanged). ``bg``: beta / alpha of the preset (0.5 in the paper's).
+
+    Args: boxes (M,4) normalised xyxy, batch_idx (M,), teacher_feats [L x (N,C,H_l,W_l)]. Returns (N,A), detached.
+    """
+    with torch.no_grad():
+        n = teacher_feats[0].shape[0]
+        masks = fgd_masks_levels(boxes, batch_idx, n, [f.shape[-2:] for f in teacher_feats])
+        w = torch.cat([((fg + bg * b) * attention(f.float(), temperature)[0]).view(n, -1)
+                       for (fg, b), f in zip(masks, teacher_feats)], 1)
+        return w / w.mean(1, keepdim=True).clamp(min=1e-12)

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core import TERMS, response_kd
-from ..core.presets import build_pyramid, fgd_on, response_on
+from ..core import TERMS, focal_weights, response_kd
+from ..core.presets import build_pyramid, cross_on, fgd_on, response_on
 from .model import check_pair, detect_head, head_channels, head_outputs, load_model, neck_features, train_outputs
 
 
@@ -42,8 +42,12 @@ class Distiller(nn.Module):
         check_pair(student, model, names, teacher)
         self._refs = {"teacher": model, "student": student}  # plain dict: not submodules
         self.cfg = cfg
-        self.fgd = build_pyramid(head_channels(student), head_channels(model), cfg) if fgd_on(cfg) else None
+        cs, ct = head_channels(student), head_channels(model)
+        self.fgd = build_pyramid(cs, ct, cfg) if fgd_on(cfg) else None
         self.response = response_on(cfg)
+        # CrossKD: 1x1 convs taking the student's Detect inputs to the teacher's widths, for the teacher's head
+        self.cross = nn.ModuleList(nn.Conv2d(a, b, 1) if a != b else nn.Identity() for a, b in zip(cs, ct)) \
+            if cross_on(cfg) else None
         self.box_bins = (int(detect_head(student).reg_max), int(detect_head(model).reg_max))
         self.scale, self.mult, self.world_size = 1.0, 1.0, 1
         self.steps = 0  # batches seen in this process (measurement cadence)
@@ -56,18 +60,21 @@ class Distiller(nn.Module):
     @property
     def terms(self) -> tuple[str, ...]:
         """Loss items this distiller adds, in order (fixed at construction: identical on every batch)."""
-        return (("fgd", *TERMS) if self.fgd is not None else ()) + (("kd",) if self.response else ())
+        return ((("fgd", *TERMS) if self.fgd is not None else ()) + (("kd",) if self.response else ())
+                + (("crosskd",) if self.cross is not None else ()))
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.parameters())
-        on = [t for t, v in (("FGD", self.fgd is not None), ("head response", self.response)) if v]
+        on = [t for t, v in (("FGD", self.fgd is not None), ("head response", self.response),
+                             ("CrossKD", self.cross is not None)) if v]
         return (f"teacher strides {[int(s) for s in self.teacher.stride]}, {' + '.join(on) or 'no term with weight'}, "
                 f"{n:,} trainable distiller parameters")
 
     # --- the forward of one batch -----------------------------------------------------------------------------
     def forward(self, student_out: dict, batch: dict) -> dict:
         """Distillation terms of one batch (0-d fp32 tensors): ``fgd`` (scaled FGD total), ``fg``/``bg``/``at``/``gl``
-        (its terms, detached), ``levels`` (L,), ``kd`` (scaled response term), each present when built.
+        (its terms, detached), ``levels`` (L,), ``kd`` (scaled response term), ``crosskd`` (scaled CrossKD term),
+        each present when built.
         A batch with a non-finite feature or term gets exact zeros (a select, no host sync) and is counted."""
         img = batch["img"]
         with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
@@ -77,21 +84,33 @@ class Distiller(nn.Module):
         student_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in student_feats]
         teacher_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in teacher_feats]
         out = {}
+        xywh = batch["bboxes"].to(img.device).float()
+        boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+        batch_idx = batch["batch_idx"].to(img.device).view(-1)
         if self.fgd is not None:
-            xywh = batch["bboxes"].to(img.device).float()
-            boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
-            terms = self.fgd(student_feats, teacher_feats, boxes, batch["batch_idx"].to(img.device).view(-1))
+            terms = self.fgd(student_feats, teacher_feats, boxes, batch_idx)
             s = self.scale * self.mult
             out = {"fgd": terms["total"] * s, **{k: terms[k].detach() * s for k in TERMS}, "levels": terms["levels"] * s}
             ok = ok & torch.isfinite(out["fgd"])
-        if self.response:
+        if self.response or self.cross is not None:
             with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
                 teacher_out = head_outputs(self.teacher, teacher_feats)
+        if self.response:
+            cfg = self.cfg
+            weights = focal_weights(boxes, batch_idx, teacher_feats, cfg["temperature"], cfg["bg"] / cfg["fg"]) \
+                if cfg["kd_focal"] else None
             t = response_kd(student_out["scores"], teacher_out["scores"], student_out["boxes"], teacher_out["boxes"],
-                            *self.box_bins)
-            out["kd"] = (self.cfg["kd_cls"] * t["cls"] + self.cfg["kd_box"] * t["box"]) * self.scale
+                            *self.box_bins, anchor_weight=weights)
+            out["kd"] = (cfg["kd_cls"] * t["cls"] + cfg["kd_box"] * t["box"]) * self.scale
             ok = ok & torch.isfinite(out["kd"])
-        for k in ("fgd", "kd"):
+        if self.cross is not None:
+            with torch.autocast(img.device.type, enabled=False):  # gradients reach the student and the 1x1 convs only
+                crossed = head_outputs(self.teacher, [a(f.float()) for a, f in zip(self.cross, student_feats)])
+            t_reg = self.box_bins[1]
+            t = response_kd(crossed["scores"], teacher_out["scores"], crossed["boxes"], teacher_out["boxes"], t_reg)
+            out["crosskd"] = self.cfg["crosskd"] * (t["cls"] + t["box"]) * self.scale
+            ok = ok & torch.isfinite(out["crosskd"])
+        for k in ("fgd", "kd", "crosskd"):
             if k in out:
                 out[k] = torch.where(ok, out[k], torch.zeros_like(out[k]))
         self.stats["skipped"] = self.stats["skipped"] + (~ok).int()
@@ -153,18 +172,23 @@ class Distiller(nn.Module):
         nn.utils.clip_grad_norm_(params, max_norm=10.0)
 
     def sidecar(self, epoch: int) -> dict:
-        """What ``fgd_last.pt`` holds (the student's checkpoints hold no distiller state)."""
-        return {"fgd": self.fgd.state_dict() if self.fgd is not None else {}, "mult": self.mult, "epoch": epoch}
+        """What ``fgd_last.pt`` holds (the student's checkpoints hold no distiller state): the modules of every term
+        with weight, under their names (``fgd``, ``cross``)."""
+        state = {name: getattr(self, name).state_dict() for name in ("fgd", "cross") if getattr(self, name) is not None}
+        return {**state, "mult": self.mult, "epoch": epoch}
 
-    def load_sidecar(self, state: dict) -> bool:
-        """Restore from :meth:`sidecar` output; False when it holds no FGD state for a distiller that has FGD."""
+    def load_sidecar(self, state: dict) -> list[str]:
+        """Restore from :meth:`sidecar` output; returns the names of built modules the sidecar did not hold."""
         self.mult = float(state.get("mult", 1.0))
-        if self.fgd is None:
-            return True
-        if not state.get("fgd"):
-            return False
-        self.fgd.load_state_dict(state["fgd"])
-        return True
+        missing = []
+        for name in ("fgd", "cross"):
+            module = getattr(self, name)
+            if module is not None:
+                if state.get(name):
+                    module.load_state_dict(state[name])
+                else:
+                    missing.append(name)
+        return missing
 
 
 class DistillCriterion:
@@ -187,9 +211,10 @@ class DistillCriterion:
         if "fgd" in out:
             parts.append((out["fgd"] * bs).view(1).to(loss.dtype))
             items = {**items, "fgd_loss": out["fgd"].detach(), **{f"{k}_loss": out[k] for k in TERMS}}
-        if "kd" in out:
-            parts.append((out["kd"] * bs).view(1).to(loss.dtype))
-            items = {**items, "kd_loss": out["kd"].detach()}
+        for k in ("kd", "crosskd"):
+            if k in out:
+                parts.append((out[k] * bs).view(1).to(loss.dtype))
+                items = {**items, f"{k}_loss": out[k].detach()}
         return torch.cat(parts), items
 
     def update(self):

@@ -129,13 +129,13 @@ class DistillMixin:
     def _restore(self, sidecar: Path) -> None:
         """Restore the distiller's modules and share multiplier from ``fgd_last.pt``, or say why not."""
         if not sidecar.is_file():
-            if self.distiller.fgd is not None:
-                LOGGER.warning(f"distill: {sidecar} not found, resuming with freshly initialised FGD modules")
+            if list(self.distiller.parameters()):
+                LOGGER.warning(f"distill: {sidecar} not found, resuming with freshly initialised distiller modules")
             return
-        if self.distiller.load_sidecar(torch.load(sidecar, map_location=self.device, weights_only=True)):
-            LOGGER.info(f"{colorstr('distill:')} restored the distiller's state from {sidecar}")
-        else:
-            LOGGER.warning(f"distill: {sidecar} holds no FGD modules (FGD was off), starting them fresh")
+        missing = self.distiller.load_sidecar(torch.load(sidecar, map_location=self.device, weights_only=True))
+        LOGGER.info(f"{colorstr('distill:')} restored the distiller's state from {sidecar}")
+        if missing:
+            LOGGER.warning(f"distill: {sidecar} holds no {'/'.join(missing)} modules (off before), starting them fresh")
 
     def _handle_nan_recovery(self, epoch):
         """Ultralytics reloads the student, optimiser and EMA from last.pt; reload the distiller from its sidecar
@@ -158,7 +158,7 @@ class DistillMixin:
                 if tmp.exists():
                     os.replace(tmp, path)
             self.last, self.best = final["last"], final["best"]
-        if saved and self.distiller is not None and self.distiller.fgd is not None:
+        if saved and self.distiller is not None and list(self.distiller.parameters()):
             tmp = self.wdir / f".{SIDECAR}.tmp"
             torch.save(self.distiller.sidecar(self.epoch), tmp)
             os.replace(tmp, self.wdir / SIDECAR)
