@@ -12,14 +12,16 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from ultralytics import YOLO
+from ultralytics.cfg import check_cfg
 from ultralytics.cfg import entrypoint as yolo_cli
 from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER
 
 from .cfg import parse_kv
-from .core.presets import ARGS, RENAMED, presets, renamed
+from .core.presets import ARGS, RENAMED, presets, renamed, resolve
 from .data import deepforest, resolve_data, shapes
 from .deploy.benchmark import benchmark
 from .deploy.export import export
@@ -32,6 +34,7 @@ from .tv.train import ARGS as TV_ARGS
 from .tv.train import train as tv_train
 from .tv.train import val as tv_val
 from .yolo import FGDTrainer
+from .yolo.model import checkpoint
 
 HELP_WORDS = {"help", "-h", "--help"}
 
@@ -59,6 +62,24 @@ def check_keys(kv: dict, known, command: str) -> None:
                                                                         f": see `yolo-fgd {command} help`"))
 
 
+POSITIVE = {"imgsz", "epochs", "runs", "repeat", "steps", "images", "calib", "lanes", "boxes", "batch", "n_train",
+            "n_val", "size", "tile", "teacher_epochs", "warmup_iters", "max_size"}
+
+
+def check_types(kv: dict, defaults: dict) -> None:
+    """Values of the wrong type for their default (a number, True/False), or not positive where they must be: one
+    line each."""
+    for k, v in kv.items():
+        default = defaults.get(k)
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise FGDError(f"{k}={v} is not True/False: pass {k}=True or {k}=False")
+        elif isinstance(default, (int, float)) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise FGDError(f"{k}={v} is not a number: pass e.g. {k}={default}")
+        if k in POSITIVE and isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
+            raise FGDError(f"{k}={v} must be > 0: pass e.g. {k}={default if default else 1}")
+
+
 def call(fn: Callable, kv: dict, command: str, required: tuple[str, ...] = ()):
     """Call ``fn(**kv)`` after checking the keys against its signature and the simple types of its defaults."""
     params = inspect.signature(fn).parameters
@@ -67,14 +88,41 @@ def call(fn: Callable, kv: dict, command: str, required: tuple[str, ...] = ()):
     missing = [k for k in required if kv.get(k) in (None, "")]
     if missing:
         raise FGDError(f"{command} needs {', '.join(k + '=' for k in missing)}: see `yolo-fgd {command} help`")
-    for k, v in kv.items():
-        default = params[k].default if k in params else None
-        if isinstance(default, bool) and not isinstance(v, bool):
-            raise FGDError(f"{k}={v} is not True/False: pass {k}=True or {k}=False")
-        if type(default) in (int, float) and not isinstance(default, bool) and (
-                isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise FGDError(f"{k}={v} is not a number: pass e.g. {k}={default}")
+    check_types(kv, {k: p.default for k, p in params.items()})
     return fn(**kv)
+
+
+def check_train_args(kv: dict) -> None:
+    """What Ultralytics would reject later (often with a traceback), as one line now."""
+    for k in ("epochs", "batch", "imgsz", "workers", "patience", "seed"):
+        v = kv.get(k)
+        if v is None:
+            continue
+        if k == "imgsz":
+            sizes = v if isinstance(v, (list, tuple)) else [v]
+            if not sizes or len(sizes) > 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                      for x in sizes):
+                raise FGDError(f"imgsz={v} is not an image size: pass a whole number of pixels, e.g. imgsz=640")
+        elif k == "batch":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v == -1 or v >= 1 or 0 < v < 1):
+                raise FGDError(f"batch={v} is not a batch size: pass a whole number >= 1, batch=-1 (auto) or a "
+                               "fraction of GPU memory in (0, 1)")
+        elif isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "epochs" else 0):
+            raise FGDError(f"{k}={v} must be a whole number >= {1 if k == 'epochs' else 0}: e.g. "
+                           f"{k}={DEFAULT_CFG_DICT[k]}")
+    try:
+        check_cfg({k: v for k, v in kv.items() if k in DEFAULT_CFG_DICT and k not in {"imgsz", "batch"}}, hard=True)
+    except (TypeError, ValueError, SyntaxError) as e:
+        raise FGDError(" ".join(str(e).split())) from None
+    data = kv.get("data")
+    if isinstance(data, str) and data.endswith((".yaml", ".yml")) and ("/" in data or os.sep in data) \
+            and not Path(data).is_file():
+        raise FGDError(f"data '{data}' not found: pass data=path/to/data.yaml, or data=shapes for the embedded set "
+                       "(`yolo-fgd data shapes` prints its YAML)")
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run, with the checkpoint to resume from."""
 
 
 def _renamed(kv: dict) -> dict:
@@ -97,14 +145,30 @@ def _train(words: list[str], kv: dict):
     if resume:
         if not model:
             raise FGDError("resume needs the checkpoint: yolo-fgd train resume model=runs/detect/NAME/weights/last.pt")
+        model = checkpoint(model, "last")
         if not os.path.isfile(str(model)):
             raise FGDError(f"resume checkpoint '{model}' not found: pass model=runs/detect/NAME/weights/last.pt")
-        return YOLO(model).train(trainer=FGDTrainer, resume=True, **kv)
+        return _fit(YOLO(model), {"resume": True, **kv})
     model = model or "yolo11n.yaml"
     if str(model).endswith(".pt") and not os.path.isfile(str(model)) and os.sep in str(model):
         raise FGDError(f"student '{model}' not found: pass model=yolo11n.yaml (from scratch) or an existing .pt")
+    check_train_args(kv)
+    resolve({k: v for k, v in kv.items() if k in ARGS})  # bad distillation values fail here, before any work
     kv["data"] = resolve_data(kv.get("data"))
-    return YOLO(model).train(trainer=FGDTrainer, **kv)
+    kv.setdefault("project", str(Path("runs", "detect").resolve()))  # ./runs/detect/NAME, wherever yolo-fgd lives
+    return _fit(YOLO(model), kv)
+
+
+def _fit(yolo: YOLO, kv: dict):
+    """Train with the distillation trainer; say where the run went, or how to resume it after Ctrl-C."""
+    try:
+        yolo.train(trainer=FGDTrainer, **kv)
+    except KeyboardInterrupt:
+        last = getattr(getattr(yolo, "trainer", None), "last", None)
+        raise Interrupted(last if last is not None and Path(last).is_file() else None) from None
+    save_dir = Path(yolo.trainer.save_dir).resolve()
+    print(f"yolo-fgd: distilled student saved to {save_dir / 'weights' / 'best.pt'} (run folder {save_dir})")
+    return save_dir
 
 
 def _delegate(mode: str) -> Callable:
@@ -126,6 +190,7 @@ def _data(words: list[str], kv: dict):
 
 
 def _tv_train(words: list[str], kv: dict):
+    check_types(kv, TV_ARGS)
     return tv_train(**kv)
 
 
@@ -257,8 +322,14 @@ def entrypoint(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"yolo-fgd: error: {msg}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        last = e.args[0] if e.args else None
+        hint = f"resume with: yolo-fgd train resume model={Path(last).resolve()}" if last else \
+            "no checkpoint was written yet: start the run again"
+        print(f"yolo-fgd: interrupted; {hint}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("yolo-fgd: interrupted; resume with: yolo-fgd train resume model=<run>/weights/last.pt", file=sys.stderr)
+        print("yolo-fgd: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -9,6 +9,7 @@ runner). Writes
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from ultralytics.utils.torch_utils import get_flops
 from ..data import resolve_data
 from ..errors import FGDError
 from ..timing import percentile, times_ms
+from ..yolo.model import checkpoint
 from .edge import EdgeModel
 from .evaluate import coco_ap, edge_ap
 from .export import export, load_yolo
@@ -44,6 +46,7 @@ def benchmark(model: str, data: str | None = None, imgsz: int = 640, runs: int =
     models = [m for m in str(model).split(",") if m]
     steps = TQDM(total=len(models) * (3 if int8 else 2), desc="benchmark")
     for m in models:
+        m = checkpoint(m)
         if not Path(m).is_file():
             raise FGDError(f"model '{m}' not found: pass model=path/to/best.pt (comma-separate several)")
         label = Path(m).parent.parent.name if Path(m).stem in {"best", "last"} and Path(m).parent.name == "weights" \
@@ -60,7 +63,7 @@ def benchmark(model: str, data: str | None = None, imgsz: int = 640, runs: int =
                          params_m=params, gflops=flops, p50_ms=p50, p95_ms=p95, fps=1e3 / p50,
                          map50_95=acc["map"], map50=acc["map50"], threads=threads))
         steps.update()
-        res = export(m, imgsz=imgsz, int8=int8, data=data)
+        res = exported(m, imgsz, int8, data, out_dir, label)
         for fmt, path in (("onnx-fp32", res["onnx"]), ("onnx-int8", res.get("int8"))):
             if not path:
                 continue
@@ -74,8 +77,31 @@ def benchmark(model: str, data: str | None = None, imgsz: int = 640, runs: int =
             steps.update()
     steps.close()
     _write(out_dir, rows, imgsz, runs)
-    LOGGER.info(f"benchmark written to {out_dir}")
+    print(f"yolo-fgd: benchmark saved to {out_dir.resolve()} (benchmark.csv, benchmark.md, benchmark.png)")
     return rows
+
+
+def exported(model: str, imgsz: int, int8: bool, data, out_dir: Path, label: str) -> dict:
+    """The ONNX (and INT8) files of ``model`` at ``imgsz``: an existing export beside it is reused when it matches
+    (same image size, newer than the checkpoint, the INT8 file there when asked for); otherwise a new export is
+    written, beside the checkpoint when nothing is there, else into ``out_dir`` so that no file is overwritten."""
+    pt = Path(model)
+    onnx, q = pt.with_suffix(".onnx"), pt.with_name(f"{pt.stem}-int8.onnx")
+    if onnx.is_file():
+        fresh = onnx.stat().st_mtime >= pt.stat().st_mtime and (not int8 or (q.is_file() and q.stat().st_mtime >=
+                                                                            onnx.stat().st_mtime))
+        size = EdgeModel(onnx).imgsz
+        if fresh and tuple(size) == (imgsz, imgsz):
+            print(f"yolo-fgd: benchmark reusing {onnx.resolve()}{f' and {q.name}' if int8 else ''} (imgsz {imgsz}, "
+                        "newer than the checkpoint)")
+            return {"onnx": str(onnx), "int8": str(q) if int8 else None}
+        copy = out_dir / f"{label}.pt"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(pt, copy)
+        print(f"yolo-fgd: benchmark found {onnx.resolve()} for imgsz {size[0]} or older than the checkpoint: left as it is, "
+                    f"exporting into {out_dir.resolve()}")
+        pt = copy
+    return export(str(pt), imgsz=imgsz, int8=int8, data=data)
 
 
 def _write(out_dir: Path, rows: list[dict], imgsz: int, runs: int):

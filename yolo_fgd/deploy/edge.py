@@ -4,7 +4,8 @@
 Copy this one file to the device. Handles YOLOv8/YOLO11 heads (output (1, 4+nc, A): cx, cy, w, h, class scores;
 NMS here) and YOLO26 end-to-end heads (output (1, 300, 6): x1, y1, x2, y2, score, class; no NMS).
 
-    python edge.py model.onnx image.jpg|folder|video.mp4 [--conf 0.25] [--iou 0.7] [--out runs/edge] [--threads 2]
+    python edge.py model.onnx image.jpg|folder|video.mp4 [--conf 0.25] [--iou 0.7] [--save-dir runs/edge]
+        [--json detections.jsonl] [--threads 2]
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ class EdgeModel:
         self.conf, self.iou, self.max_det = conf, iou, max_det
         out = self.session.get_outputs()[0].shape
         self.end2end = len(out) == 3 and out[-1] == 6 and meta.get("end2end", "").lower() != "false"
+        task = meta.get("task", "detect")
+        if len(inp.shape) != 4 or len(out) != 3 or task not in ("detect", None):
+            raise ValueError(f"ONNX model '{path}' is not a YOLO detection model this runner handles (task {task}, "
+                             f"input {inp.shape}, output {out}): export a detect model with `yolo-fgd export`")
 
     @staticmethod
     def _parse_names(text):
@@ -155,20 +160,30 @@ def sources(src: Path):
         raise FileNotFoundError(f"source '{src}' not found: pass an image, a folder or a video")
 
 
+def record(f: Path, det: np.ndarray, names: dict, ms: float) -> dict:
+    """One image's detections as a JSON-ready record (boxes in original image pixels)."""
+    return {"file": str(f), "latency_ms": round(ms, 3), "detections": [
+        {"box": [round(float(v), 2) for v in d[:4]], "score": round(float(d[4]), 5), "class": int(d[5]),
+         "name": names.get(int(d[5]), str(int(d[5])))} for d in det]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("source")
-    ap.add_argument("--conf", type=float, default=0.25)
-    ap.add_argument("--iou", type=float, default=0.7)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--out", default="runs/edge")
+    ap.add_argument("model", help="YOLO ONNX model (yolo-fgd export)")
+    ap.add_argument("source", help="an image, a folder of images/videos, or a video")
+    ap.add_argument("--conf", type=float, default=0.25, help="score threshold")
+    ap.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    ap.add_argument("--save-dir", "--out", dest="save_dir", default="runs/edge", help="where annotated files go")
+    ap.add_argument("--json", default=None, help="also write the detections here, one JSON record per image (JSONL)")
     a = ap.parse_args(argv)
     try:
         model = EdgeModel(a.model, a.conf, a.iou, threads=a.threads)
-        out = Path(a.out)
+        out = Path(a.save_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for f in sources(Path(a.source)):
+        files = list(sources(Path(a.source)))
+        records = []
+        for f in files:
             if f.suffix.lower() in VID_SUFFIXES:
                 cap = cv2.VideoCapture(str(f))
                 fps = cap.get(cv2.CAP_PROP_FPS) or 25
@@ -186,20 +201,30 @@ def main(argv=None) -> int:
                 cap.release()
                 if writer is not None:
                     writer.release()
-                print(f"{f}: {n} frames, {n / max(time.perf_counter() - t0, 1e-9):.1f} FPS -> {out / (f.stem + '.mp4')}")
-            else:
-                img = cv2.imread(str(f))
-                if img is None:
-                    print(f"{f}: not a readable image, skipped", file=sys.stderr)
-                    continue
-                t0 = time.perf_counter()
-                det = model(img)
-                ms = 1e3 * (time.perf_counter() - t0)
-                cv2.imwrite(str(out / f.name), draw(img, det, model.names))
-                counts = {}
-                for c in det[:, 5].astype(int):
-                    counts[model.names.get(c, c)] = counts.get(model.names.get(c, c), 0) + 1
-                print(f"{f}: {len(det)} detections {counts} in {ms:.1f} ms")
+                print(f"{f}: {n} frames, {n / max(time.perf_counter() - t0, 1e-9):.1f} FPS -> "
+                      f"{(out / (f.stem + '.mp4')).resolve()}")
+                continue
+            img = cv2.imread(str(f))
+            if img is None:
+                if len(files) == 1:
+                    raise ValueError(f"image '{f}' is not readable: pass a JPEG/PNG/... image, a folder or a video")
+                print(f"{f}: not a readable image, skipped", file=sys.stderr)
+                continue
+            t0 = time.perf_counter()
+            det = model(img)
+            ms = 1e3 * (time.perf_counter() - t0)
+            dst = out / f.name
+            cv2.imwrite(str(dst), draw(img, det, model.names))
+            counts = {}
+            for c in det[:, 5].astype(int):
+                counts[model.names.get(c, c)] = counts.get(model.names.get(c, c), 0) + 1
+            print(f"{f}: {len(det)} detections {counts} in {ms:.1f} ms -> {dst.resolve()}")
+            records.append(record(f, det, model.names, ms))
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text("".join(json.dumps(r) + "\n" for r in records))
+            print(f"detections of {len(records)} images written to {Path(a.json).resolve()}")
+        print(f"results saved to {out.resolve()}")
     except (FileNotFoundError, ValueError) as e:
         print(f"edge: error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from ultralytics.utils import LOGGER
 
 from ..data import resolve_data
 from ..errors import FGDError
+from ..yolo.model import checkpoint
 from .edge import EdgeModel, blob
 from .parity import check, max_diff, sample_images
 from .tv_export import export_onnx
@@ -123,12 +124,15 @@ def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = F
         yolo_cli(" ".join(["export", f"model={model}", f"format={format}", f"imgsz={imgsz}",
                        *(f"{k}={v}" for k, v in kwargs.items())]))
         return {}
+    model = checkpoint(model)
     yolo_model = load_yolo(model)
     data = data or (getattr(yolo_model, "ckpt", None) or {}).get("train_args", {}).get("data")
     if data and not Path(str(data)).is_file():
         data = resolve_data(data) if data in ("shapes", "deepforest") else data
-    path = Path(yolo_model.export(format="onnx", imgsz=imgsz, dynamic=dynamic, half=half, simplify=True,
-                                  opset=opset, device=device, **kwargs))
+    if half:  # Ultralytics' name for fp16 export is quantize=16 (half= is deprecated there)
+        kwargs["quantize"] = 16
+    path = Path(yolo_model.export(format="onnx", imgsz=imgsz, dynamic=dynamic, simplify=True, opset=opset,
+                                  device=device, **kwargs)).resolve()
     images = sample_images(data, "val")
     result = {"onnx": str(path), "int8": None, "parity": None}
     if images and not half:
@@ -140,7 +144,8 @@ def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = F
         LOGGER.warning("parity check skipped: no data images (pass data=your.yaml)")
     if int8:
         mode = "dynamic" if str(int8).lower() == "dynamic" else "static"
-        result["int8"] = str(quantize(path, data, imgsz, mode, calib))
+        result["int8"] = str(quantize(path, data, imgsz, mode, calib).resolve())
         LOGGER.info(f"INT8 ({mode}) model: {result['int8']}")
     print(json.dumps(result))
+    print(f"yolo-fgd: exported {', '.join(v for v in (result['onnx'], result['int8']) if v)}")
     return result

@@ -70,4 +70,6 @@ def demo(recipe: str = "demo", project: str = "runs", name: str = "demo", lanes:
         best = fgd_runs[0] / "weights" / "best.pt"
         data = json.loads((fgd_runs[0] / "spec.json").read_text())["data"]
         benchmark(str(best), data=data, imgsz=rec["train"]["imgsz"], runs=30, project=str(root), name="benchmark")
+        print(f"yolo-fgd: distilled student {best}, its ONNX files beside it, benchmark {root / 'benchmark'}")
+    print(f"yolo-fgd: demo results saved to {root} (comparison.md, comparison.csv; one folder per run)")
     return table

@@ -62,7 +62,7 @@ def attention_maps(model: str, teacher: str, source: str, baseline: str | None =
     dst.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(dst, dpi=110)
     plt.close(fig)
-    print(dst)
+    print(f"yolo-fgd: attention maps saved to {dst.resolve()}")
     return dst
 
 

@@ -246,12 +246,36 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
                 proc.kill()
     text = report(root, specs)
     print(text)
+    print(f"yolo-fgd: study results saved to {root} (results.csv, results.md, results.png; one folder per run)")
     return text
+
+
+def progress(spec: dict) -> str | None:
+    """One line on a run in flight from its results.csv: epoch/total, losses, mAP so far, ETA (None before its first
+    epoch ends)."""
+    rows = _results(Path(spec["dir"]) / "results.csv")
+    if not rows:
+        return None
+    last = rows[-1]
+    total = int((spec.get("args") or {}).get("epochs") or spec["train"].get("epochs") or len(rows))
+    done = int(float(last.get("epoch", len(rows))))
+    per_epoch = float(last.get("time", 0)) / max(len(rows), 1)
+    losses = "  ".join(f"{k[6:-5]} {float(v):.3f}" for k, v in last.items() if k.startswith("train/") and v)
+    eta = per_epoch * max(total - done, 0)
+    name = "/".join(Path(spec["dir"]).parts[-2:])
+    return (f"study: {name}  {done}/{total} epochs  {losses}  mAP50-95 {float(last.get('metrics/mAP50-95(B)', 0)):.3f}"
+            f"  ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
 def _drive(pending: list, running: list, lanes: int, env: dict) -> None:
     """Start runs whose inputs exist, ``lanes`` at a time, until none is left (``running`` is kept up to date)."""
+    shown = {}
     while pending or running:
+        for proc, s in running:
+            line = progress(s)
+            if line and shown.get(s["dir"]) != line:
+                shown[s["dir"]] = line
+                LOGGER.info(line)
         for proc, s in list(running):
             if proc.poll() is not None:
                 running.remove((proc, s))
@@ -270,7 +294,7 @@ def _drive(pending: list, running: list, lanes: int, env: dict) -> None:
             log = open(Path(s["dir"]) / "train.log", "a")
             running.append((subprocess.Popen([sys.executable, "-m", "yolo_fgd.lab.study", str(spec_file)], stdout=log,
                                              stderr=subprocess.STDOUT, env=env), s))
-            LOGGER.info(f"study: started {s['dir']}")
+            LOGGER.info(f"study: started {s['dir']} (log: {Path(s['dir']) / 'train.log'})")
         if not running and pending:
             LOGGER.warning(f"study: {len(pending)} runs wait for a teacher or base run that failed; stopping")
             break

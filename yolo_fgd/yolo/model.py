@@ -118,3 +118,16 @@ def check_pair(student: nn.Module, teacher: nn.Module, names: dict, teacher_path
             f"teacher Detect levels have strides {t_stride} but the student's have {s_stride}: "
             "FGD pairs levels one to one, use models with the same levels (e.g. both P3-P5)"
         )
+
+
+def checkpoint(path, which: str = "best") -> str:
+    """A checkpoint path from what a user passes: a ``.pt`` as is, or a run folder (``runs/detect/NAME``) -> its
+    ``weights/{which}.pt``; a run folder without it is a one-line error."""
+    p = Path(str(path))
+    if p.is_dir():
+        ckpt = p / "weights" / f"{which}.pt"
+        if not ckpt.is_file():
+            raise FGDError(f"run folder '{path}' has no weights/{which}.pt: pass a finished run (its training may have "
+                           f"failed or still be running) or a .pt file")
+        return str(ckpt)
+    return str(path)

@@ -1,0 +1,175 @@
+"""A newcomer's first hour: the Quick start, literally, from a directory outside the checkout with a non-editable
+install; help for every subcommand; one-line errors for the inputs a newcomer gets wrong."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """``pip install .`` (not editable) into a folder outside the checkout; dependencies come from the test venv."""
+    target = tmp_path_factory.mktemp("site")
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--target",
+                          str(target), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return target
+
+
+def sh(cmd: str, cwd: Path, env: dict, timeout: int = 900):
+    out = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                         executable="/bin/bash")
+    assert out.returncode == 0, f"{cmd}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+def test_quick_start_from_any_directory_with_a_plain_install(installed, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(installed), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    where = sh("python -c 'import yolo_fgd; print(yolo_fgd.__file__)'", tmp_path, env)
+    assert str(installed) in where and str(ROOT) not in where
+    work = tmp_path / "project"
+    work.mkdir()
+    data = sh(f"yolo-fgd data shapes root={tmp_path / 'data'} n_train=8 n_val=4 size=96", work, env).strip()
+    data = data.splitlines()[-1]
+    assert Path(data).is_file()
+    tiny = "epochs=1 imgsz=64 batch=4 workers=0 plots=False device=cpu"
+    sh(f"yolo train model=yolo11s.yaml data={data} {tiny} project=$PWD/runs/detect name=teacher", work, env)
+    out = sh(f"yolo-fgd train model=yolo11n.yaml teacher=runs/detect/teacher/weights/best.pt data={data} {tiny} "
+             "name=distilled", work, env)
+    best = work / "runs" / "detect" / "distilled" / "weights" / "best.pt"
+    assert f"distilled student saved to {best}" in out and best.is_file()
+    out = sh("yolo-fgd export model=runs/detect/distilled imgsz=64 int8=True", work, env)
+    onnx = best.with_suffix(".onnx")
+    assert f"exported {onnx}, {best.with_name('best-int8.onnx')}" in out and onnx.is_file()
+    assert "deprecated" not in out
+    out = sh(f"yolo-fgd benchmark model=runs/detect/distilled data={data} imgsz=64 runs=2", work, env)
+    report = work / "runs" / "benchmark" / "bench"
+    assert f"benchmark saved to {report}" in out and (report / "benchmark.md").is_file()
+    assert f"benchmark reusing {onnx}" in out  # the export above matched: not redone, not overwritten
+    img = next((Path(data).parent / "images" / "val").glob("*.jpg"))
+    out = sh(f"python -m yolo_fgd.deploy.edge {onnx} {img} --json dets.jsonl", work, env)
+    assert f"results saved to {work / 'runs' / 'edge'}" in out and (work / "runs" / "edge" / img.name).is_file()
+    record = json.loads((work / "dets.jsonl").read_text().splitlines()[0])
+    assert record["file"] == str(img) and "latency_ms" in record and isinstance(record["detections"], list)
+    assert not (ROOT / "runs" / "detect" / "distilled").exists()
+
+
+def test_benchmark_exports_beside_its_report_when_the_existing_export_does_not_match(tmp_path, data, runs, teacher):
+    import shutil
+
+    from yolo_fgd.deploy.benchmark import exported
+    from yolo_fgd.deploy.export import export
+
+    run = tmp_path / "r" / "weights"
+    run.mkdir(parents=True)
+    shutil.copy(teacher, run / "best.pt")
+    first = export(str(run / "best.pt"), imgsz=64, data=data)
+    stamp = Path(first["onnx"]).stat().st_mtime
+    res = exported(str(run / "best.pt"), 96, False, data, tmp_path / "report", "r")  # other size: not reused
+    assert Path(res["onnx"]).parent == (tmp_path / "report").resolve() and Path(first["onnx"]).stat().st_mtime == stamp
+
+
+def run_cli_inproc(capsys, *args):
+    from yolo_fgd.cli import entrypoint
+
+    code = entrypoint([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("command", ["data", "train", "val", "predict", "export", "benchmark", "demo", "study",
+                                     "tv-train", "tv-val", "attention", "imitation", "benchmark-loss",
+                                     "benchmark-step", "soak"])
+@pytest.mark.parametrize("flag", ["help", "-h", "--help"])
+def test_every_subcommand_answers_help(capsys, command, flag):
+    code, out, err = run_cli_inproc(capsys, command, flag)
+    assert code == 0 and f"yolo-fgd {command}:" in out and "Arguments:" in out and "Example:" in out, err
+    assert "Traceback" not in out + err
+
+
+def test_top_level_help_lists_commands_in_a_newcomers_order(capsys):
+    code, out, _ = run_cli_inproc(capsys, "help")
+    assert code == 0 and "`" not in out.splitlines()[0]
+    order = [out.index(f"yolo-fgd {c}") for c in ("data shapes", "train model", "export model", "benchmark model")]
+    assert order == sorted(order)
+    assert "mse" in run_cli_inproc(capsys, "train", "help")[1]  # every preset listed
+
+
+BAD = [
+    (["train", "teacher=t.pt", "imgsz=abc"], "imgsz=abc is not an image size"),
+    (["train", "teacher=t.pt", "epochs=-1"], "epochs=-1 must be a whole number >= 1"),
+    (["train", "teacher=t.pt", "batch=0"], "batch=0 is not a batch size"),
+    (["train", "teacher=t.pt", "lr0=fast"], "lr0"),
+    (["train", "teacher=t.pt", "data=datasets/nope.yaml"], "data 'datasets/nope.yaml' not found: pass data="),
+    (["train", "teacher=t.pt", "fgd_gain=lots"], "fgd_gain=lots is not a number"),
+    (["train", "resume", "model=runs/detect/none"], "not found"),
+    (["export", "imgsz=abc", "model=x.pt"], "imgsz=abc is not a number"),
+    (["export", "imgsz=-64", "model=x.pt"], "imgsz=-64 must be > 0"),
+    (["export"], "export needs model="),
+    (["benchmark", "model=a.pt", "runs=0"], "runs=0 must be > 0"),
+    (["study", "lanes=two"], "lanes=two is not a number"),
+    (["study", "recipe=nope"], "recipe 'nope' not found"),
+    (["tv-train", "epochs=abc"], "epochs=abc is not a number"),
+    (["tv-train", "kd_cls=1"], "unknown tv-train argument"),
+    (["data", "coco"], "unknown data set 'coco'"),
+    (["trian"], "did you mean 'train'"),
+    (["attention", "model=a.pt"], "attention needs teacher=, source="),
+]
+
+
+@pytest.mark.parametrize("args, needle", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2(capsys, args, needle):
+    code, out, err = run_cli_inproc(capsys, *args)
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("yolo-fgd: error:")]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], (code, err[-1500:])
+    assert "Traceback" not in out + err
+
+
+def test_interrupt_names_the_runs_real_checkpoint(tmp_path, capsys, monkeypatch):
+    from yolo_fgd import cli
+
+    last = tmp_path / "runs" / "detect" / "x" / "weights" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"ckpt")
+
+    class Trainer:
+        pass
+
+    class Model:  # stands for YOLO(...): Ctrl-C arrives during train(), after the trainer wrote last.pt
+        def __init__(self, *a):
+            self.trainer = Trainer()
+
+        def train(self, **kw):
+            self.trainer.last = last
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "YOLO", Model)
+    code, out, err = run_cli_inproc(capsys, "train", f"model={last}", "resume")
+    assert code == 130 and f"resume with: yolo-fgd train resume model={last}" in err, err
+
+
+def test_edge_runner_errors_are_one_line(tmp_path, data):
+    edge = str(ROOT / "yolo_fgd" / "deploy" / "edge.py")
+    missing = subprocess.run([sys.executable, edge, str(tmp_path / "none.onnx"), str(tmp_path)],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+    import torch
+
+    class Plain(torch.nn.Module):  # an ONNX model that is not a YOLO detector
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    onnx = tmp_path / "plain.onnx"
+    torch.onnx.export(Plain(), (torch.rand(1, 3, 32, 32),), str(onnx), dynamo=False)
+    wrong = subprocess.run([sys.executable, edge, str(onnx), str(tmp_path)], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "not a YOLO detection model" in wrong.stderr, wrong.stderr[-500:]
+    assert re.search(r"edge: error: .*export a detect model", wrong.stderr)
