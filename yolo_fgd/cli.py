@@ -33,7 +33,7 @@ from .lab.study import study
 from .tv.train import ARGS as TV_ARGS
 from .tv.train import train as tv_train
 from .tv.train import val as tv_val
-from .yolo import FGDTrainer
+from .yolo import trainer_for
 from .yolo.model import checkpoint
 
 HELP_WORDS = {"help", "-h", "--help"}
@@ -155,14 +155,16 @@ def _train(words: list[str], kv: dict):
     check_train_args(kv)
     resolve({k: v for k, v in kv.items() if k in ARGS})  # bad distillation values fail here, before any work
     kv["data"] = resolve_data(kv.get("data"))
-    kv.setdefault("project", str(Path("runs", "detect").resolve()))  # ./runs/detect/NAME, wherever yolo-fgd lives
-    return _fit(YOLO(model), kv)
+    student = YOLO(model)
+    kv.setdefault("project", str(Path("runs", student.task).resolve()))  # ./runs/TASK/NAME, wherever yolo-fgd lives
+    return _fit(student, kv)
 
 
 def _fit(yolo: YOLO, kv: dict):
-    """Train with the distillation trainer; say where the run went, or how to resume it after Ctrl-C."""
+    """Train with the distillation trainer of the student's task; say where the run went, or how to resume it after
+    Ctrl-C."""
     try:
-        yolo.train(trainer=FGDTrainer, **kv)
+        yolo.train(trainer=trainer_for(yolo.task), **kv)
     except KeyboardInterrupt:
         last = getattr(getattr(yolo, "trainer", None), "last", None)
         raise Interrupted(last if last is not None and Path(last).is_file() else None) from None
@@ -210,6 +212,10 @@ TRAIN_ARGS = f"""    model=yolo11n.yaml     student: a model YAML (from scratch)
     fgd_split= fgd_spatial= fgd_channel=   ablations: fg/bg split, spatial / channel attention (True/False)
     fgd_mse=True           plain feature MSE (paper Eq. 1) instead of FGD, e.g. with fgd_preset=mse
     kd_cls= kd_box=        weights of the head-response term (teacher class scores as soft labels, box-bin KL)
+    kd_kpt= kd_angle= kd_mask=   the response term of a pose / OBB / segment head's keypoints, angles, masks
+    kd_focal=True          weigh the response term per anchor by FGD's fg/bg masks and teacher attention
+    crosskd=               CrossKD: the student's Detect inputs through the teacher's head, to its outputs
+    fgd_mgd=True           masked generative distillation instead of FGD (fgd_preset=mgd; fgd_mgd_ratio=0.65)
     resume                 continue an interrupted run: yolo-fgd train resume model=<run>/weights/last.pt
     any Ultralytics train argument (epochs, imgsz, batch, device, project, name, ...)
     Renamed (still accepted, with a warning): {', '.join(f'{a} -> {b}' for a, b in RENAMED.items())}
@@ -218,10 +224,11 @@ TRAIN_ARGS = f"""    model=yolo11n.yaml     student: a model YAML (from scratch)
 COMMANDS = {c.name: c for c in [
     Command("data", "build a data set offline and print its data YAML",
             "    shapes (default) | deepforest    which set\n    root=DIR   where to write it (default: Ultralytics' "
-            "datasets_dir)\n    shapes: n_train=480 n_val=120 size=256 seed=0\n    deepforest: tile=320 overlap=64 "
+            "datasets_dir)\n    shapes: task=detect|segment|pose|obb n_train=480 n_val=120 size=256 seed=0\n    deepforest: tile=320 overlap=64 "
             "min_visible=0.4\n",
             "yolo-fgd data shapes", _data),
-    Command("train", "distil a student from a teacher (Ultralytics training + distillation terms)", TRAIN_ARGS,
+    Command("train", "distil a student (detect, segment, pose or obb, as its model says) from a teacher of the same "
+                     "task", TRAIN_ARGS,
             "yolo-fgd train model=yolo11n.yaml teacher=runs/detect/teacher/weights/best.pt data=shapes epochs=30 "
             "imgsz=192 name=distilled", _train),
     Command("val", "Ultralytics' `yolo val` (data=shapes/deepforest resolved)", "    any `yolo val` argument\n",

@@ -7,7 +7,8 @@ adapter's head-response term), ``presets`` (named weights and the train argument
 from .fgd import TERMS, FGDLoss, FGDPyramid, GcBlock, attention, feature_mse, standardise
 from .masks import fgd_masks, fgd_masks_loop
 from .mgd import MGDLoss
-from .response import focal_weights, response_kd, side_distances
+from .response import angle_kd, focal_weights, keypoint_kd, mask_kd, response_kd, side_distances
 
 __all__ = ["TERMS", "FGDLoss", "FGDPyramid", "GcBlock", "attention", "feature_mse", "standardise", "fgd_masks",
-           "fgd_masks_loop", "MGDLoss", "focal_weights", "response_kd", "side_distances"]
+           "fgd_masks_loop", "MGDLoss", "angle_kd", "focal_weights", "keypoint_kd", "mask_kd", "response_kd",
+           "side_distances"]

@@ -18,12 +18,15 @@ from ..errors import FGDError
 from .fgd import TERMS, FGDPyramid
 from .mgd import MGDLoss
 
-FLOAT_KEYS = (*TERMS, "temperature", "gain", "warmup", "decay", "share", "mgd_ratio", "kd_cls", "kd_box", "crosskd")
+FLOAT_KEYS = (*TERMS, "temperature", "gain", "warmup", "decay", "share", "mgd_ratio", "kd_cls", "kd_box", "crosskd",
+              "kd_kpt", "kd_angle", "kd_mask")
 BOOL_KEYS = ("norm", "split", "spatial", "channel", "mse", "mgd", "level_norm", "kd_focal")
 KEYS = FLOAT_KEYS + BOOL_KEYS
 # the head-response family (not FGD, so no fgd_ prefix): weights of the term, its FGD-style anchor weighting, CrossKD
-RESPONSE_KEYS = ("kd_cls", "kd_box", "kd_focal", "crosskd")
-PRESET_DEFAULTS = {"kd_cls": 0.0, "kd_box": 0.0, "kd_focal": False, "crosskd": 0.0, "decay": 0.0, "share": 0.0,
+RESPONSE_KEYS = ("kd_cls", "kd_box", "kd_focal", "crosskd", "kd_kpt", "kd_angle", "kd_mask")
+TASK_KEYS = {"pose": "kd_kpt", "obb": "kd_angle", "segment": "kd_mask"}  # the extra head output each distils
+PRESET_DEFAULTS = {"kd_cls": 0.0, "kd_box": 0.0, "kd_focal": False, "crosskd": 0.0, "kd_kpt": 0.0, "kd_angle": 0.0,
+                   "kd_mask": 0.0, "decay": 0.0, "share": 0.0,
                    "split": True, "spatial": True, "channel": True, "mse": False, "mgd": False, "mgd_ratio": 0.65,
                    "level_norm": False}
 # Names of earlier releases, accepted with a warning.
@@ -95,7 +98,7 @@ def resolve(args) -> dict:
         v = raw.get(arg_name(k))
         if v is not None:
             cfg[k] = _as_bool(k, v) if k in BOOL_KEYS else _as_float(k, v)
-    for k in (*TERMS, "gain", "warmup", "decay", "share", "kd_cls", "kd_box", "crosskd"):
+    for k in (*TERMS, "gain", "warmup", "decay", "share", "kd_cls", "kd_box", "crosskd", *TASK_KEYS.values()):
         if float(cfg[k]) < 0:
             raise FGDError(f"{arg_name(k)}={cfg[k]} is negative: distillation weights, warm-up and decay must be >= 0")
     if not 0 <= float(cfg["mgd_ratio"]) < 1:

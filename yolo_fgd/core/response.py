@@ -7,13 +7,15 @@ decoded side distances.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .fgd import attention
 from .masks import fgd_masks_levels
 
-__all__ = ["focal_weights", "response_kd", "side_distances"]
+__all__ = ["angle_kd", "focal_weights", "keypoint_kd", "mask_kd", "response_kd", "side_distances"]
 
 
 def side_distances(dist: torch.Tensor, reg_max: int) -> torch.Tensor:
@@ -83,3 +85,54 @@ def focal_weights(boxes: torch.Tensor, batch_idx: torch.Tensor, teacher_feats, t
         w = torch.cat([((fg + bg * b) * attention(f.float(), temperature)[0]).view(n, -1)
                        for (fg, b), f in zip(masks, teacher_feats)], 1)
         return w / w.mean(1, keepdim=True).clamp(min=1e-12)
+
+
+def _score_weighted(per_anchor: torch.Tensor, t_scores: torch.Tensor) -> torch.Tensor:
+    """sum_a w_a x_a / sum_a w_a with w the teacher's top class score per anchor; per_anchor and result fp32."""
+    w = t_scores.detach().float().sigmoid().amax(1)  # (N,A)
+    return (per_anchor * w).sum() / w.sum().clamp(min=1e-6)
+
+
+def keypoint_kd(s_kpts: torch.Tensor, t_kpts: torch.Tensor, t_scores: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Keypoints of a pose head: per anchor the L1 of the raw x, y outputs (both heads decode them alike, linearly,
+    so this is the decoded distance over twice the stride) summed over keypoints, plus, with ``ndim`` 3, the
+    Bernoulli KL of the visibility logits; weighted by the teacher's top class score (as the box term).
+
+    s_kpts, t_kpts: (N,K*ndim,A) raw keypoint outputs; t_scores (N,C,A) teacher class logits. Returns a 0-d tensor."""
+    with torch.autocast(device_type=s_kpts.device.type, enabled=False):
+        n, _, a = s_kpts.shape
+        s, t = s_kpts.float().view(n, -1, ndim, a), t_kpts.detach().float().view(n, -1, ndim, a)
+        per_anchor = (s[:, :, :2] - t[:, :, :2]).abs().sum((1, 2))
+        if ndim == 3:
+            p = t[:, :, 2].sigmoid()
+            kl = F.binary_cross_entropy_with_logits(s[:, :, 2], p, reduction="none") - \
+                F.binary_cross_entropy_with_logits(t[:, :, 2], p, reduction="none")
+            per_anchor = per_anchor + kl.sum(1)
+        return _score_weighted(per_anchor, t_scores)
+
+
+def angle_kd(s_angle: torch.Tensor, t_angle: torch.Tensor, t_scores: torch.Tensor) -> torch.Tensor:
+    """Angles of an OBB head (radians, (N,1,A)): per anchor |s - t| wrapped to [-pi/2, pi/2) (a box turned by pi is
+    the same box), weighted by the teacher's top class score. Returns a 0-d tensor."""
+    with torch.autocast(device_type=s_angle.device.type, enabled=False):
+        d = torch.remainder(s_angle.float() - t_angle.detach().float() + math.pi / 2, math.pi) - math.pi / 2
+        return _score_weighted(d.abs().sum(1), t_scores)
+
+
+def mask_kd(s_coef: torch.Tensor, s_proto: torch.Tensor, t_coef: torch.Tensor, t_proto: torch.Tensor,
+            t_scores: torch.Tensor, k: int = 32) -> torch.Tensor:
+    """Masks of a segmentation head: at each image's ``k`` anchors the teacher scores highest, the Bernoulli KL per
+    pixel between the teacher's and the student's mask logits (coefficients x prototypes: each model's own, so the
+    masks are comparable where the coefficients are not), mean over pixels, weighted by those teacher scores.
+
+    s_coef, t_coef: (N,M,A) mask coefficients; s_proto, t_proto: (N,M,H,W) prototypes (same H, W);
+    t_scores: (N,C,A). Returns a 0-d tensor."""
+    with torch.autocast(device_type=s_coef.device.type, enabled=False):
+        w, idx = t_scores.detach().float().sigmoid().amax(1).topk(min(k, t_scores.shape[-1]), dim=1)  # (N,k)
+        gather = lambda c: c.float().gather(2, idx[:, None, :].expand(-1, c.shape[1], -1))  # (N,M,k)
+        s = torch.einsum("nmk,nmhw->nkhw", gather(s_coef), s_proto.float())
+        t = torch.einsum("nmk,nmhw->nkhw", gather(t_coef.detach()), t_proto.detach().float())
+        p = t.sigmoid()
+        kl = F.binary_cross_entropy_with_logits(s, p, reduction="none") - \
+            F.binary_cross_entropy_with_logits(t, p, reduction="none")
+        return (kl.mean((2, 3)) * w).sum() / w.sum().clamp(min=1e-6)

@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 from ultralytics.utils import SETTINGS
 
+from ..errors import FGDError
+
 NAMES = ["circle", "ring", "triangle", "square", "star", "cross"]
 VERSION = 1
 
@@ -87,10 +89,17 @@ def _clutter(rng, img, size):
 
 def render(index: int, size: int = 256, seed: int = 0):
     """Image ``index`` of the set: (BGR uint8 image, labels (K,5) of class, cx, cy, w, h normalised)."""
+    img, labels, _ = render_outlines(index, size, seed)
+    return img, labels
+
+
+def render_outlines(index: int, size: int = 256, seed: int = 0):
+    """:func:`render` plus each object's outline (K_i,2) in pixels (a ring's outer edge): what the segmentation, OBB
+    and pose labels are made from."""
     rng = np.random.RandomState((seed * 1_000_003 + index) % (2**31))
     img = _background(rng, size)
     _clutter(rng, img, size)
-    labels, boxes = [], []
+    labels, boxes, outlines = [], [], []
     for _ in range(rng.randint(1, 9)):
         cls = int(rng.randint(len(NAMES)))
         # log-uniform radius: many small objects, some large ones
@@ -119,9 +128,35 @@ def render(index: int, size: int = 256, seed: int = 0):
         else:
             cv2.fillPoly(img, [poly], colour, cv2.LINE_AA, shift=4)
         boxes.append(box)
+        outlines.append(outer)
         labels.append([cls, (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size])
     img = cv2.GaussianBlur(img, (3, 3), rng.uniform(0.3, 0.9))
-    return img, np.array(labels, dtype=np.float32).reshape(-1, 5)
+    return img, np.array(labels, dtype=np.float32).reshape(-1, 5), outlines
+
+
+TASKS = ("detect", "segment", "pose", "obb")
+KPT_SHAPE = (5, 3)  # pose: top-, bottom-, left-, right-most outline points and the centre, each x, y, visibility
+FLIP_IDX = (0, 1, 3, 2, 4)  # a horizontal flip swaps the left- and right-most points
+
+
+def label_line(task: str, row, outline: np.ndarray, size: int) -> str:
+    """One label line of ``task`` for an object: ``row`` (class, cx, cy, w, h normalised), its outline in pixels."""
+    c, x, y, w, h = row
+    fmt = lambda v: " ".join(f"{float(a):.6f}" for a in v)
+    if task == "detect":
+        return f"{int(c)} {fmt((x, y, w, h))}\n"
+    if task == "segment":
+        return f"{int(c)} {fmt((outline / size).clip(0, 1).ravel())}\n"
+    if task == "obb":
+        corners = cv2.boxPoints(cv2.minAreaRect(outline.astype(np.float32)))
+        return f"{int(c)} {fmt((corners / size).clip(0, 1).ravel())}\n"
+    pts = [outline[outline[:, 1].argmin()], outline[outline[:, 1].argmax()], outline[outline[:, 0].argmin()],
+           outline[outline[:, 0].argmax()], outline.mean(0)]
+    kpts = []
+    for px, py in pts:
+        inside = 0 <= px < size and 0 <= py < size
+        kpts += [px / size, py / size, 2.0] if inside else [0.0, 0.0, 0.0]
+    return f"{int(c)} {fmt((x, y, w, h))} {fmt(kpts)}\n"
 
 
 def default_root() -> Path:
@@ -129,13 +164,20 @@ def default_root() -> Path:
     return Path(SETTINGS["datasets_dir"]) / "fgd-shapes"
 
 
-def shapes(root: str | Path | None = None, n_train: int = 480, n_val: int = 120, size: int = 256, seed: int = 0) -> Path:
-    """Generate (once) the embedded data set and return its data YAML path.
+def shapes(root: str | Path | None = None, n_train: int = 480, n_val: int = 120, size: int = 256, seed: int = 0,
+           task: str = "detect") -> Path:
+    """Generate (once) the embedded data set for ``task`` (detect, segment: the outlines as polygons, obb: their
+    minimum-area rectangles, pose: 5 keypoints, see :data:`KPT_SHAPE`) and return its data YAML path. The images are
+    the same for every task.
 
     Layout: ``root/<key>/images/{train,val}/*.jpg``, ``labels/{train,val}/*.txt`` and ``data.yaml``; ``key`` encodes the
     generator version and parameters, so a changed generator never reuses stale files.
     """
+    if task not in TASKS:
+        raise FGDError(f"unknown task '{task}' for the shapes data: choose {', '.join(TASKS)}")
     params = {"v": VERSION, "n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
+    if task != "detect":  # the detection set keeps the key (and cache) it always had
+        params["task"] = task
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
     folder = Path(root or default_root()) / f"shapes-{key}"
     yaml_path = folder / "data.yaml"
@@ -145,14 +187,15 @@ def shapes(root: str | Path | None = None, n_train: int = 480, n_val: int = 120,
         (folder / "images" / split).mkdir(parents=True, exist_ok=True)
         (folder / "labels" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            img, labels = render(offset + i, size, seed)
+            img, labels, outlines = render_outlines(offset + i, size, seed)
             cv2.imwrite(str(folder / "images" / split / f"{split}_{i:05d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
-            lines = "".join(f"{int(c)} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in labels)
+            lines = "".join(label_line(task, row, o, size) for row, o in zip(labels, outlines))
             (folder / "labels" / split / f"{split}_{i:05d}.txt").write_text(lines)
     text = (
         f"# yolo-fgd embedded data (generator v{VERSION}, {json.dumps(params)})\n"
         f"path: {folder.resolve()}\ntrain: images/train\nval: images/val\n"
         f"names:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(NAMES))
+        + (f"kpt_shape: {list(KPT_SHAPE)}\nflip_idx: {list(FLIP_IDX)}\n" if task == "pose" else "")
     )
     tmp = yaml_path.with_suffix(".tmp")
     tmp.write_text(text)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ultralytics.utils import LOGGER, TQDM
+from ultralytics.utils import TQDM
 from ultralytics.utils.torch_utils import get_flops
 
 from ..data import resolve_data

@@ -19,16 +19,18 @@ def detect(model_path, files, imgsz: int, batch: int = 16, multi_label: bool = T
     list of (x1, y1, x2, y2, score, cls) in original pixels. ``multi_label=False``: one label per box, as
     ``YOLO.predict`` and the edge runner deploy it (students with more class confusion score lower that way)."""
     net = YOLO(model_path).model.float().fuse().eval()
+    nc = len(net.names)  # channels past the classes (mask coefficients, keypoints) are not classes
     out = []
     for i in range(0, len(files), batch):
         ims = [blob(cv2.imread(str(f)), (imgsz, imgsz)) for f in files[i : i + batch]]
         with torch.no_grad():
             preds = net(torch.from_numpy(np.concatenate([x for x, _, _ in ims])))
-        preds = preds[0] if isinstance(preds, (list, tuple)) else preds
+        while isinstance(preds, (list, tuple)):  # (y, raw) and, for segmentation, ((y, proto), raw)
+            preds = preds[0]
         if getattr(net, "end2end", False):  # YOLO26 end-to-end head: already (N, max_det, 6)
             dets = [p[p[:, 4] > 0.001] for p in preds]
         else:
-            dets = non_max_suppression(preds, 0.001, 0.7, multi_label=multi_label, max_det=300)
+            dets = non_max_suppression(preds, 0.001, 0.7, multi_label=multi_label, max_det=300, nc=nc)
         for d, (_, gain, (px, py)) in zip(dets, ims):
             d = d.clone()
             d[:, [0, 2]] = (d[:, [0, 2]] - px) / gain

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import cv2
+import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -18,7 +20,7 @@ from ultralytics.utils import LOGGER
 from ..data import resolve_data
 from ..errors import FGDError
 from ..yolo.model import checkpoint
-from .edge import EdgeModel, blob
+from .edge import blob
 from .parity import check, max_diff, sample_images
 from .tv_export import export_onnx
 
@@ -78,7 +80,7 @@ def quantize(onnx_path, data=None, imgsz=640, mode="static", calib: int = 64) ->
         files = sample_images(data, "train", calib)
         if not files:
             raise FGDError("int8=True needs calibration images: pass data=your.yaml (its train split is used)")
-        name = EdgeModel(src).input_name
+        name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
         quantize_static(str(pre), str(out), _Calib(files, name, imgsz), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=head_tail(pre),
@@ -99,17 +101,23 @@ def _copy_metadata(src: Path, dst: Path):
 
 
 def parity(pt_model, onnx_path, images: list[Path], imgsz: int) -> float:
-    """Max |PyTorch - ONNX Runtime| over the raw output tensors of a YOLO model for ``images``."""
+    """Max |PyTorch - ONNX Runtime| over the first raw output of a YOLO model of any task for ``images`` (the
+    detections; a segmentation model's prototypes are a second output)."""
     model = pt_model.model.float().eval()
-    session = EdgeModel(onnx_path)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    dtype = np.float16 if "float16" in inp.type else np.float32
+    end2end = getattr(model, "end2end", False)
 
     def reference(x):
         with torch.no_grad():
             y = model(torch.from_numpy(x))
-        return (y[0] if isinstance(y, (list, tuple)) else y).numpy()
+        while isinstance(y, (list, tuple)):  # (y, raw) and, for segmentation, ((y, proto), raw)
+            y = y[0]
+        return y.numpy()
 
-    return max_diff(reference, lambda x: session.infer(x.astype(session.dtype)), images, imgsz,
-                    rows_unordered=session.end2end)
+    return max_diff(reference, lambda x: session.run(None, {inp.name: x.astype(dtype)})[0], images, imgsz,
+                    rows_unordered=end2end)
 
 
 def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = False, half: bool = False,

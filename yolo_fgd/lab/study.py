@@ -29,9 +29,12 @@ from ..cfg import load_recipe
 from ..data import resolve_data
 from ..deploy.evaluate import coco_ap
 from ..errors import FGDError
-from ..yolo import FGDTrainer
+from ..yolo import trainer_for
 
-METRICS = ("map", "map50", "aps", "apm", "apl", "ul_map", "epoch_s", "wall_s")
+METRICS = ("map", "map50", "aps", "apm", "apl", "ul_map", "task_map", "epoch_s", "wall_s")
+# the task's own metric in Ultralytics' results.csv (masks, keypoints; OBB's box metric uses rotated IoU)
+TASK_METRIC = {"detect": "metrics/mAP50-95(B)", "segment": "metrics/mAP50-95(M)", "pose": "metrics/mAP50-95(P)",
+               "obb": "metrics/mAP50-95(B)"}
 
 
 def warm_label_cache(data) -> None:
@@ -77,7 +80,7 @@ def _train_one(spec: dict, out: Path) -> dict:
     kwargs.update(spec.get("args") or {})
     last = out / "weights" / "last.pt"
     t0 = time.time()
-    trainer = FGDTrainer if spec.get("fgd") else None
+    trainer = trainer_for(YOLO(spec["model"]).task) if spec.get("fgd") else None
     if last.is_file():
         ckpt_epoch = _ckpt_epoch(last)
         if ckpt_epoch is not None:  # unfinished: resume
@@ -96,11 +99,17 @@ def summarise(spec: dict, fallback_s: float = 0.0) -> dict:
     for t in (float(r["time"]) for r in rows):
         wall, prev = (wall + prev, t) if t < prev else (wall, t)
     wall = (wall + prev) or fallback_s
+    best = str(out / "weights" / "best.pt")
+    task = YOLO(best).task
+    column = TASK_METRIC.get(task, TASK_METRIC["detect"])
     summary = {
-        "method": spec["method"], "seed": spec["seed"], "epochs": len(rows), "wall_s": wall,
+        "method": spec["method"], "seed": spec["seed"], "epochs": len(rows), "wall_s": wall, "task": task,
         "epoch_s": wall / len(rows) if rows else 0.0,
         "ul_map": float(rows[-1]["metrics/mAP50-95(B)"]) if rows else float("nan"),
-        **coco_ap(str(out / "weights" / "best.pt"), spec["data"], spec["train"]["imgsz"]),
+        "task_map": float(rows[-1][column]) if rows and column in rows[-1] else float("nan"),
+        # COCOeval of the boxes (axis-aligned): not for OBB, whose boxes are rotated (its Ultralytics metric is)
+        **(coco_ap(best, spec["data"], spec["train"]["imgsz"]) if task != "obb"
+           else dict.fromkeys(("map", "map50", "aps", "apm", "apl"), float("nan"))),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -163,8 +172,8 @@ def report(root: Path, specs: list[dict]) -> str:
         if f.is_file():
             rows.setdefault((s["dataset"], s["method"]), []).append(json.loads(f.read_text()))
     lines_csv = ["dataset,method,seeds," + ",".join(f"{m}_mean,{m}_std" for m in METRICS)]
-    md = ["| dataset | method | seeds | mAP50-95 | per seed | mAP50 | APs | APm | APl | Ultralytics val | s/epoch |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    md = ["| dataset | method | seeds | mAP50-95 | per seed | mAP50 | APs | APm | APl | Ultralytics val | task mAP50-95 "
+          "| s/epoch |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, method), runs in rows.items():
         vals = {m: np.array([r.get(m, np.nan) for r in runs], float) for m in METRICS}
         with warnings.catch_warnings():
@@ -175,7 +184,7 @@ def report(root: Path, specs: list[dict]) -> str:
         pm = lambda m, k=100: "–" if np.isnan(stat[m][0]) else f"{stat[m][0] * k:.1f} ± {stat[m][1] * k:.1f}"
         seeds = " / ".join(f"{r['map'] * 100:.1f}" for r in sorted(runs, key=lambda r: r["seed"]))
         md.append(f"| {ds} | {method} | {len(runs)} | {pm('map')} | {seeds} | {pm('map50')} | {pm('aps')} | "
-                  f"{pm('apm')} | {pm('apl')} | {pm('ul_map')} | {stat['epoch_s'][0]:.1f} |")
+                  f"{pm('apm')} | {pm('apl')} | {pm('ul_map')} | {pm('task_map')} | {stat['epoch_s'][0]:.1f} |")
     (root / "results.csv").write_text("\n".join(lines_csv) + "\n")
     text = "\n".join(md) + "\n"
     (root / "results.md").write_text(text)

@@ -13,9 +13,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core import TERMS, focal_weights, response_kd
-from ..core.presets import build_pyramid, cross_on, fgd_on, response_on
-from .model import check_pair, detect_head, head_channels, head_outputs, load_model, neck_features, train_outputs
+from ..core import TERMS, angle_kd, focal_weights, keypoint_kd, mask_kd, response_kd
+from ..core.presets import TASK_KEYS, build_pyramid, cross_on, fgd_on, response_on
+from .model import (
+    batch_boxes,
+    check_pair,
+    detect_head,
+    head_channels,
+    head_outputs,
+    load_model,
+    model_task,
+    neck_features,
+    train_outputs,
+)
 
 
 class Distiller(nn.Module):
@@ -49,6 +59,9 @@ class Distiller(nn.Module):
         self.cross = nn.ModuleList(nn.Conv2d(a, b, 1) if a != b else nn.Identity() for a, b in zip(cs, ct)) \
             if cross_on(cfg) else None
         self.box_bins = (int(detect_head(student).reg_max), int(detect_head(model).reg_max))
+        # the task's extra head output (keypoints, angle, masks), distilled when its weight is > 0
+        task = model_task(student)
+        self.task_term = TASK_KEYS[task] if task in TASK_KEYS and cfg[TASK_KEYS[task]] > 0 else None
         self.scale, self.mult, self.world_size = 1.0, 1.0, 1
         self.steps = 0  # batches seen in this process (measurement cadence)
         self.stats = self.new_stats()
@@ -61,12 +74,12 @@ class Distiller(nn.Module):
     def terms(self) -> tuple[str, ...]:
         """Loss items this distiller adds, in order (fixed at construction: identical on every batch)."""
         return ((("fgd", *TERMS) if self.fgd is not None else ()) + (("kd",) if self.response else ())
-                + (("crosskd",) if self.cross is not None else ()))
+                + (("crosskd",) if self.cross is not None else ()) + ((self.task_term,) if self.task_term else ()))
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.parameters())
         on = [t for t, v in (("FGD", self.fgd is not None), ("head response", self.response),
-                             ("CrossKD", self.cross is not None)) if v]
+                             ("CrossKD", self.cross is not None), (self.task_term, self.task_term)) if v]
         return (f"teacher strides {[int(s) for s in self.teacher.stride]}, {' + '.join(on) or 'no term with weight'}, "
                 f"{n:,} trainable distiller parameters")
 
@@ -84,15 +97,14 @@ class Distiller(nn.Module):
         student_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in student_feats]
         teacher_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in teacher_feats]
         out = {}
-        xywh = batch["bboxes"].to(img.device).float()
-        boxes = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+        boxes = batch_boxes(batch["bboxes"].to(img.device).float(), img.shape[-2:])
         batch_idx = batch["batch_idx"].to(img.device).view(-1)
         if self.fgd is not None:
             terms = self.fgd(student_feats, teacher_feats, boxes, batch_idx)
             s = self.scale * self.mult
             out = {"fgd": terms["total"] * s, **{k: terms[k].detach() * s for k in TERMS}, "levels": terms["levels"] * s}
             ok = ok & torch.isfinite(out["fgd"])
-        if self.response or self.cross is not None:
+        if self.response or self.cross is not None or self.task_term:
             with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
                 teacher_out = head_outputs(self.teacher, teacher_feats)
         if self.response:
@@ -110,11 +122,27 @@ class Distiller(nn.Module):
             t = response_kd(crossed["scores"], teacher_out["scores"], crossed["boxes"], teacher_out["boxes"], t_reg)
             out["crosskd"] = self.cfg["crosskd"] * (t["cls"] + t["box"]) * self.scale
             ok = ok & torch.isfinite(out["crosskd"])
-        for k in ("fgd", "kd", "crosskd"):
+        if self.task_term:
+            out[self.task_term] = self.cfg[self.task_term] * self.task_loss(student_out, teacher_out, teacher_feats) \
+                * self.scale
+            ok = ok & torch.isfinite(out[self.task_term])
+        for k in ("fgd", "kd", "crosskd", *TASK_KEYS.values()):
             if k in out:
                 out[k] = torch.where(ok, out[k], torch.zeros_like(out[k]))
         self.stats["skipped"] = self.stats["skipped"] + (~ok).int()
         return out
+
+    def task_loss(self, student_out: dict, teacher_out: dict, teacher_feats) -> torch.Tensor:
+        """The unweighted term of the task's extra head output: keypoints (pose), angles (OBB) or masks (segment)."""
+        scores = teacher_out["scores"]
+        if self.task_term == "kd_kpt":
+            return keypoint_kd(student_out["kpts"], teacher_out["kpts"], scores, detect_head(self.teacher).kpt_shape[1])
+        if self.task_term == "kd_angle":
+            return angle_kd(student_out["angle"], teacher_out["angle"], scores)
+        with torch.no_grad(), torch.autocast(scores.device.type, enabled=False):
+            t_proto = detect_head(self.teacher).proto(teacher_feats[0].float())
+        return mask_kd(student_out["mask_coefficient"], student_out["proto"], teacher_out["mask_coefficient"], t_proto,
+                       scores)
 
     # --- instrumentation ----------------------------------------------------------------------------------------
     def new_stats(self) -> dict:
@@ -211,7 +239,7 @@ class DistillCriterion:
         if "fgd" in out:
             parts.append((out["fgd"] * bs).view(1).to(loss.dtype))
             items = {**items, "fgd_loss": out["fgd"].detach(), **{f"{k}_loss": out[k] for k in TERMS}}
-        for k in ("kd", "crosskd"):
+        for k in ("kd", "crosskd", *TASK_KEYS.values()):
             if k in out:
                 parts.append((out[k] * bs).view(1).to(loss.dtype))
                 items = {**items, f"{k}_loss": out[k].detach()}

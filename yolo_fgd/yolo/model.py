@@ -120,6 +120,20 @@ def check_pair(student: nn.Module, teacher: nn.Module, names: dict, teacher_path
         )
 
 
+def batch_boxes(bboxes: torch.Tensor, shape) -> torch.Tensor:
+    """An Ultralytics batch's ``bboxes`` -> (M,4) normalised xyxy for FGD's masks (Eq. 2-3): (M,4) normalised xywh as
+    is; (M,5) OBB xywhr (xywh normalised, r radians) as the rotated box's axis-aligned hull, rotated in pixels of the
+    (H, W) ``shape`` (the paper uses boxes for Mask R-CNN too; the hull covers every cell the rotated box touches)."""
+    if bboxes.shape[-1] == 5:
+        h, w = float(shape[0]), float(shape[1])
+        scale = bboxes.new_tensor([w, h])
+        xy, wh, r = bboxes[:, :2] * scale, bboxes[:, 2:4] * scale, bboxes[:, 4]
+        cos, sin = r.cos().abs(), r.sin().abs()
+        half = torch.stack([wh[:, 0] * cos + wh[:, 1] * sin, wh[:, 0] * sin + wh[:, 1] * cos], 1) / 2
+        return torch.cat([(xy - half) / scale, (xy + half) / scale], 1)
+    return torch.cat([bboxes[:, :2] - bboxes[:, 2:] / 2, bboxes[:, :2] + bboxes[:, 2:] / 2], 1)
+
+
 def checkpoint(path, which: str = "best") -> str:
     """A checkpoint path from what a user passes: a ``.pt`` as is, or a run folder (``runs/detect/NAME``) -> its
     ``weights/{which}.pt``; a run folder without it is a one-line error."""

@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from ultralytics.cfg import get_cfg
 from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.obb import OBBTrainer
+from ultralytics.models.yolo.pose import PoseTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK, colorstr
 from ultralytics.utils.torch_utils import unwrap_model
 
@@ -173,3 +176,26 @@ class FGDTrainer(DistillMixin, DetectionTrainer):
         >>> from ultralytics import YOLO
         >>> YOLO("yolo11n.yaml").train(trainer=FGDTrainer, teacher="teacher.pt", data="data.yaml", epochs=100)
     """
+
+
+class SegmentFGDTrainer(DistillMixin, SegmentationTrainer):
+    """SegmentationTrainer with distillation (a segmentation teacher: the response term adds its masks)."""
+
+
+class PoseFGDTrainer(DistillMixin, PoseTrainer):
+    """PoseTrainer with distillation (a pose teacher: the response term adds its keypoints)."""
+
+
+class OBBFGDTrainer(DistillMixin, OBBTrainer):
+    """OBBTrainer with distillation (an OBB teacher: the response term adds its angles; FGD's masks use each rotated
+    box's axis-aligned hull)."""
+
+
+TRAINERS = {"detect": FGDTrainer, "segment": SegmentFGDTrainer, "pose": PoseFGDTrainer, "obb": OBBFGDTrainer}
+
+
+def trainer_for(task: str) -> type:
+    """The distillation trainer of a student's task, as ``yolo`` picks its trainer."""
+    if task not in TRAINERS:
+        raise FGDError(f"task '{task}' has no distillation trainer: use a detect, segment, pose or obb student")
+    return TRAINERS[task]
