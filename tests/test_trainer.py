@@ -337,5 +337,9 @@ def read_names(ckpt):
 def test_benchmark_step_times_every_method(data, teacher, tmp_path):
     from yolo_fgd.lab.cost import benchmark_step
 
-    res = benchmark_step(teacher, data=data, imgsz=64, batch=4, fraction=1.0, project=str(tmp_path))
-    assert set(res) == {"plain", "default", "fgd", "fgd_response", "distill_model"} and all(v > 0 for v in res.values())
+    res = benchmark_step(teacher, data=data, imgsz=64, batch=4, fraction=1.0, project=str(tmp_path),
+                         methods="plain,default,fgd,fgd_response,distill_model,crosskd")
+    assert set(res) == {"plain", "default", "fgd", "fgd_response", "distill_model", "crosskd"}
+    assert all(v > 0 for v in res.values())
+    rows = read_csv(tmp_path / "step.csv")
+    assert [r["method"] for r in rows] == list(res) and float(rows[0]["x_plain"]) == 1.0

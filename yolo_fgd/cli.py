@@ -274,10 +274,14 @@ COMMANDS = {c.name: c for c in [
             "yolo-fgd imitation model=student.pt teacher=teacher.pt",
             lambda w, kv: call(imitation, kv, "imitation", ("model", "teacher"))),
     Command("benchmark-loss", "cost of the FGD loss against a plain feature MSE (prints figures)",
-            "    batch=16 imgsz=640 boxes=50 device=cpu repeat=5 step=True\n", "yolo-fgd benchmark-loss device=0",
+            "    batch=16 imgsz=640 boxes=50 device=cpu repeat=5 step=True amp=False threads=0\n"
+            "    prints ms, the FGD/MSE ratio and the aten ops / compute ops (and CUDA kernels) per fwd+bwd\n",
+            "yolo-fgd benchmark-loss device=0 amp=True",
             lambda w, kv: call(benchmark_loss, kv, "benchmark-loss")),
     Command("benchmark-step", "seconds per training step of plain, default, FGD, FGD+response and distill_model=",
-            "    teacher=PATH (required) data=shapes model=yolo11n.yaml imgsz=192 batch=16 fraction=0.5 project=\n",
+            "    teacher=PATH (required) data=shapes model=yolo11n.yaml imgsz=192 batch=16 fraction=0.5 device=cpu\n"
+            "    amp=False workers=0 epochs=1 project=runs/benchmark-step\n"
+            "    methods=plain,default,fgd,fgd_response,distill_model   (also: crosskd, response_focal, mgd, fgd_tied)\n",
             "yolo-fgd benchmark-step teacher=runs/detect/teacher/weights/best.pt",
             lambda w, kv: call(benchmark_step, kv, "benchmark-step", ("teacher",))),
     Command("soak", "memory soak on odd labels (prints peak RSS)", "    steps=200 imgsz=64 batch=4 project=runs/soak\n",

@@ -22,7 +22,7 @@ from ..core import FGDPyramid, feature_mse, fgd_masks, fgd_masks_loop
 from ..data import resolve_data, shapes
 from ..errors import FGDError
 from ..timing import times_ms
-from ..yolo import FGDTrainer
+from ..yolo import FGDTrainer, trainer_for
 
 
 def _timeit(fn, device, repeat: int, warmup: int = 2) -> float:
@@ -140,31 +140,61 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
     return res
 
 
+STEP_METHODS = {  # method -> extra train args (teacher/trainer added for the distillers)
+    "plain": None, "default": {}, "fgd": {"fgd_gain": 0.05, "kd_cls": 0, "kd_box": 0}, "fgd_response": {"fgd_gain": 0.05},
+    "distill_model": None, "crosskd": {"crosskd": 1.0}, "response_focal": {"kd_focal": True},
+    "mgd": {"fgd_preset": "mgd"}, "fgd_tied": {"fgd_gain": 0.05, "fgd_share": 0.3},
+}
+
+
 def benchmark_step(teacher: str, data: str = "shapes", model: str = "yolo11n.yaml", imgsz: int = 192, batch: int = 16,
-                   fraction: float = 0.5, project: str = "runs/benchmark-step") -> dict:
-    """Seconds per training iteration of the plain student, the shipped default (head response), FGD alone, FGD on
-    top of the response term and Ultralytics' ``distill_model=`` (same teacher, data, batch; one epoch each, run one
-    after another; validation not timed)."""
+                   fraction: float = 0.5, device: str = "cpu", amp: bool = False, workers: int = 0, epochs: int = 1,
+                   methods: str = "plain,default,fgd,fgd_response,distill_model",
+                   project: str = "runs/benchmark-step") -> dict:
+    """Milliseconds per training iteration of each method (``methods``: comma-separated keys of
+    :data:`STEP_METHODS`; same teacher, data, batch, device, AMP and workers; run one after another): the median over
+    the last epoch's iterations after its first 3, the device synchronised at each; validation not timed. Prints a
+    table and writes ``step.csv`` (method, ms per iteration, ratio to plain)."""
     if not Path(str(teacher)).is_file():
         raise FGDError(f"teacher '{teacher}' not found: pass teacher=path/to/best.pt")
+    names = [m for m in str(methods).split(",") if m]
+    unknown = [m for m in names if m not in STEP_METHODS]
+    if unknown:
+        raise FGDError(f"unknown method(s) {unknown} for benchmark-step: choose from {', '.join(STEP_METHODS)}")
     data = resolve_data(data)
-    common = dict(data=data, imgsz=imgsz, batch=batch, epochs=1, fraction=fraction, workers=0, plots=False,
-                  val=False, project=project, exist_ok=True, amp=False, seed=0)
-    fgd = {"trainer": FGDTrainer, "teacher": teacher}
-    cases = {"plain": {}, "default": fgd, "fgd": {**fgd, "fgd_gain": 0.05, "kd_cls": 0, "kd_box": 0},
-             "fgd_response": {**fgd, "fgd_gain": 0.05}, "distill_model": {"distill_model": teacher}}
+    out_dir = Path(project).resolve()
+    common = dict(data=data, imgsz=imgsz, batch=batch, epochs=int(epochs), fraction=fraction, workers=workers,
+                  plots=False, val=False, project=str(out_dir), exist_ok=True, amp=amp, device=device, seed=0)
     res = {}
-    for name, extra in cases.items():
-        times = {}
+    for name in names:
+        extra = STEP_METHODS[name]
+        if name == "distill_model":
+            extra = {"distill_model": teacher}
+        elif extra is not None:
+            extra = {"trainer": trainer_for(YOLO(model).task), "teacher": teacher, **extra}
+        stamps = []
+
+        def tick(trainer):
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize(trainer.device)
+            stamps.append((trainer.epoch, time.perf_counter()))
+
         m = YOLO(model)
-        m.add_callback("on_train_epoch_start", lambda t: times.update(t0=time.perf_counter()))
-        m.add_callback("on_train_epoch_end", lambda t: times.update(t1=time.perf_counter(), nb=len(t.train_loader)))
-        m.train(name=name, **common, **extra)
-        res[name] = (times["t1"] - times["t0"]) / times["nb"]
-    print(f"seconds per iteration (batch {batch}, {imgsz} px, {torch.get_num_threads()} threads, {model}, "
-          f"teacher {teacher}):")
-    for k, v in res.items():
-        print(f"  {k:<14} {v:.3f} s   x{v / res['plain']:.2f} of plain")
+        m.add_callback("on_train_batch_end", tick)
+        m.train(name=name, **common, **(extra or {}))
+        last = [t for e, t in stamps if e == stamps[-1][0]]
+        gaps = sorted(b - a for a, b in zip(last[3:], last[4:])) or sorted(b - a for a, b in zip(last, last[1:]))
+        res[name] = 1e3 * gaps[len(gaps) // 2]
+    base = res.get("plain")
+    lines = [f"ms per training iteration ({device}, amp={amp}, batch {batch}, {imgsz} px, workers {workers}, {model}, "
+             f"teacher {teacher}, {torch.get_num_threads()} CPU threads):", "| method | ms/iter | x plain |",
+             "|---|---|---|"]
+    lines += [f"| {k} | {v:.1f} | {v / base:.2f} |" if base else f"| {k} | {v:.1f} | – |" for k, v in res.items()]
+    print("\n".join(lines))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "step.csv").write_text("method,ms_per_iter,x_plain\n" + "".join(
+        f"{k},{v:.3f},{v / base:.4f}\n" if base else f"{k},{v:.3f},\n" for k, v in res.items()))
+    print(f"yolo-fgd: step costs saved to {out_dir / 'step.csv'}")
     return res
 
 
