@@ -120,6 +120,8 @@ BAD = [
     (["study", "recipe=nope"], "recipe 'nope' not found"),
     (["tv-train", "epochs=abc"], "epochs=abc is not a number"),
     (["tv-train", "kd_cls=1"], "unknown tv-train argument"),
+    (["tv-train", "amp=True", "device=cpu"], "amp=True needs a CUDA device"),
+    (["benchmark-step", "teacher=nope.pt"], "teacher 'nope.pt' not found"),
     (["data", "coco"], "unknown data set 'coco'"),
     (["trian"], "did you mean 'train'"),
     (["attention", "model=a.pt"], "attention needs teacher=, source="),
@@ -145,6 +147,8 @@ def test_interrupt_names_the_runs_real_checkpoint(tmp_path, capsys, monkeypatch)
         pass
 
     class Model:  # stands for YOLO(...): Ctrl-C arrives during train(), after the trainer wrote last.pt
+        task = "detect"
+
         def __init__(self, *a):
             self.trainer = Trainer()
 

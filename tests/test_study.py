@@ -72,6 +72,7 @@ def test_plan_orders_overrides_and_finetune(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["study.yaml", "calibrate.yaml", "remedies.yaml", "ablations.yaml", "demo.yaml",
                                     "candidates.yaml", "task_segment.yaml", "task_pose.yaml", "task_obb.yaml",
+                                    "gpu_scale.yaml",
                                     "deepforest.yaml"])
 def test_shipped_recipes_resolve(recipe):
     from yolo_fgd.cfg import load_recipe

@@ -23,6 +23,7 @@ import torch
 from ultralytics import YOLO
 from ultralytics.data import YOLODataset
 from ultralytics.data.utils import check_det_dataset
+from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils import DEFAULT_CFG, LOGGER
 
 from ..cfg import load_recipe
@@ -100,7 +101,7 @@ def summarise(spec: dict, fallback_s: float = 0.0) -> dict:
         wall, prev = (wall + prev, t) if t < prev else (wall, t)
     wall = (wall + prev) or fallback_s
     best = str(out / "weights" / "best.pt")
-    task = YOLO(best).task
+    task = spec.get("task") or "detect"
     column = TASK_METRIC.get(task, TASK_METRIC["detect"])
     summary = {
         "method": spec["method"], "seed": spec["seed"], "epochs": len(rows), "wall_s": wall, "task": task,
@@ -144,8 +145,10 @@ def plan(recipe: dict, root: Path) -> list[dict]:
         tcfg = recipe["teacher"]
         tdir = root / ds_name / "teacher"
         teacher_pt = tcfg.get("weights") or str(tdir / "weights" / "best.pt")
+        task = guess_model_task(str(recipe["student"]))  # from the model's name, e.g. yolo11n-seg.yaml -> segment
         if not tcfg.get("weights"):
             specs.append({"dir": str(tdir), "method": "teacher", "seed": 0, "data": data, "model": tcfg["model"],
+                          "task": task,
                           "train": {**train, **(tcfg.get("train") or {})}, "dataset": ds_name})
         for method, m in recipe["methods"].items():
             m = dict(m or {})
@@ -158,7 +161,7 @@ def plan(recipe: dict, root: Path) -> list[dict]:
                     model = str(root / ds_name / f"{model[4:]}-s{seed}" / "weights" / "best.pt")
                     needs.append(model)
                 specs.append({"dir": str(root / ds_name / f"{method}-s{seed}"), "method": method, "seed": seed,
-                              "data": data, "model": model, "train": train,
+                              "data": data, "model": model, "train": train, "task": task,
                               "fgd": bool(m.get("fgd")), "args": {**({"teacher": teacher_pt} if m.get("fgd") else {}),
                                                                     **args}, "dataset": ds_name, "needs": needs})
     return specs
