@@ -1,7 +1,6 @@
 """Embedded procedural data and the DeepForest tiler."""
 
 import zipfile
-from pathlib import Path
 
 import cv2
 import numpy as np

@@ -7,8 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
-from conftest import ROOT, TINY, run_cli, train_teacher
+from conftest import ROOT, run_cli, train_teacher
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Odd labels, non-finite features, SIGKILL mid-run and resume, atomic checkpoints."""
 
 import csv
-import os
 import shutil
 import signal
 import subprocess
@@ -12,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, run_cli
 
 

@@ -1,7 +1,6 @@
 """Study and demo plumbing on a tiny recipe: runs, summaries, report files, resume (no re-training)."""
 
 import json
-from pathlib import Path
 
 import pytest
 

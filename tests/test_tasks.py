@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY
 
 TASKS = {"segment": ("yolo11s-seg.yaml", "yolo11n-seg.yaml", "kd_mask", "metrics/mAP50-95(M)"),

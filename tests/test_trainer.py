@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, run_cli, save_untrained, train_teacher
 
 
@@ -284,7 +283,6 @@ def test_grad_share_balancing_moves_the_multiplier(data, runs, teacher, monkeypa
     from ultralytics import YOLO
 
     from yolo_fgd import FGDTrainer
-
     from yolo_fgd.yolo import Distiller
 
     monkeypatch.setattr(Distiller, "MEASURE_EVERY", 1)

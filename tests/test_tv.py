@@ -31,7 +31,6 @@ def tv_teacher(data, tmp_path_factory):
 @pytest.mark.parametrize("arch", ["retinanet", "fcos"])
 @pytest.mark.parametrize("recipe", ["tv_retinanet_r101_r50.yaml", "tv_fcos_r101_r50.yaml", "tv_retinanet_r34_r18_cpu.yaml"])
 def test_build_recipes_and_fpn_levels(arch, recipe):
-    import yaml
 
     from yolo_fgd.cfg import load_recipe
 
