@@ -68,9 +68,10 @@ class GcBlock(nn.Module):
         """(N,C,H,W) -> (N,C): the global context term that R adds to every position."""
         n, c = feat.shape[:2]
         flat = feat.reshape(n, c, -1)
-        # W_k F: the C->1 context conv as a matrix-vector product (a 1-channel conv is slow in oneDNN/cuDNN)
-        logits = torch.matmul(self.context.weight.view(1, 1, c), flat).view(n, -1) + self.context.bias
-        ctx = torch.bmm(flat, F.softmax(logits, dim=1).unsqueeze(2)).view(n, c)  # (N,C)
+        # W_k F + b: the C->1 context conv as one batched matrix-vector product with its bias (a 1-channel conv is
+        # slow in oneDNN/cuDNN), (N,1,HW)
+        logits = torch.baddbmm(self.context.bias.view(1, 1, 1), self.context.weight.view(1, 1, c).expand(n, 1, c), flat)
+        ctx = torch.bmm(flat, F.softmax(logits, dim=2).transpose(1, 2)).view(n, c)  # (N,C)
         # the transform's 1x1 convs on a 1x1 map, as the matrix products they are (same parameters, fewer kernels)
         conv1, norm, _, conv2 = self.transform
         hidden = conv1.out_channels
