@@ -140,3 +140,18 @@ def test_data_for_every_task_comes_from_the_same_images(tmp_path):
     assert len({len(v) for v in lab.values()}) == 1  # one line per object in every task
     assert all(len(line.split()) == 9 for line in lab["obb"]) and all(len(line.split()) == 20 for line in lab["pose"])
     assert all(len(line.split()) % 2 == 1 and len(line.split()) >= 7 for line in lab["segment"])
+
+
+def test_cli_picks_the_trainer_from_the_students_task(task_run):
+    from conftest import run_cli
+
+    task, root, data, teacher = task_run
+    if task != "pose":
+        pytest.skip("one task through the CLI is enough")
+    out = run_cli("train", f"model={TASKS[task][1]}", f"teacher={teacher}", f"data={data}", "epochs=1", "imgsz=64",
+                  "batch=4", "workers=0", "plots=False", "device=cpu", f"project={root}", "name=cli", "kd_kpt=1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"distilled student saved to {root / 'cli' / 'weights' / 'best.pt'}" in out.stdout
+    assert "train/kd_kpt_loss" in (root / "cli" / "results.csv").read_text().replace(" ", "")
+    bad = run_cli("data", "shapes", "task=depth")
+    assert bad.returncode == 2 and "unknown task 'depth'" in bad.stderr
