@@ -278,7 +278,7 @@ COMMANDS = {c.name: c for c in [
             "    prints ms, the FGD/MSE ratio and the aten ops / compute ops (and CUDA kernels) per fwd+bwd\n",
             "yolo-fgd benchmark-loss device=0 amp=True",
             lambda w, kv: call(benchmark_loss, kv, "benchmark-loss")),
-    Command("benchmark-step", "seconds per training step of plain, default, FGD, FGD+response and distill_model=",
+    Command("benchmark-step", "ms per training iteration of each distillation method and its ratio to plain",
             "    teacher=PATH (required) data=shapes model=yolo11n.yaml imgsz=192 batch=16 fraction=0.5 device=cpu\n"
             "    amp=False workers=0 epochs=1 project=runs/benchmark-step\n"
             "    methods=plain,default,fgd,fgd_response,distill_model   (also: crosskd, response_focal, mgd, fgd_tied)\n",
@@ -295,12 +295,13 @@ def usage() -> str:
     return ("yolo-fgd: Focal and Global Knowledge Distillation for Ultralytics YOLO.\n\n"
             "Usage: yolo-fgd COMMAND key=value ...   (yolo-fgd COMMAND help: its arguments and an example)\n\n"
             "A first run, in order:\n"
-            "    yolo-fgd data shapes                                  # embedded data set -> its data YAML\n"
-            "    yolo train model=yolo11s.yaml data=<yaml> epochs=30 imgsz=192 name=teacher\n"
-            "    yolo-fgd train model=yolo11n.yaml teacher=<teacher best.pt> data=<yaml> epochs=30 imgsz=192 "
-            "name=distilled\n"
-            "    yolo-fgd export model=<distilled best.pt> imgsz=192 int8=True\n"
-            "    yolo-fgd benchmark model=<distilled best.pt> data=<yaml> imgsz=192\n\n"
+            "    DATA=$(yolo-fgd data shapes)                          # embedded data set -> its data YAML\n"
+            "    yolo train model=yolo11s.yaml data=$DATA epochs=30 imgsz=192 project=$PWD/runs/detect name=teacher\n"
+            "    yolo-fgd train model=yolo11n.yaml teacher=runs/detect/teacher/weights/best.pt data=$DATA epochs=30 "
+            "imgsz=192 name=distilled\n"
+            "    yolo-fgd export model=runs/detect/distilled imgsz=192 int8=True\n"
+            "    yolo-fgd benchmark model=runs/detect/distilled data=$DATA imgsz=192\n\n"
+            "Outputs go under ./runs of the current directory (or project=); each command prints where it wrote.\n\n"
             "Commands:\n" + "\n".join(lines) + "\n\nAdd debug=True to see full tracebacks.\n")
 
 
