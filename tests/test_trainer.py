@@ -138,9 +138,9 @@ def test_cross_family_and_yolo26_student(data, runs):
     assert float(rows[0]["train/fgd_loss"]) > 0 and float(rows[0]["train/kd_loss"]) > 0
 
 
-def test_default_is_response_only_and_builds_no_fgd(data, runs, teacher, monkeypatch):
-    """The shipped preset: head-response term on (kd_loss column); FGD has weight 0, so its modules are not built,
-    optimised, saved or logged."""
+def test_default_is_response_and_crosskd_and_builds_no_fgd(data, runs, teacher, monkeypatch):
+    """The shipped preset: head response + CrossKD (kd_loss, crosskd_loss columns); FGD has weight 0, so its modules
+    are not built, optimised, saved or logged; with crosskd=0 too, the distiller has no module at all."""
     from ultralytics import YOLO
 
     from yolo_fgd import FGDTrainer
@@ -156,10 +156,19 @@ def test_default_is_response_only_and_builds_no_fgd(data, runs, teacher, monkeyp
     model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="kd", fgd_warmup=0,
                 **TINY)
     row = read_csv(Path(runs) / "kd" / "results.csv")[0]
-    assert float(row["train/kd_loss"]) > 0
+    assert float(row["train/kd_loss"]) > 0 and float(row["train/crosskd_loss"]) > 0
     assert not any(k.startswith(("train/fg", "train/bg", "train/at", "train/gl", "fgd/")) for k in row), list(row)
-    assert not list(seen["trainer"].distiller.parameters()) and seen["trainer"].distiller.fgd is None
-    assert not (Path(runs) / "kd" / "weights" / "fgd_last.pt").exists()
+    d = seen["trainer"].distiller
+    assert d.fgd is None and all(n.startswith("cross.") for n, _ in d.named_parameters())
+    assert set(torch.load(Path(runs) / "kd" / "weights" / "fgd_last.pt", weights_only=True)) == {"cross", "mult",
+                                                                                                  "epoch"}
+    model = YOLO("yolo11n.yaml")
+    model.add_callback("on_train_end", lambda t: seen.update(trainer=t))
+    model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="kd_only",
+                fgd_warmup=0, crosskd=0, **TINY)
+    assert not list(seen["trainer"].distiller.parameters())
+    assert "train/crosskd_loss" not in read_csv(Path(runs) / "kd_only" / "results.csv")[0]
+    assert not (Path(runs) / "kd_only" / "weights" / "fgd_last.pt").exists()
 
 
 def test_cli_train_and_val(data, runs, teacher):
@@ -335,9 +344,8 @@ def read_names(ckpt):
 def test_benchmark_step_times_every_method(data, teacher, tmp_path):
     from yolo_fgd.lab.cost import benchmark_step
 
-    res = benchmark_step(teacher, data=data, imgsz=64, batch=4, fraction=1.0, project=str(tmp_path),
-                         methods="plain,default,fgd,fgd_response,distill_model,crosskd")
-    assert set(res) == {"plain", "default", "fgd", "fgd_response", "distill_model", "crosskd"}
+    res = benchmark_step(teacher, data=data, imgsz=64, batch=4, fraction=1.0, project=str(tmp_path))
+    assert set(res) == {"plain", "default", "response", "fgd", "fgd_response", "distill_model"}
     assert all(v > 0 for v in res.values())
     rows = read_csv(tmp_path / "step.csv")
     assert [r["method"] for r in rows] == list(res) and float(rows[0]["x_plain"]) == 1.0

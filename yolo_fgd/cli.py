@@ -214,7 +214,8 @@ TRAIN_ARGS = f"""    model=yolo11n.yaml     student: a model YAML (from scratch)
     kd_cls= kd_box=        weights of the head-response term (teacher class scores as soft labels, box-bin KL)
     kd_kpt= kd_angle= kd_mask=   the response term of a pose / OBB / segment head's keypoints, angles, masks
     kd_focal=True          weigh the response term per anchor by FGD's fg/bg masks and teacher attention
-    crosskd=               CrossKD: the student's Detect inputs through the teacher's head, to its outputs
+    crosskd=1.0            CrossKD: the student's Detect inputs through the teacher's head, to its outputs (on in
+                           the shipped preset; crosskd=0 leaves the head response alone)
     fgd_mgd=True           masked generative distillation instead of FGD (fgd_preset=mgd; fgd_mgd_ratio=0.65)
     resume                 continue an interrupted run: yolo-fgd train resume model=<run>/weights/last.pt
     any Ultralytics train argument (epochs, imgsz, batch, device, project, name, ...)
@@ -281,7 +282,7 @@ COMMANDS = {c.name: c for c in [
     Command("benchmark-step", "ms per training iteration of each distillation method and its ratio to plain",
             "    teacher=PATH (required) data=shapes model=yolo11n.yaml imgsz=192 batch=16 fraction=0.5 device=cpu\n"
             "    amp=False workers=0 epochs=1 project=runs/benchmark-step\n"
-            "    methods=plain,default,fgd,fgd_response,distill_model   (also: crosskd, response_focal, mgd, fgd_tied)\n",
+            "    methods=plain,default,response,fgd,fgd_response,distill_model   (also: response_focal, mgd, fgd_tied)\n",
             "yolo-fgd benchmark-step teacher=runs/detect/teacher/weights/best.pt",
             lambda w, kv: call(benchmark_step, kv, "benchmark-step", ("teacher",))),
     Command("soak", "memory soak on odd labels (prints peak RSS)", "    steps=200 imgsz=64 batch=4 project=runs/soak\n",

@@ -141,15 +141,16 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
 
 
 STEP_METHODS = {  # method -> extra train args (teacher/trainer added for the distillers)
-    "plain": None, "default": {}, "fgd": {"fgd_gain": 0.05, "kd_cls": 0, "kd_box": 0}, "fgd_response": {"fgd_gain": 0.05},
-    "distill_model": None, "crosskd": {"crosskd": 1.0}, "response_focal": {"kd_focal": True},
-    "mgd": {"fgd_preset": "mgd"}, "fgd_tied": {"fgd_gain": 0.05, "fgd_share": 0.3},
+    "plain": None, "default": {}, "response": {"crosskd": 0},
+    "fgd": {"fgd_gain": 0.05, "kd_cls": 0, "kd_box": 0, "crosskd": 0}, "fgd_response": {"fgd_gain": 0.05, "crosskd": 0},
+    "distill_model": None, "response_focal": {"kd_focal": True, "crosskd": 0}, "mgd": {"fgd_preset": "mgd"},
+    "fgd_tied": {"fgd_gain": 0.05, "fgd_share": 0.3, "crosskd": 0},
 }
 
 
 def benchmark_step(teacher: str, data: str = "shapes", model: str = "yolo11n.yaml", imgsz: int = 192, batch: int = 16,
                    fraction: float = 0.5, device: str = "cpu", amp: bool = False, workers: int = 0, epochs: int = 1,
-                   methods: str = "plain,default,fgd,fgd_response,distill_model",
+                   methods: str = "plain,default,response,fgd,fgd_response,distill_model",
                    project: str = "runs/benchmark-step") -> dict:
     """Milliseconds per training iteration of each method (``methods``: comma-separated keys of
     :data:`STEP_METHODS`; same teacher, data, batch, device, AMP and workers; run one after another): the median over
