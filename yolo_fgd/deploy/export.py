@@ -135,8 +135,8 @@ def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = F
     model = checkpoint(model)
     yolo_model = load_yolo(model)
     data = data or (getattr(yolo_model, "ckpt", None) or {}).get("train_args", {}).get("data")
-    if data and not Path(str(data)).is_file():
-        data = resolve_data(data) if data in ("shapes", "deepforest") else data
+    if data:
+        data = resolve_data(data)  # shapes / deepforest -> their YAML; a path passes through
     if half:  # Ultralytics' name for fp16 export is quantize=16 (half= is deprecated there)
         kwargs["quantize"] = 16
     path = Path(yolo_model.export(format="onnx", imgsz=imgsz, dynamic=dynamic, simplify=True, opset=opset,

@@ -27,12 +27,16 @@ from .model import (
     train_outputs,
 )
 
+SCALED = ("fgd", "kd", "crosskd", *TASK_KEYS.values())  # terms that enter the loss (times the batch size), in order
+MODULES = ("fgd", "cross")  # the distiller's trainable parts: optimised, all-reduced, saved in the sidecar
+
 
 class Distiller(nn.Module):
-    """Teacher + FGD pyramid + head-response term for one YOLO student.
+    """Teacher + FGD pyramid + head-response, CrossKD and task terms for one YOLO student.
 
     The teacher is held outside the module tree (not in ``state_dict``, the optimiser or DDP) and the student only by
-    reference; the module's own parameters are the FGD pyramid's (none when FGD has no weight).
+    reference; the module's own parameters are those of :data:`MODULES` that have weight (the FGD pyramid, CrossKD's
+    1x1 convs), none otherwise.
 
     Args:
         student: the student model (unwrapped), for channel/stride/box-bin checks and the gradient-share probe.
@@ -97,8 +101,9 @@ class Distiller(nn.Module):
         student_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in student_feats]
         teacher_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in teacher_feats]
         out = {}
-        boxes = batch_boxes(batch["bboxes"].to(img.device).float(), img.shape[-2:])
-        batch_idx = batch["batch_idx"].to(img.device).view(-1)
+        if self.fgd is not None or self.cfg["kd_focal"]:  # the boxes feed FGD's masks and the focal weights only
+            boxes = batch_boxes(batch["bboxes"].to(img.device).float(), img.shape[-2:])
+            batch_idx = batch["batch_idx"].to(img.device).view(-1)
         if self.fgd is not None:
             terms = self.fgd(student_feats, teacher_feats, boxes, batch_idx)
             s = self.scale * self.mult
@@ -126,7 +131,7 @@ class Distiller(nn.Module):
             out[self.task_term] = self.cfg[self.task_term] * self.task_loss(student_out, teacher_out, teacher_feats) \
                 * self.scale
             ok = ok & torch.isfinite(out[self.task_term])
-        for k in ("fgd", "kd", "crosskd", *TASK_KEYS.values()):
+        for k in SCALED:
             if k in out:
                 out[k] = torch.where(ok, out[k], torch.zeros_like(out[k]))
         self.stats["skipped"] = self.stats["skipped"] + (~ok).int()
@@ -202,14 +207,14 @@ class Distiller(nn.Module):
     def sidecar(self, epoch: int) -> dict:
         """What ``fgd_last.pt`` holds (the student's checkpoints hold no distiller state): the modules of every term
         with weight, under their names (``fgd``, ``cross``)."""
-        state = {name: getattr(self, name).state_dict() for name in ("fgd", "cross") if getattr(self, name) is not None}
+        state = {name: getattr(self, name).state_dict() for name in MODULES if getattr(self, name) is not None}
         return {**state, "mult": self.mult, "epoch": epoch}
 
     def load_sidecar(self, state: dict) -> list[str]:
         """Restore from :meth:`sidecar` output; returns the names of built modules the sidecar did not hold."""
         self.mult = float(state.get("mult", 1.0))
         missing = []
-        for name in ("fgd", "cross"):
+        for name in MODULES:
             module = getattr(self, name)
             if module is not None:
                 if state.get(name):
@@ -235,14 +240,13 @@ class DistillCriterion:
         out = self.distiller(train_outputs(preds), batch)
         bs = batch["img"].shape[0]
         self.distiller.observe(loss.sum(), out, bs)
-        parts = [loss.view(-1)]
-        if "fgd" in out:
-            parts.append((out["fgd"] * bs).view(1).to(loss.dtype))
-            items = {**items, "fgd_loss": out["fgd"].detach(), **{f"{k}_loss": out[k] for k in TERMS}}
-        for k in ("kd", "crosskd", *TASK_KEYS.values()):
+        parts, items = [loss.view(-1)], dict(items)
+        for k in SCALED:
             if k in out:
                 parts.append((out[k] * bs).view(1).to(loss.dtype))
-                items = {**items, f"{k}_loss": out[k].detach()}
+                items[f"{k}_loss"] = out[k].detach()
+                if k == "fgd":  # FGD's own terms, logged beside its total
+                    items.update({f"{t}_loss": out[t] for t in TERMS})
         return torch.cat(parts), items
 
     def update(self):

@@ -54,14 +54,20 @@ def head_outputs(model: nn.Module, feats: list[torch.Tensor]) -> dict:
     return out or head.forward_head(feats, **head.one2one)
 
 
-def load_model(path, device, role: str = "teacher") -> nn.Module:
-    """A YOLO checkpoint of any task with a Detect-family head, as a frozen, fused, fp32 eval network on ``device``.
-    ``role`` names the file in errors ("teacher", "model")."""
+def require_file(path, role: str = "teacher") -> Path:
+    """``path`` as a Path, or a one-line error when it is not given or not a file (``role`` names it: "teacher")."""
     if not path:
         raise FGDError(f"no {role} given: pass {role}=path/to/best.pt (a trained YOLO checkpoint)")
     p = Path(path)
     if not p.is_file():
         raise FGDError(f"{role} '{path}' not found: pass {role}=path/to/best.pt of a trained YOLO model")
+    return p
+
+
+def load_model(path, device, role: str = "teacher") -> nn.Module:
+    """A YOLO checkpoint of any task with a Detect-family head, as a frozen, fused, fp32 eval network on ``device``.
+    ``role`` names the file in errors ("teacher", "model")."""
+    p = require_file(path, role)
     try:
         model, _ = load_checkpoint(p, device="cpu")
     except Exception as e:  # corrupt zip, pickle error, foreign checkpoint format

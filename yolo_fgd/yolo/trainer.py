@@ -25,6 +25,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..core.presets import ARGS, renamed, resolve
 from ..errors import FGDError
 from .distiller import DistillCriterion, Distiller
+from .model import require_file
 
 SIDECAR = "fgd_last.pt"
 
@@ -46,12 +47,7 @@ class DistillMixin:
                 "teacher= and distill_model= both given: use yolo-fgd's teacher= for FGD, or plain `yolo train "
                 "distill_model=` for Ultralytics' own distillation, not both"
             )
-        if not self.args.teacher:
-            raise FGDError("no teacher given: pass teacher=path/to/teacher.pt (a trained YOLO detection checkpoint)")
-        if not Path(self.args.teacher).is_file():
-            raise FGDError(
-                f"teacher '{self.args.teacher}' not found: pass teacher=path/to/best.pt of a trained YOLO detection model"
-            )
+        require_file(self.args.teacher, "teacher")  # before any data work; the distiller loads it in setup_model
         self.distill_cfg = resolve(self.args)
         self.distiller = None
         self.batch_i = 0  # batches seen this epoch (schedule position)
