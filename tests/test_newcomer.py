@@ -121,6 +121,7 @@ BAD = [
     (["tv-train", "kd_cls=1"], "unknown tv-train argument"),
     (["tv-train", "amp=True", "device=cpu"], "amp=True needs a CUDA device"),
     (["benchmark-step", "teacher=nope.pt"], "teacher 'nope.pt' not found"),
+    (["benchmark-loss", "pyramid=nope.py"], "pyramid=nope.py has no loadable FGDPyramid"),
     (["data", "coco"], "unknown data set 'coco'"),
     (["trian"], "did you mean 'train'"),
     (["attention", "model=a.pt"], "attention needs teacher=, source="),
@@ -176,3 +177,13 @@ def test_edge_runner_errors_are_one_line(tmp_path, data):
     wrong = subprocess.run([sys.executable, edge, str(onnx), str(tmp_path)], capture_output=True, text=True)
     assert wrong.returncode == 2 and "not a YOLO detection model" in wrong.stderr, wrong.stderr[-500:]
     assert re.search(r"edge: error: .*export a detect model", wrong.stderr)
+
+
+def test_benchmark_loss_measures_another_versions_pyramid(tmp_path):
+    from yolo_fgd.core import FGDPyramid
+    from yolo_fgd.lab.cost import pyramid_class
+
+    other = tmp_path / "loss.py"
+    other.write_text("from yolo_fgd.core.fgd import FGDPyramid as Base\n\n\nclass FGDPyramid(Base):\n    pass\n")
+    cls = pyramid_class(str(other))
+    assert issubclass(cls, FGDPyramid) and cls is not FGDPyramid and pyramid_class(None) is FGDPyramid

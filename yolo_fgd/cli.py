@@ -276,6 +276,7 @@ COMMANDS = {c.name: c for c in [
             lambda w, kv: call(imitation, kv, "imitation", ("model", "teacher"))),
     Command("benchmark-loss", "cost of the FGD loss against a plain feature MSE (prints figures)",
             "    batch=16 imgsz=640 boxes=50 device=cpu repeat=5 step=True amp=False threads=0\n"
+            "    pyramid=FILE           measure another version's FGDPyramid (e.g. yolo_fgd/loss.py of an old checkout)\n"
             "    prints ms, the FGD/MSE ratio and the aten ops / compute ops (and CUDA kernels) per fwd+bwd\n",
             "yolo-fgd benchmark-loss device=0 amp=True",
             lambda w, kv: call(benchmark_loss, kv, "benchmark-loss")),

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import resource
 import shutil
@@ -69,11 +70,29 @@ def dispatch_counts(fn, device: torch.device) -> dict:
     return out
 
 
+def pyramid_class(path: str | None) -> type:
+    """This version's :class:`FGDPyramid`, or the one defined in the Python file ``path`` (a self-contained loss module
+    of another version, e.g. ``yolo_fgd/loss.py`` of a checkout of 2c875fc), to measure both with one harness."""
+    if not path:
+        return FGDPyramid
+    try:
+        spec = importlib.util.spec_from_file_location("fgd_other_version", str(path))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.FGDPyramid
+    except Exception as e:  # not a file, not Python, relative imports, no FGDPyramid
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise FGDError(f"pyramid={path} has no loadable FGDPyramid ({first}): pass a self-contained loss .py file, "
+                       "e.g. yolo_fgd/loss.py of an older checkout") from None
+
+
 def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: str = "cpu", repeat: int = 5,
-                   step: bool = True, amp: bool = False, threads: int = 0) -> dict:
+                   step: bool = True, amp: bool = False, threads: int = 0, pyramid: str | None = None) -> dict:
     """Print and return timings (ms), ratios and dispatch counts for the shapes in the module docstring; ``amp``: the
     features come in under fp16 autocast as in AMP training (FGD computes in fp32 either way); ``threads``: CPU
-    threads (0: all cores)."""
+    threads (0: all cores); ``pyramid``: measure the FGDPyramid of another version's loss file instead
+    (:func:`pyramid_class`)."""
+    pyramid_cls = pyramid_class(pyramid)  # a bad file fails before any work
     torch.set_num_threads(int(threads) or os.cpu_count() or 1)
     dev = torch.device(device if device not in ("", None) else "cpu")
     if dev.type == "cpu" and str(device).isdigit():
@@ -92,7 +111,7 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
     t_vec = _timeit(lambda: fgd_masks(bx, bi, batch, h, h), dev, repeat)
     t_loop = _timeit(lambda: fgd_masks_loop(bx, bi, batch, h, h), dev, max(1, repeat // 2), warmup=1)
 
-    fgd = FGDPyramid(cs, ct).to(dev)
+    fgd = pyramid_cls(cs, ct).to(dev)
     align = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 1) for a, b in zip(cs, ct)).to(dev)
 
     amp = bool(amp) and dev.type == "cuda"
