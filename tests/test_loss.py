@@ -188,6 +188,25 @@ def test_fp16_inputs_give_finite_fp32_loss():
         assert v.dtype == torch.float32 and torch.isfinite(v)
 
 
+def test_pyramid_under_autocast_equals_fp32():
+    """AMP: the pyramid builds every level's masks before the levels turn autocast off; they must stay exact fp32
+    (a matmul under autocast would come back in half precision and fail the scatter into the fp32 maps)."""
+    from yolo_fgd.core import FGDPyramid
+
+    torch.manual_seed(0)
+    pyr = FGDPyramid([4, 8], [8, 16])
+    fs = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]
+    ft = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)]
+    boxes, idx = torch.tensor([[0.1, 0.1, 0.6, 0.6], [0.3, 0.2, 0.9, 0.7]]), torch.tensor([0, 1])
+    ref = pyr(fs, ft, boxes, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pyr([f.bfloat16().float() for f in fs], [f.bfloat16().float() for f in ft], boxes, idx)
+    low = pyr([f.bfloat16().float() for f in fs], [f.bfloat16().float() for f in ft], boxes, idx)
+    assert out["total"].dtype == torch.float32
+    torch.testing.assert_close(out["total"], low["total"])  # same inputs: autocast changes nothing in the loss
+    torch.testing.assert_close(out["total"], ref["total"], rtol=2e-2, atol=0)  # only the inputs' rounding
+
+
 @pytest.mark.parametrize("ft_shape", [(3, 8, 8, 8), (2, 8, 4, 8), (2, 8, 8, 4)])
 def test_mismatched_shapes_raise_clear_error(ft_shape):
     with pytest.raises(ValueError, match="must share N, H and W"):

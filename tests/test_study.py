@@ -76,14 +76,24 @@ def test_plan_orders_overrides_and_finetune(tmp_path):
 def test_shipped_recipes_resolve(recipe):
     from yolo_fgd.cfg import load_recipe
     from yolo_fgd.core.presets import resolve as resolve_fgd
+    from yolo_fgd.lab.study import check_models
 
     rec = load_recipe(f"cfg/{recipe}")  # the path of earlier releases still finds the shipped recipe
     assert rec["methods"] and rec["seeds"] and rec["train"]["epochs"] > 0
+    check_models([{"model": rec["teacher"]["model"]}, {"model": rec["student"]}])  # names Ultralytics can build
     for name, m in rec["methods"].items():
         m = m or {}
         if m.get("fgd"):
             cfg = resolve_fgd(m.get("args") or {})
             assert cfg["fg"] >= 0 and cfg["temperature"] > 0, name
+
+
+def test_study_refuses_an_unknown_model_yaml_before_training(tmp_path):
+    from yolo_fgd.errors import FGDError
+    from yolo_fgd.lab.study import check_models
+
+    with pytest.raises(FGDError, match="yolo11n-segment.yaml.*yolo11n-seg.yaml"):
+        check_models([{"model": "yolo11n.yaml"}, {"model": "yolo11n-segment.yaml"}])
 
 
 def test_presets_follow_the_paper():

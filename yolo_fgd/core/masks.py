@@ -62,6 +62,11 @@ def fgd_masks_levels(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, sizes
     The box ranges of all levels come from one pass; each level then costs one outer product of the boxes' row and
     column coverage (a batched matmul) and one scatter-max into the images.
     """
+    with torch.autocast(boxes.device.type, enabled=False):  # under AMP the matmul would come back in half precision
+        return _masks_levels(boxes.float(), batch_idx, n, sizes, official_rounding)
+
+
+def _masks_levels(boxes, batch_idx, n, sizes, official_rounding):
     sizes = tuple((int(h), int(w)) for h, w in sizes)
     device = boxes.device
     rows, row_level, cols, col_level, size_t = _lines(sizes, str(device))

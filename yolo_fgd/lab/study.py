@@ -23,7 +23,7 @@ import torch
 from ultralytics import YOLO
 from ultralytics.data import YOLODataset
 from ultralytics.data.utils import check_det_dataset
-from ultralytics.nn.tasks import guess_model_task
+from ultralytics.nn.tasks import guess_model_task, yaml_model_load
 from ultralytics.utils import DEFAULT_CFG, LOGGER
 
 from ..cfg import load_recipe
@@ -167,6 +167,17 @@ def plan(recipe: dict, root: Path) -> list[dict]:
     return specs
 
 
+def check_models(specs: list[dict]) -> None:
+    """Fail before any training when a run's model is a YAML that Ultralytics cannot find (e.g. yolo11n-segment.yaml
+    for yolo11n-seg.yaml); checkpoints (.pt) are checked by the run that loads them."""
+    for name in sorted({str(s["model"]) for s in specs if str(s["model"]).endswith((".yaml", ".yml"))}):
+        try:
+            yaml_model_load(name)
+        except FileNotFoundError:
+            raise FGDError(f"model '{name}' in the recipe is not a model YAML Ultralytics knows: use a name such as "
+                           "yolo11n.yaml, yolo11n-seg.yaml, yolo11n-pose.yaml, yolo11n-obb.yaml or a path") from None
+
+
 def report(root: Path, specs: list[dict]) -> str:
     """Aggregate summaries into results.csv / results.md / results.png under ``root``; returns the Markdown."""
     rows = {}
@@ -230,6 +241,7 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
     if only:
         keep = set(str(only).split(","))
         specs = [s for s in specs if s["method"] in keep or s["method"] == "teacher"]
+    check_models(specs)
     if rescore:
         for s in specs:
             if (Path(s["dir"]) / "summary.json").is_file():
