@@ -125,6 +125,14 @@ def test_distilled_train_eval_and_resume(tv_teacher, data):
     assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[-1]["loss_fgd"]) > 0
 
 
+def test_fgd_dominating_the_detection_losses_is_flagged():
+    from yolo_fgd.tv.train import fgd_dominates
+
+    assert fgd_dominates({"classification": 1.1, "bbox_regression": 0.7, "loss_fgd": 162.9}) == pytest.approx(90.5)
+    assert fgd_dominates({"classification": 1.1, "bbox_regression": 0.7, "loss_fgd": 2.0}) == 0.0
+    assert fgd_dominates({"classification": 1.1, "bbox_regression": 0.7}) == 0.0  # plain training
+
+
 def test_torchrun_two_processes(tv_teacher, data):
     path, root = tv_teacher
     exe = Path(sys.executable).with_name("torchrun")

@@ -114,7 +114,7 @@ def train(**kwargs) -> dict:
                                          collate_fn=collate, num_workers=cfg["workers"], drop_last=True)
     if rank == 0:
         (save / "args.json").write_text(json.dumps(cfg, indent=1, default=str))
-    metrics = {}
+    metrics, warned = {}, False
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
         if teacher is not None:
@@ -123,6 +123,10 @@ def train(**kwargs) -> dict:
             sampler.set_epoch(epoch)
         t0 = time.time()
         means = train_one_epoch(net, opt, loader, device, epoch, cfg, lr, scaler, show=rank == 0)
+        if rank == 0 and not warned and fgd_dominates(means):
+            warned = True
+            LOGGER.warning(f"FGD's loss is {fgd_dominates(means):.0f}x the detection losses in epoch {epoch + 1}: check "
+                           "the teacher (`yolo-fgd tv-val model=...`; a weak one teaches noise) or lower fgd_gain=")
         if rank == 0:
             save_checkpoint(last, model, opt, scaler, epoch)
             if epoch + 1 == cfg["epochs"] or (cfg["eval_every"] and (epoch + 1) % cfg["eval_every"] == 0):
@@ -141,6 +145,14 @@ def train(**kwargs) -> dict:
     if ddp:
         dist.destroy_process_group()
     return metrics
+
+
+def fgd_dominates(means: dict, limit: float = 10.0) -> float:
+    """``loss_fgd`` / the sum of the detection losses of an epoch's means when above ``limit``, else 0. In the paper's
+    runs FGD's loss is of the order of the detection losses; 70-160x was seen here with a teacher that had not learnt."""
+    det = sum(v for k, v in means.items() if k != "loss_fgd")
+    ratio = means.get("loss_fgd", 0.0) / max(det, 1e-12)
+    return ratio if ratio > limit else 0.0
 
 
 def save_checkpoint(path: Path, model: nn.Module, opt, scaler, epoch: int) -> None:
