@@ -115,3 +115,10 @@ def test_short_soak_memory_is_stable(tmp_path):
     assert res["steps"] == 40
     early, end = res["rss_mb"][10], res["rss_mb"][40]
     assert end - early < 150, res  # peak RSS must not keep growing with steps
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_check_without_a_gpu_is_one_line_exit_2():
+    r = subprocess.run([sys.executable, "-m", "yolo_fgd.lab.cuda_check"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["cuda_check: no CUDA GPU here; run it on a machine "
+                                                                   "with one"]

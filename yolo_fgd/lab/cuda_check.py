@@ -16,7 +16,8 @@ from .cost import dispatch_counts
 
 def main() -> None:
     if not torch.cuda.is_available():
-        sys.exit("cuda_check needs a CUDA GPU: run it where one is")
+        print("cuda_check: no CUDA GPU here; run it on a machine with one", file=sys.stderr)
+        sys.exit(2)
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(0)
     B, imgsz, nb = 16, 640, 50
