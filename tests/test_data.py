@@ -60,3 +60,21 @@ def test_deepforest_from_local_wheel(tmp_path):
     train = list((root / "labels" / "train").glob("*.txt"))
     assert len(train) == 6  # 2 x 3 tiles of 200 px over 400 x 500 (last column shifted to the edge)
     assert sum(len(f.read_text().splitlines()) for f in train) >= 3
+
+
+def test_coco_ground_truth_of_every_task_has_the_detection_boxes(tmp_path):
+    """COCOeval of any task's student scores its boxes: segment polygons and OBB corners give their bounding boxes,
+    pose rows their leading box (the shapes' labels of every task describe the same objects)."""
+    from yolo_fgd.data.coco import yolo_split_to_coco
+
+    gts = {t: yolo_split_to_coco(shapes(tmp_path, n_train=1, n_val=6, size=128, task=t), "val")[0]
+           for t in ("detect", "segment", "pose", "obb")}
+    ref = np.array([a["bbox"] for a in gts["detect"]["annotations"]])
+    assert len(ref) > 6
+    for task, tol in (("pose", 0.01), ("segment", 1.0), ("obb", None)):
+        boxes = np.array([a["bbox"] for a in gts[task]["annotations"]])
+        assert boxes.shape == ref.shape, task
+        if tol is not None:  # px at 128 px; an OBB's hull is larger than the outline's box
+            np.testing.assert_allclose(boxes, ref, atol=tol, err_msg=task)
+        else:
+            assert (boxes[:, 2:] >= ref[:, 2:] - 1.0).all()

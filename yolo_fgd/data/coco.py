@@ -19,6 +19,11 @@ IMG_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 def split_images(data_yaml, split: str = "val") -> tuple[list[Path], dict]:
     """Image paths of a split of an Ultralytics data YAML, and the class names."""
+    files, data = _split(data_yaml, split)
+    return files, data["names"]
+
+
+def _split(data_yaml, split: str) -> tuple[list[Path], dict]:
     data = check_det_dataset(str(data_yaml), autodownload=False)
     src = data[split]
     files = []
@@ -30,20 +35,36 @@ def split_images(data_yaml, split: str = "val") -> tuple[list[Path], dict]:
             root = p.parent
             files += [(root / ln.strip()).resolve() if not Path(ln.strip()).is_absolute() else Path(ln.strip())
                       for ln in p.read_text().splitlines() if ln.strip()]
-    return files, data["names"]
+    return files, data
+
+
+def label_boxes(label_file, pose: bool = False) -> np.ndarray:
+    """(K,5) class, x, y, w, h (normalised) of a YOLO label file of any task: a box row, a pose row (its box comes
+    first) or a polygon row (segment, OBB corners: its axis-aligned bounding box, as Ultralytics' segments2boxes)."""
+    rows = []
+    for line in Path(label_file).read_text().splitlines():
+        v = [float(x) for x in line.split()]
+        if len(v) == 5 or (pose and len(v) > 5):
+            rows.append(v[:5])
+        elif len(v) > 5:
+            xy = np.asarray(v[1:1 + (len(v) - 1) // 2 * 2]).reshape(-1, 2)
+            lo, hi = xy.min(0), xy.max(0)
+            rows.append([v[0], *((lo + hi) / 2), *(hi - lo)])
+    return np.asarray(rows, dtype=float).reshape(-1, 5)
 
 
 def yolo_split_to_coco(data_yaml, split: str = "val") -> tuple[dict, list[tuple[int, str]]]:
-    """COCO ground-truth dict (boxes in pixels, category ids = YOLO class ids) and [(image_id, path)]."""
-    files, names = split_images(data_yaml, split)
+    """COCO ground-truth dict (boxes in pixels, category ids = YOLO class ids) and [(image_id, path)]; the boxes of
+    segment and OBB labels are their polygons' bounding boxes."""
+    files, data = _split(data_yaml, split)
+    names, pose = data["names"], "kpt_shape" in data
     images, anns, index = [], [], []
     for image_id, (f, lf) in enumerate(zip(files, img2label_paths([str(f) for f in files]))):
         h, w = cv2.imread(str(f)).shape[:2]
         images.append({"id": image_id, "file_name": Path(f).name, "width": w, "height": h})
         index.append((image_id, str(f)))
         if Path(lf).is_file():
-            rows = np.loadtxt(lf, ndmin=2) if Path(lf).stat().st_size else np.zeros((0, 5))
-            for c, x, y, bw, bh in rows[:, :5]:
+            for c, x, y, bw, bh in label_boxes(lf, pose):
                 box = [(x - bw / 2) * w, (y - bh / 2) * h, bw * w, bh * h]
                 anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(c), "bbox": box,
                              "area": box[2] * box[3], "iscrowd": 0})
