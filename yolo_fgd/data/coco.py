@@ -11,6 +11,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from ultralytics.data.utils import check_det_dataset, img2label_paths
+from ultralytics.utils.ops import segments2boxes
 
 COLUMNS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "ARs", "ARm", "ARl")
 _STAT_INDEX = {"mAP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8, "ARs": 9, "ARm": 10, "ARl": 11}
@@ -48,8 +49,7 @@ def label_boxes(label_file, pose: bool = False) -> np.ndarray:
             rows.append(v[:5])
         elif len(v) > 5:
             xy = np.asarray(v[1:1 + (len(v) - 1) // 2 * 2]).reshape(-1, 2)
-            lo, hi = xy.min(0), xy.max(0)
-            rows.append([v[0], *((lo + hi) / 2), *(hi - lo)])
+            rows.append([v[0], *segments2boxes([xy])[0]])
     return np.asarray(rows, dtype=float).reshape(-1, 5)
 
 

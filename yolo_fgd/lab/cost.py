@@ -26,11 +26,28 @@ from ..timing import times_ms
 from ..yolo import FGDTrainer, trainer_for
 
 
-def _timeit(fn, device, repeat: int, warmup: int = 2) -> float:
+def median_s(fn, device, repeat: int, warmup: int = 2) -> float:
     """Median seconds of ``fn()`` over ``repeat`` runs after ``warmup``."""
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     t = sorted(times_ms(fn, repeat, warmup, sync))
     return t[len(t) // 2] / 1e3
+
+
+CS, CT, STRIDES = (64, 128, 256), (128, 256, 512), (8, 16, 32)  # YOLO11n -> YOLO11s-like P3-P5 channels
+
+
+def synthetic_inputs(batch: int = 16, imgsz: int = 640, boxes: int = 50, g: torch.Generator | None = None):
+    """The benchmarks' inputs, on CPU, drawn from ``g`` (default: seed 0): boxes (batch*boxes,4) normalised xyxy, their batch_idx, student
+    features [(batch,CS_l,imgsz/stride_l,...)] and teacher features [(batch,CT_l,...)]."""
+    g = g or torch.Generator().manual_seed(0)
+    sizes = [imgsz // s for s in STRIDES]
+    xy = torch.rand(batch * boxes, 2, generator=g) * 0.9
+    wh = torch.rand(batch * boxes, 2, generator=g) * 0.3 + 0.01
+    bx = torch.cat([xy, (xy + wh).clamp(max=1)], 1)
+    bi = torch.arange(batch).repeat_interleave(boxes)
+    fs = [torch.randn(batch, c, s, s, generator=g) for c, s in zip(CS, sizes)]
+    ft = [torch.randn(batch, c, s, s, generator=g) for c, s in zip(CT, sizes)]
+    return bx, bi, fs, ft
 
 
 NO_KERNEL = {"as_strided", "view", "reshape", "_reshape_alias", "transpose", "t", "unsqueeze", "squeeze", "expand",
@@ -98,18 +115,15 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
     if dev.type == "cpu" and str(device).isdigit():
         dev = torch.device(f"cuda:{device}")
     g = torch.Generator().manual_seed(0)
-    strides, cs, ct = (8, 16, 32), (64, 128, 256), (128, 256, 512)
-    sizes = [imgsz // s for s in strides]
-    xy = torch.rand(batch * boxes, 2, generator=g) * 0.9
-    wh = torch.rand(batch * boxes, 2, generator=g) * 0.3 + 0.01
-    bx = torch.cat([xy, (xy + wh).clamp(max=1)], 1).to(dev)
-    bi = torch.arange(batch).repeat_interleave(boxes).to(dev)
-    fs = [torch.randn(batch, c, s, s, generator=g).to(dev).requires_grad_() for c, s in zip(cs, sizes)]
-    ft = [torch.randn(batch, c, s, s, generator=g).to(dev) for c, s in zip(ct, sizes)]
+    bx, bi, fs, ft = synthetic_inputs(batch, imgsz, boxes, g)  # g goes on to the step's image
+    bx, bi = bx.to(dev), bi.to(dev)
+    fs = [f.to(dev).requires_grad_() for f in fs]
+    ft = [f.to(dev) for f in ft]
+    cs, ct, sizes = CS, CT, [f.shape[-1] for f in fs]
 
     h = sizes[0]
-    t_vec = _timeit(lambda: fgd_masks(bx, bi, batch, h, h), dev, repeat)
-    t_loop = _timeit(lambda: fgd_masks_loop(bx, bi, batch, h, h), dev, max(1, repeat // 2), warmup=1)
+    t_vec = median_s(lambda: fgd_masks(bx, bi, batch, h, h), dev, repeat)
+    t_loop = median_s(lambda: fgd_masks_loop(bx, bi, batch, h, h), dev, max(1, repeat // 2), warmup=1)
 
     fgd = pyramid_cls(cs, ct).to(dev)
     align = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 1) for a, b in zip(cs, ct)).to(dev)
@@ -132,8 +146,8 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
             total = sum(feature_mse(a(s), t) for a, s, t in zip(align, fs, ft))
         total.backward()
 
-    t_fgd = _timeit(fgd_step, dev, repeat)
-    t_mse = _timeit(mse_step, dev, repeat)
+    t_fgd = median_s(fgd_step, dev, repeat)
+    t_mse = median_s(mse_step, dev, repeat)
     n_fgd, n_mse = dispatch_counts(fgd_step, dev), dispatch_counts(mse_step, dev)
     res = {
         "device": str(dev), "batch": batch, "imgsz": imgsz, "boxes_per_image": boxes, "threads": torch.get_num_threads(),
@@ -150,7 +164,7 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
             (out["boxes"].float().mean() + out["scores"].float().mean()).backward()
             model.zero_grad(set_to_none=True)
 
-        t_step = _timeit(yolo_step, dev, max(1, repeat // 2), warmup=1)
+        t_step = median_s(yolo_step, dev, max(1, repeat // 2), warmup=1)
         res.update({"yolo11n_step_ms": 1e3 * t_step, "fgd_share_of_step": t_fgd / (t_step + t_fgd)})
     lines = [f"FGD loss benchmark ({res['device']}, {res['threads']} threads, batch {batch}, {imgsz} px, "
              f"P3-P5 {list(cs)} -> {list(ct)} ch, {boxes} boxes/image, median of {repeat})"]

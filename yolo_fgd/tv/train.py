@@ -123,9 +123,10 @@ def train(**kwargs) -> dict:
             sampler.set_epoch(epoch)
         t0 = time.time()
         means = train_one_epoch(net, opt, loader, device, epoch, cfg, lr, scaler, show=rank == 0)
-        if rank == 0 and not warned and fgd_dominates(means):
+        ratio = fgd_dominates(means)
+        if rank == 0 and ratio and not warned:
             warned = True
-            LOGGER.warning(f"FGD's loss is {fgd_dominates(means):.0f}x the detection losses in epoch {epoch + 1}: check "
+            LOGGER.warning(f"FGD's loss is {ratio:.0f}x the detection losses in epoch {epoch + 1}: check "
                            "the teacher (`yolo-fgd tv-val model=...`; a weak one teaches noise) or lower fgd_gain=")
         if rank == 0:
             save_checkpoint(last, model, opt, scaler, epoch)
