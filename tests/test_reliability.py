@@ -122,3 +122,11 @@ def test_cuda_check_without_a_gpu_is_one_line_exit_2():
     r = subprocess.run([sys.executable, "-m", "yolo_fgd.lab.cuda_check"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["cuda_check: no CUDA GPU here; run it on a machine "
                                                                    "with one"]
+
+
+def test_cuda_check_answers_help_and_refuses_arguments_in_one_line():
+    cmd = [sys.executable, "-m", "yolo_fgd.lab.cuda_check"]
+    r = subprocess.run([*cmd, "help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "python -m yolo_fgd.lab.cuda_check" in r.stdout
+    r = subprocess.run([*cmd, "batch=4"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "takes no arguments" in r.stderr

@@ -28,7 +28,15 @@ def run(model, bx, bi, fs, ft, device, dtype=torch.float32, autocast=None):
     return {k: float(out[k].detach()) for k in (*TERMS, "total")}, [x.grad.double().cpu() for x in s]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("help", "-h", "--help"):
+        print(__doc__.strip())
+        return
+    if argv:
+        print(f"cuda_check: takes no arguments, got {' '.join(argv)}: run `python -m yolo_fgd.lab.cuda_check`",
+              file=sys.stderr)
+        sys.exit(2)
     if not torch.cuda.is_available():
         print("cuda_check: no CUDA GPU here; run it on a machine with one", file=sys.stderr)
         sys.exit(2)
