@@ -221,7 +221,8 @@ def test_no_host_sync_in_forward():
     import yolo_fgd.core.masks as masks
 
     src = "".join(inspect.getsource(f) for f in (fgd.FGDLoss.forward, fgd.FGDPyramid.forward, fgd.GcBlock.delta,
-                                                 masks.fgd_masks_levels, masks._box_cells))
+                                                 fgd._Level, fgd._gc_forward, fgd._gc_backward,
+                                                 masks.fgd_masks_levels, masks._masks_levels, masks._box_cells))
     for bad in (".item()", ".tolist()", ".cpu()", ".nonzero(", "if boxes.any"):
         assert bad not in src
 
@@ -327,3 +328,71 @@ def test_response_kd_box_term_weighted_by_teacher_confidence():
     s_d = t_d.clone()
     s_d[0, :16, 0] = torch.linspace(-5, 5, 16)  # wrong box at the object
     assert response_kd(t_s, t_s, s_d, t_d, 16)["box"] > 0.1
+
+
+def reference_terms(loss, fs_raw, ft, fg, bg):
+    """The four unweighted terms in the official FeatureLoss' structure (yzd-v/FGD: sqrt-weighted feature MSEs, mean
+    |F| attention, GcBlocks run as modules on the (N,C,1,1) context), by plain autograd."""
+    import torch.nn.functional as F
+
+    fs = loss.align(fs_raw)
+    n, c, h, w = ft.shape
+    t = loss.temperature
+
+    def att(f):
+        v = f.abs()
+        return (h * w * F.softmax((v.mean(1) / t).view(n, -1), 1)).view(n, h, w), c * F.softmax(v.mean((2, 3)) / t, 1)
+
+    (s_t, c_t), (s_s, c_s) = att(ft), att(fs)
+    weight = s_t.unsqueeze(1) * c_t[:, :, None, None]
+    l_fg = ((fs - ft) * (weight * fg.unsqueeze(1)).sqrt()).square().sum() / n
+    l_bg = ((fs - ft) * (weight * bg.unsqueeze(1)).sqrt()).square().sum() / n
+    l_at = (c_s - c_t).abs().sum() / n + (s_s - s_t).abs().sum() / n
+
+    def relation(block, f):
+        attn = F.softmax(block.context(f).view(n, 1, h * w), 2)
+        pooled = torch.matmul(f.view(n, 1, c, h * w), attn.unsqueeze(-1)).view(n, c, 1, 1)
+        return f + block.transform(pooled)
+
+    l_gl = (relation(loss.gc_s, fs) - relation(loss.gc_t, ft)).square().sum() / n
+    return torch.stack([l_fg, l_bg, l_at, l_gl])
+
+
+@pytest.mark.parametrize("cs,norm", [(4, False), (6, False), (4, True)])
+def test_terms_and_gradients_equal_official_structure_by_autograd(cs, norm):
+    """Every term and every gradient (student, align conv, both GcBlocks) equals plain autograd through the official
+    loss' structure (sqrt-weighted MSEs, GcBlocks as convs): the one-pass arithmetic of Eq. 9-12 is exact."""
+    from yolo_fgd.core.fgd import standardise
+
+    g = torch.Generator().manual_seed(cs)
+    loss = FGDLoss(cs, 6, fg=1, bg=1, at=1, gl=1, norm=norm)
+    with torch.no_grad():
+        for p in loss.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)  # non-zero GcBlock outputs: every path carries gradient
+        for block in (loss.gc_s, loss.gc_t):
+            block.transform[1].bias.fill_(1.0)  # the ReLU after the LayerNorm open, so its inputs get gradient
+    fs = torch.randn(3, cs, 7, 9, generator=g, requires_grad=True)
+    ft = torch.randn(3, 6, 7, 9, generator=g)
+    boxes, bi = random_boxes(6, g), torch.tensor([0, 0, 1, 1, 1, 2])
+    fg, bg = fgd_masks(boxes, bi, 3, 7, 9)
+    out = loss(fs, ft, boxes, bi)
+    got = torch.stack([out[k] for k in ("fg", "bg", "at", "gl")]) * 3  # unweighted, summed over the batch
+    params = [fs, *loss.parameters()]
+    grads = torch.autograd.grad((got * torch.tensor([1.0, 2.0, 3.0, 0.5])).sum(), params)
+    if norm:
+        s_fs, s_ft = standardise(loss.align(fs)), standardise(ft)
+        ident = FGDLoss(6, 6, temperature=loss.temperature)
+        ident.gc_s, ident.gc_t = loss.gc_s, loss.gc_t
+        ref = reference_terms(ident, s_fs, s_ft, fg, bg) * 3
+    else:
+        ref = reference_terms(loss, fs, ft, fg, bg) * 3
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    want = torch.autograd.grad((ref * torch.tensor([1.0, 2.0, 3.0, 0.5])).sum(), params, allow_unused=True)
+    for (name, _), a, b in zip([("student", None), *loss.named_parameters()], grads, want):
+        if name.endswith("context.bias") or (norm and name == "align.bias"):  # zero: softmax and standardise are
+            # shift-invariant, so both are rounding noise
+            assert a.abs().max() < 1e-4 and b.abs().max() < 1e-4, name
+            continue
+        assert b is not None and b.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+

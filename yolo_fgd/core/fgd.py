@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .masks import fgd_masks, fgd_masks_levels
 
@@ -24,11 +25,12 @@ TERMS = ("fg", "bg", "at", "gl")  # Eq. 9 foreground, Eq. 9 background, Eq. 10 a
 
 
 def _softmaxes(feat: torch.Tensor, temperature: float):
-    """(N,C,H,W) -> softmax_hw(mean_c|F| / T) (N,HW) and softmax_c(mean_hw|F| / T) (N,C): A_S / HW and A_C / C."""
-    n, c, h, w = feat.shape
-    a = feat.abs().view(n, c, -1)
-    return (F.softmax(a.sum(1) * (1.0 / (c * temperature)), dim=1),
-            F.softmax(a.sum(2) * (1.0 / (h * w * temperature)), dim=1))
+    """(N,C,H,W) or (N,C,P) -> softmax_p(mean_c|F| / T) (N,P) and softmax_c(mean_p|F| / T) (N,C): A_S / P and
+    A_C / C. The sums of |F| are L1 norms (no full-size |F| temporary)."""
+    n, c = feat.shape[:2]
+    flat = feat.reshape(n, c, -1)
+    return (F.softmax(torch.linalg.vector_norm(flat, 1, dim=1) * (1.0 / (c * temperature)), dim=1),
+            F.softmax(torch.linalg.vector_norm(flat, 1, dim=2) * (1.0 / (flat.shape[2] * temperature)), dim=1))
 
 
 def attention(feat: torch.Tensor, temperature: float):
@@ -40,6 +42,120 @@ def attention(feat: torch.Tensor, temperature: float):
     n, c, h, w = feat.shape
     p_s, p_c = _softmaxes(feat, temperature)
     return (h * w) * p_s.view(n, h, w), c * p_c
+
+
+def _gc_forward(flat, w_k, b_k, w_1, b_1, ln_w, ln_b, w_2, b_2, eps):
+    """GcBlock's context term (Eq. 12 without the residual F): flat (N,C,P), w_k (C,), b_k (1,), w_1 (H,C), b_1 (H,),
+    ln_w, ln_b (H,), w_2 (C,H), b_2 (C,) -> (N,C) W_v2 ReLU(LN(W_v1 sum_p softmax_p(W_k F + b_k) F_p)), and what
+    :func:`_gc_backward` needs. The 1x1 convs on a 1x1 map are the matrix products they are (a 1-channel conv is slow in
+    oneDNN/cuDNN)."""
+    n, c, _ = flat.shape
+    attn = F.softmax(torch.baddbmm(b_k.view(1, 1, 1), w_k.view(1, 1, c).expand(n, 1, c), flat), dim=2)  # (N,1,P)
+    pooled = torch.bmm(flat, attn.transpose(1, 2)).view(n, c)  # (N,C)
+    x = torch.addmm(b_1, pooled, w_1.t())  # (N,H)
+    normed, mean, rstd = torch.native_layer_norm(x, (x.shape[1],), ln_w, ln_b, eps)
+    act = normed.relu_()
+    return torch.addmm(b_2, act, w_2.t()), (flat, attn, pooled, x, mean, rstd, act, w_k, w_1, ln_w, ln_b, w_2)
+
+
+def _gc_backward(grad, saved, g_flat=None):
+    """Gradients of :func:`_gc_forward` from grad (N,C): (w_k, b_k, w_1, b_1, ln_w, ln_b, w_2, b_2); the gradient of
+    flat (N,C,P) is added in place to ``g_flat`` when given (no full-size temporary)."""
+    flat, attn, pooled, x, mean, rstd, act, w_k, w_1, ln_w, ln_b, w_2 = saved
+    n, c, _ = flat.shape
+    g_act = torch.mm(grad, w_2).mul_(act > 0)  # (N,H)
+    g_x, g_ln_w, g_ln_b = torch.ops.aten.native_layer_norm_backward(
+        g_act, x, [x.shape[1]], mean, rstd, ln_w, ln_b, [True, True, True])
+    g_pooled = torch.mm(g_x, w_1)  # (N,C)
+    g_logits = torch._softmax_backward_data(torch.bmm(g_pooled.unsqueeze(1), flat), attn, 2, attn.dtype)  # (N,1,P)
+    if g_flat is not None:  # d/dF of pooled and of the logits: one batched rank-2 product, accumulated in place
+        left = torch.cat([g_pooled.unsqueeze(2), w_k.view(1, c, 1).expand(n, c, 1)], 2)  # (N,C,2)
+        g_flat.baddbmm_(left, torch.cat([attn, g_logits], 1))
+    g_w_k = torch.bmm(g_logits, flat.transpose(1, 2)).sum(0).view(c)
+    return (g_w_k, g_logits.sum().view(1), torch.mm(g_x.t(), pooled), g_x.sum(0), g_ln_w, g_ln_b,
+            torch.mm(grad.t(), act), grad.sum(0))
+
+
+class _GcDelta(torch.autograd.Function):
+    """:func:`_gc_forward` with :func:`_gc_backward` as its backward."""
+
+    @staticmethod
+    def forward(ctx, flat, *params_eps):
+        out, saved = _gc_forward(flat, *params_eps)
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        g_flat = torch.zeros_like(saved[0]) if ctx.needs_input_grad[0] else None
+        return (g_flat, *_gc_backward(grad, saved, g_flat), None)
+
+
+class _Level(torch.autograd.Function):
+    """The arithmetic of one FGD level after the align conv: the attentions (Eq. 5-8), L_fg and L_bg (Eq. 9), L_at
+    (Eq. 10), both GcBlocks and L_gl (Eq. 11-12), with a hand-written backward that allocates two full-size tensors and
+    works in place (on CPU a fresh full-size buffer costs more than the arithmetic on it; on GPU fewer kernels).
+
+    forward(fs (N,C,P) F_s', ft (N,C,P) F_t, masks (N,P,2) fg/bg of Eq. 2-4, scale (4,) term weights / N,
+    opts (temperature, spatial, channel, gc_s eps, gc_t eps), then the 8 parameters of gc_s (:meth:`GcBlock.params`)
+    and the 8 of gc_t) -> (4,) weighted fg, bg, at, gl. Gradients go to fs and both GcBlocks, never to ft. Eq. 11 is
+    expanded per (n,c) as sum_p D^2 + 2 delta sum_p D + P delta^2 with D = F_t - F_s' and delta = delta_t - delta_s
+    (N,C), so R(F) is never built.
+    """
+
+    @staticmethod
+    def forward(ctx, fs, ft, masks, scale, opts, *gc):
+        temperature, spatial, channel, eps_s, eps_t = opts
+        n, c, p = ft.shape
+        ps_t, pc_t = _softmaxes(ft, temperature)  # A_S / P, A_C / C of the teacher (Eq. 5-8)
+        ps_s, pc_s = _softmaxes(fs, temperature)
+        cols = masks * (ps_t * p).unsqueeze(2) if spatial else masks  # (N,P,2): A_S M_fg, A_S M_bg
+        wc = pc_t * c if channel else torch.ones_like(pc_t)  # A_C
+        d = ft - fs  # D, kept for the backward
+        sq = d * d
+        focal = (torch.bmm(sq, cols) * wc.unsqueeze(2)).sum((0, 1))  # (2,) Eq. 9
+        sq_sum = sq.sum(2)
+        del sq
+        err_s, err_c = ps_s - ps_t, pc_s - pc_t
+        at = err_s.abs().sum() * p + err_c.abs().sum() * c  # Eq. 10
+        delta_s, saved_s = _gc_forward(fs, *gc[:8], eps_s)
+        delta_t, saved_t = _gc_forward(ft, *gc[8:], eps_t)
+        delta = delta_t - delta_s
+        d_sum = d.sum(2)
+        quad = sq_sum + (2 * d_sum + p * delta) * delta  # (N,C): sum_p (D + delta)^2
+        ctx.save_for_backward(d, cols, wc, ps_s, pc_s, err_s, err_c, d_sum, delta, scale, *saved_s, *saved_t)
+        ctx.temperature = temperature
+        return torch.cat([focal, at.view(1), quad.clamp(min=0).sum().view(1)]) * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        d, cols, wc, ps_s, pc_s, err_s, err_c, d_sum, delta, scale = ctx.saved_tensors[:10]
+        saved_s, saved_t = ctx.saved_tensors[10:22], ctx.saved_tensors[22:]
+        fs = saved_s[0]
+        n, c, p = d.shape
+        t = ctx.temperature
+        g = grad * scale  # (4,): gradients of the unweighted terms
+        # quad is a sum of squares: the forward's clamp only hides rounding below zero, the gradient is the true one
+        g_gl = g[3]
+        g_delta = (d_sum + p * delta).mul_(2 * g_gl)  # (N,C)
+        # Eq. 9 and 11: dL/dF_s' = -2 D (A_C A_S M, weighted by the fg/bg gradients, + g_gl) - 2 g_gl delta
+        g_fs = torch.baddbmm(g_gl.view(1, 1, 1), wc.unsqueeze(2), (cols @ g[:2]).unsqueeze(1))  # (N,C,P)
+        g_fs.mul_(d).add_((delta * g_gl).unsqueeze(2)).mul_(-2.0)
+        # Eq. 10 through the softmaxes and |F|: d/dlogits = p (g - <g, p>), logits = sum |F| / (C T) or / (P T)
+        g_s = err_s.sign() * (g[2] * p)
+        g_c = err_c.sign() * (g[2] * c)
+        g_s = ps_s * (g_s - (g_s * ps_s).sum(1, keepdim=True)) * (1.0 / (c * t))  # (N,P)
+        g_c = pc_s * (g_c - (g_c * pc_s).sum(1, keepdim=True)) * (1.0 / (p * t))  # (N,C)
+        sign = fs.sign()
+        g_fs.addcmul_(sign, g_c.unsqueeze(2))
+        g_fs.add_(sign.mul_(g_s.unsqueeze(1)))
+        del sign
+        g_gc_s = _gc_backward(-g_delta, saved_s, g_fs)  # R_s's gradient into F_s', in place
+        g_gc_t = _gc_backward(g_delta, saved_t)
+        return g_fs, None, None, None, None, *g_gc_s, *g_gc_t
 
 
 class GcBlock(nn.Module):
@@ -64,20 +180,17 @@ class GcBlock(nn.Module):
         nn.init.zeros_(self.transform[-1].weight)
         nn.init.zeros_(self.transform[-1].bias)
 
+    def params(self) -> tuple:
+        """The 8 parameters as the matrices and vectors they act as: w_k (C,), b_k (1,), w_1 (H,C), b_1 (H,), ln_w,
+        ln_b (H,), w_2 (C,H), b_2 (C,)."""
+        conv1, norm, _, conv2 = self.transform
+        hidden, c = conv1.weight.shape[:2]
+        return (self.context.weight.view(c), self.context.bias, conv1.weight.view(hidden, c), conv1.bias,
+                norm.weight.view(hidden), norm.bias.view(hidden), conv2.weight.view(c, hidden), conv2.bias)
+
     def delta(self, feat: torch.Tensor) -> torch.Tensor:
         """(N,C,H,W) -> (N,C): the global context term that R adds to every position."""
-        n, c = feat.shape[:2]
-        flat = feat.reshape(n, c, -1)
-        # W_k F + b: the C->1 context conv as one batched matrix-vector product with its bias (a 1-channel conv is
-        # slow in oneDNN/cuDNN), (N,1,HW)
-        logits = torch.baddbmm(self.context.bias.view(1, 1, 1), self.context.weight.view(1, 1, c).expand(n, 1, c), flat)
-        ctx = torch.bmm(flat, F.softmax(logits, dim=2).transpose(1, 2)).view(n, c)  # (N,C)
-        # the transform's 1x1 convs on a 1x1 map, as the matrix products they are (same parameters, fewer kernels)
-        conv1, norm, _, conv2 = self.transform
-        hidden = conv1.out_channels
-        x = F.linear(ctx, conv1.weight.view(hidden, c), conv1.bias)
-        x = F.relu(F.layer_norm(x, (hidden,), norm.weight.view(-1), norm.bias.view(-1), norm.eps))
-        return F.linear(x, conv2.weight.view(c, hidden), conv2.bias)
+        return _GcDelta.apply(feat.reshape(*feat.shape[:2], -1), *self.params(), self.transform[1].eps)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         return feat + self.delta(feat)[:, :, None, None]
@@ -179,31 +292,14 @@ class FGDLoss(nn.Module):
                 fg = self.weights["fg"] * feature_mse(fs, ft)
                 return {"fg": fg, "bg": zero, "at": zero, "gl": zero, "total": fg}
 
-            with torch.no_grad():
-                ps_t, pc_t = _softmaxes(ft, self.temperature)  # A_S / HW, A_C / C of the teacher (Eq. 5-8)
-                if self.split:
-                    m_fg, m_bg = masks or fgd_masks(boxes.to(ft.device), batch_idx, n, h, w, self.official_rounding)
-                    m = torch.stack([m_fg.view(n, -1), m_bg.view(n, -1)], 2)  # (N,HW,2)
-                else:
-                    m = torch.cat([ft.new_full((n, h * w, 1), 1.0 / (h * w)), ft.new_zeros(n, h * w, 1)], 2)
-                ws = ps_t * (h * w) if self.spatial else torch.ones_like(ps_t)  # A_S
-                wc = pc_t * c if self.channel else torch.ones_like(pc_t)  # A_C
-                # (N,HW,3): spatial weights of fg, bg and the unweighted sum used by the global term
-                spatial = torch.cat([m * ws.unsqueeze(2), ft.new_ones(n, h * w, 1)], 2)
-
-            d = (ft - fs).view(n, c, -1)  # D = F_t - F_s', the one full-size temporary besides its square
-            sums = torch.bmm(d.square(), spatial)  # (N,C,3): sum_hw of D^2 * {A_S M_fg, A_S M_bg, 1}
-            focal = (sums[:, :, :2] * wc.unsqueeze(2)).sum((0, 1))  # (2,): Eq. 9 foreground, background
-
-            ps_s, pc_s = _softmaxes(fs, self.temperature)
-            at = (ps_s - ps_t).abs().sum() * (h * w) + (pc_s - pc_t).abs().sum() * c  # Eq. 10
-
-            # Eq. 11: sum (R_t(F_t) - R_s(F_s'))^2 with R(F) = F + delta (N,C): expanded per (n,c) as
-            # sum_hw D^2 + 2 delta sum_hw D + HW delta^2, D = F_t - F_s', delta = delta_t - delta_s.
-            delta = self.gc_t.delta(ft) - self.gc_s.delta(fs)
-            gl = (sums[:, :, 2] + (2 * d.sum(2) + (h * w) * delta) * delta).clamp(min=0).sum()
-
-            terms = torch.cat([focal, at.view(1), gl.view(1)]) * (self.weight_vec / n)  # weighted, per image
+            if self.split:
+                m_fg, m_bg = masks or fgd_masks(boxes.to(ft.device), batch_idx, n, h, w, self.official_rounding)
+                m = torch.stack([m_fg.reshape(n, -1), m_bg.reshape(n, -1)], 2)  # (N,HW,2)
+            else:
+                m = torch.cat([ft.new_full((n, h * w, 1), 1.0 / (h * w)), ft.new_zeros(n, h * w, 1)], 2)
+            opts = (self.temperature, self.spatial, self.channel, self.gc_s.transform[1].eps, self.gc_t.transform[1].eps)
+            terms = _Level.apply(fs.reshape(n, c, -1), ft.reshape(n, c, -1), m, self.weight_vec / n, opts,
+                                 *self.gc_s.params(), *self.gc_t.params())
             out = dict(zip(TERMS, terms.unbind()))
             out["total"] = terms.sum()
         return out

@@ -39,12 +39,15 @@ def _box_cells(boxes: torch.Tensor, sizes: torch.Tensor, official_rounding: bool
 @lru_cache(maxsize=32)
 def _lines(sizes: tuple, device: str):
     """Row coordinates of all levels laid end to end with their level (2 x (sum H,)), the same for columns
-    (2 x (sum W,)), and the sizes as a tensor (L,2); cached per device, so a batch copies nothing to the device."""
+    (2 x (sum W,)), the one-hot level of every cell of all maps laid end to end (sum H*W, L) and the sizes (L,2);
+    cached per device, so a batch copies nothing to the device."""
     def coords(k):
-        return (torch.cat([torch.arange(s[k], dtype=torch.float32) for s in sizes]).to(device),
-                torch.cat([torch.full((s[k],), i, dtype=torch.long) for i, s in enumerate(sizes)]).to(device))
+        return (torch.cat([torch.arange(s[k], dtype=torch.float32) for s in sizes]),
+                torch.cat([torch.full((s[k],), i, dtype=torch.long) for i, s in enumerate(sizes)]))
 
-    return (*coords(0), *coords(1), torch.tensor(sizes, device=device))
+    cell_level = torch.cat([torch.full((h * w,), i, dtype=torch.long) for i, (h, w) in enumerate(sizes)])
+    out = (*coords(0), *coords(1), torch.nn.functional.one_hot(cell_level, len(sizes)).float(), torch.tensor(sizes))
+    return tuple(t.to(device) for t in out)
 
 
 def fgd_masks_levels(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, sizes, official_rounding: bool = False):
@@ -59,8 +62,9 @@ def fgd_masks_levels(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, sizes
         a list of (fg (N,H,W), bg (N,H,W)) per level: fg is 1/(cells of the box) where covered, the smallest box
         winning on overlaps; bg is 1/N_bg on each image's uncovered cells (zero where an image has none).
 
-    The box ranges of all levels come from one pass; each level then costs one outer product of the boxes' row and
-    column coverage (a batched matmul) and one scatter-max into the images.
+    All levels are one raster of sum(H*W) cells: each box's weighted coverage of a level's cells is the outer product
+    of its row and column coverage, written in place into one (M, sum H*W) buffer, and one scatter-max puts every
+    level into the images; the background counts of all levels are one matrix product.
     """
     with torch.autocast(boxes.device.type, enabled=False):  # under AMP the matmul would come back in half precision
         return _masks_levels(boxes.float(), batch_idx, n, sizes, official_rounding)
@@ -69,23 +73,27 @@ def fgd_masks_levels(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, sizes
 def _masks_levels(boxes, batch_idx, n, sizes, official_rounding):
     sizes = tuple((int(h), int(w)) for h, w in sizes)
     device = boxes.device
-    rows, row_level, cols, col_level, size_t = _lines(sizes, str(device))
-    fgs = [torch.zeros(n, h, w, device=device, dtype=torch.float32) for h, w in sizes]
+    rows, row_level, cols, col_level, one_hot, size_t = _lines(sizes, str(device))
+    cells = [h * w for h, w in sizes]
     if boxes.numel():
         r0, r1, c0, c1, area, valid = _box_cells(boxes, size_t, official_rounding)  # (M,L)
         bi = batch_idx.to(device=device, dtype=torch.long).view(-1)
         weight = (valid & (bi >= 0) & (bi < n))[:, None].float() / area  # (M,L)
         in_r = ((rows >= r0[:, row_level]) & (rows < r1[:, row_level])) * weight[:, row_level]  # (M,sum H), weighted
         in_c = ((cols >= c0[:, col_level]) & (cols < c1[:, col_level])).float()  # (M,sum W)
-        index = bi.clamp(0, n - 1)
-        for fg, r, c in zip(fgs, in_r.split([h for h, _ in sizes], 1), in_c.split([w for _, w in sizes], 1)):
-            per_box = torch.bmm(r.unsqueeze(2), c.unsqueeze(1))  # (M,H,W): each box's weight on the cells it covers
-            fg.scatter_reduce_(0, index[:, None, None].expand_as(per_box), per_box, reduce="amax", include_self=True)
-    out = []
-    for fg in fgs:
-        is_bg = (fg == 0).float()
-        out.append((fg, is_bg / is_bg.sum((1, 2), keepdim=True).clamp(min=1.0)))
-    return out
+        m = in_r.shape[0]
+        per_box = in_r.new_empty(m, sum(cells))  # (M,sum H*W): each box's weight on the cells it covers
+        for r, c, out, (h, w) in zip(in_r.split([h for h, _ in sizes], 1), in_c.split([w for _, w in sizes], 1),
+                                     per_box.split(cells, 1), sizes):
+            torch.mul(r[:, :, None], c[:, None, :], out=out.view(m, h, w))  # the outer product of rows and columns
+        fg = per_box.new_zeros(n, per_box.shape[1])
+        fg.scatter_reduce_(0, bi.clamp(0, n - 1)[:, None].expand_as(per_box), per_box, reduce="amax", include_self=True)
+    else:
+        fg = torch.zeros(n, sum(cells), device=device)
+    is_bg = (fg == 0).float()
+    counts = (is_bg @ one_hot).clamp(min=1.0)  # (N,L): background cells per image and level (N_bg of Eq. 4)
+    return [(f.view(n, h, w), (b / k[:, None]).view(n, h, w))
+            for f, b, k, (h, w) in zip(fg.split(cells, 1), is_bg.split(cells, 1), counts.unbind(1), sizes)]
 
 
 def fgd_masks(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, h: int, w: int, official_rounding: bool = False):
