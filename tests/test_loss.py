@@ -1,5 +1,7 @@
 """FGD loss core: hand values, mask semantics, invariances, gradients (paper Eq. 2-12)."""
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -396,3 +398,60 @@ def test_terms_and_gradients_equal_official_structure_by_autograd(cs, norm):
         assert b is not None and b.abs().sum() > 0, name
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
+
+
+KERNEL_CHECK = r"""
+import json, os, torch
+from yolo_fgd import FGDLoss
+from yolo_fgd.core import kernels
+report = {}
+for cs, h, w in ((4, 7, 9), (6, 30, 40)):  # P = 63 and P = 1200 (past one block of either kernel)
+    g = torch.Generator().manual_seed(h)
+    loss = FGDLoss(cs, 6, fg=1, bg=1, at=1, gl=1)
+    with torch.no_grad():
+        for p in loss.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for block in (loss.gc_s, loss.gc_t):
+            block.transform[1].bias.fill_(1.0)
+    fs = torch.randn(3, cs, h, w, generator=g, requires_grad=True)
+    ft = torch.randn(3, 6, h, w, generator=g)
+    xy = torch.rand(5, 2, generator=g) * 0.7
+    boxes, bi = torch.cat([xy, xy + 0.3], 1), torch.tensor([0, 0, 1, 2, 2])
+    got = {}
+    for mode in ("torch", "triton"):
+        os.environ["YOLO_FGD_KERNEL"] = mode
+        out = loss(fs, ft, boxes, bi)
+        terms = torch.stack([out[k] for k in ("fg", "bg", "at", "gl")])
+        # the GcBlocks' context.bias gets a zero gradient (softmax is shift-invariant): rounding noise, left out
+        params = [fs, *(v for k, v in loss.named_parameters() if not k.endswith("context.bias"))]
+        grads = torch.autograd.grad((terms * torch.tensor([1.0, 2.0, 3.0, 0.5])).sum(), params)
+        got[mode] = (terms, grads)
+    (t0, g0), (t1, g1) = got["torch"], got["triton"]
+    report[f"{h}x{w}"] = {"terms": ((t1 - t0).abs() / t0.abs().clamp(min=1e-6)).max().item(),
+                          "grads": max(((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item()
+                                       for a, b in zip(g1, g0))}
+report["failed"] = kernels._failed
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("interpret", [True, False])
+def test_fused_kernels_equal_pytorch_fallback(interpret):
+    """The Triton kernels (run by Triton's interpreter on CPU) give the fallback's terms and gradients; forced on CPU
+    without the interpreter they fail, warn once, and the fallback gives the same values."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1" if interpret else "0"}
+    run = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    for shape in ("7x9", "30x40"):
+        assert report[shape]["terms"] < 1e-5 and report[shape]["grads"] < 1e-5, report
+    if interpret:
+        assert report["failed"] == []
+    else:
+        assert report["failed"] and "fused FGD kernels unavailable" in run.stderr
+        assert all(report[s]["terms"] == 0 and report[s]["grads"] == 0 for s in ("7x9", "30x40"))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import kernels
 from .masks import fgd_masks, fgd_masks_levels
 
 __all__ = ["FGDLoss", "FGDPyramid", "GcBlock", "TERMS", "attention", "feature_mse", "standardise"]
@@ -58,9 +59,10 @@ def _gc_forward(flat, w_k, b_k, w_1, b_1, ln_w, ln_b, w_2, b_2, eps):
     return torch.addmm(b_2, act, w_2.t()), (flat, attn, pooled, x, mean, rstd, act, w_k, w_1, ln_w, ln_b, w_2)
 
 
-def _gc_backward(grad, saved, g_flat=None):
-    """Gradients of :func:`_gc_forward` from grad (N,C): (w_k, b_k, w_1, b_1, ln_w, ln_b, w_2, b_2); the gradient of
-    flat (N,C,P) is added in place to ``g_flat`` when given (no full-size temporary)."""
+def _gc_backward(grad, saved):
+    """Gradients of :func:`_gc_forward` from grad (N,C): the 8 parameters' (w_k, b_k, w_1, b_1, ln_w, ln_b, w_2, b_2),
+    and g_pooled (N,C), g_logits (N,P), whose rank-2 product g_pooled x attn + w_k x g_logits is the gradient of flat
+    (left to the caller: :func:`_gc_flat_grad`, or the fused kernel)."""
     flat, attn, pooled, x, mean, rstd, act, w_k, w_1, ln_w, ln_b, w_2 = saved
     n, c, _ = flat.shape
     g_act = torch.mm(grad, w_2).mul_(act > 0)  # (N,H)
@@ -68,12 +70,19 @@ def _gc_backward(grad, saved, g_flat=None):
         g_act, x, [x.shape[1]], mean, rstd, ln_w, ln_b, [True, True, True])
     g_pooled = torch.mm(g_x, w_1)  # (N,C)
     g_logits = torch._softmax_backward_data(torch.bmm(g_pooled.unsqueeze(1), flat), attn, 2, attn.dtype)  # (N,1,P)
-    if g_flat is not None:  # d/dF of pooled and of the logits: one batched rank-2 product, accumulated in place
-        left = torch.cat([g_pooled.unsqueeze(2), w_k.view(1, c, 1).expand(n, c, 1)], 2)  # (N,C,2)
-        g_flat.baddbmm_(left, torch.cat([attn, g_logits], 1))
     g_w_k = torch.bmm(g_logits, flat.transpose(1, 2)).sum(0).view(c)
-    return (g_w_k, g_logits.sum().view(1), torch.mm(g_x.t(), pooled), g_x.sum(0), g_ln_w, g_ln_b,
-            torch.mm(grad.t(), act), grad.sum(0))
+    params = (g_w_k, g_logits.sum().view(1), torch.mm(g_x.t(), pooled), g_x.sum(0), g_ln_w, g_ln_b,
+              torch.mm(grad.t(), act), grad.sum(0))
+    return params, g_pooled, g_logits.view(n, -1)
+
+
+def _gc_flat_grad(g_flat, g_pooled, g_logits, saved):
+    """Add the gradient of flat, g_pooled x attn + w_k x g_logits (N,C,P), to ``g_flat`` in place: one batched
+    rank-2 product."""
+    attn, w_k = saved[1], saved[7]
+    n, c = g_pooled.shape
+    left = torch.cat([g_pooled.unsqueeze(2), w_k.view(1, c, 1).expand(n, c, 1)], 2)  # (N,C,2)
+    return g_flat.baddbmm_(left, torch.cat([attn, g_logits.unsqueeze(1)], 1))
 
 
 class _GcDelta(torch.autograd.Function):
@@ -89,14 +98,17 @@ class _GcDelta(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         saved = ctx.saved_tensors
-        g_flat = torch.zeros_like(saved[0]) if ctx.needs_input_grad[0] else None
-        return (g_flat, *_gc_backward(grad, saved, g_flat), None)
+        params, g_pooled, g_logits = _gc_backward(grad, saved)
+        g_flat = _gc_flat_grad(torch.zeros_like(saved[0]), g_pooled, g_logits, saved) if ctx.needs_input_grad[0] \
+            else None
+        return (g_flat, *params, None)
 
 
 class _Level(torch.autograd.Function):
     """The arithmetic of one FGD level after the align conv: the attentions (Eq. 5-8), L_fg and L_bg (Eq. 9), L_at
-    (Eq. 10), both GcBlocks and L_gl (Eq. 11-12), with a hand-written backward that allocates two full-size tensors and
-    works in place (on CPU a fresh full-size buffer costs more than the arithmetic on it; on GPU fewer kernels).
+    (Eq. 10), both GcBlocks and L_gl (Eq. 11-12), with a hand-written backward. On CUDA (Triton) the full-size work is
+    two fused kernels, one pass over F_s' and F_t each way (:mod:`.kernels`); elsewhere PyTorch ops that allocate two
+    full-size tensors and work in place (on CPU a fresh full-size buffer costs more than the arithmetic on it).
 
     forward(fs (N,C,P) F_s', ft (N,C,P) F_t, masks (N,P,2) fg/bg of Eq. 2-4, scale (4,) term weights / N,
     opts (temperature, spatial, channel, gc_s eps, gc_t eps), then the 8 parameters of gc_s (:meth:`GcBlock.params`)
@@ -110,20 +122,26 @@ class _Level(torch.autograd.Function):
         temperature, spatial, channel, eps_s, eps_t = opts
         n, c, p = ft.shape
         ps_t, pc_t = _softmaxes(ft, temperature)  # A_S / P, A_C / C of the teacher (Eq. 5-8)
-        ps_s, pc_s = _softmaxes(fs, temperature)
         cols = masks * (ps_t * p).unsqueeze(2) if spatial else masks  # (N,P,2): A_S M_fg, A_S M_bg
         wc = pc_t * c if channel else torch.ones_like(pc_t)  # A_C
-        d = ft - fs  # D, kept for the backward
-        sq = d * d
-        focal = (torch.bmm(sq, cols) * wc.unsqueeze(2)).sum((0, 1))  # (2,) Eq. 9
-        sq_sum = sq.sum(2)
-        del sq
+        sums = kernels.row_sums(fs, ft, cols) if kernels.enabled(fs) else None
+        d = None
+        if sums is not None:  # (N,C,5) from one pass: the focal sums, sum D^2, sum D, sum |F_s'|
+            fg_bg, sq_sum, d_sum = sums[:, :, :2], sums[:, :, 2], sums[:, :, 3]
+            ps_s = F.softmax(torch.linalg.vector_norm(fs, 1, dim=1) * (1.0 / (c * temperature)), dim=1)
+            pc_s = F.softmax(sums[:, :, 4] * (1.0 / (p * temperature)), dim=1)
+        else:
+            ps_s, pc_s = _softmaxes(fs, temperature)
+            d = ft - fs  # D, kept for the backward
+            sq = d * d
+            fg_bg, sq_sum, d_sum = torch.bmm(sq, cols), sq.sum(2), d.sum(2)
+            del sq
+        focal = (fg_bg * wc.unsqueeze(2)).sum((0, 1))  # (2,) Eq. 9
         err_s, err_c = ps_s - ps_t, pc_s - pc_t
         at = err_s.abs().sum() * p + err_c.abs().sum() * c  # Eq. 10
         delta_s, saved_s = _gc_forward(fs, *gc[:8], eps_s)
         delta_t, saved_t = _gc_forward(ft, *gc[8:], eps_t)
         delta = delta_t - delta_s
-        d_sum = d.sum(2)
         quad = sq_sum + (2 * d_sum + p * delta) * delta  # (N,C): sum_p (D + delta)^2
         ctx.save_for_backward(d, cols, wc, ps_s, pc_s, err_s, err_c, d_sum, delta, scale, *saved_s, *saved_t)
         ctx.temperature = temperature
@@ -134,28 +152,37 @@ class _Level(torch.autograd.Function):
     def backward(ctx, grad):
         d, cols, wc, ps_s, pc_s, err_s, err_c, d_sum, delta, scale = ctx.saved_tensors[:10]
         saved_s, saved_t = ctx.saved_tensors[10:22], ctx.saved_tensors[22:]
-        fs = saved_s[0]
-        n, c, p = d.shape
+        fs, ft = saved_s[0], saved_t[0]
+        n, c, p = fs.shape
         t = ctx.temperature
         g = grad * scale  # (4,): gradients of the unweighted terms
         # quad is a sum of squares: the forward's clamp only hides rounding below zero, the gradient is the true one
         g_gl = g[3]
         g_delta = (d_sum + p * delta).mul_(2 * g_gl)  # (N,C)
-        # Eq. 9 and 11: dL/dF_s' = -2 D (A_C A_S M, weighted by the fg/bg gradients, + g_gl) - 2 g_gl delta
-        g_fs = torch.baddbmm(g_gl.view(1, 1, 1), wc.unsqueeze(2), (cols @ g[:2]).unsqueeze(1))  # (N,C,P)
-        g_fs.mul_(d).add_((delta * g_gl).unsqueeze(2)).mul_(-2.0)
         # Eq. 10 through the softmaxes and |F|: d/dlogits = p (g - <g, p>), logits = sum |F| / (C T) or / (P T)
         g_s = err_s.sign() * (g[2] * p)
         g_c = err_c.sign() * (g[2] * c)
         g_s = ps_s * (g_s - (g_s * ps_s).sum(1, keepdim=True)) * (1.0 / (c * t))  # (N,P)
         g_c = pc_s * (g_c - (g_c * pc_s).sum(1, keepdim=True)) * (1.0 / (p * t))  # (N,C)
-        sign = fs.sign()
-        g_fs.addcmul_(sign, g_c.unsqueeze(2))
-        g_fs.add_(sign.mul_(g_s.unsqueeze(1)))
-        del sign
-        g_gc_s = _gc_backward(-g_delta, saved_s, g_fs)  # R_s's gradient into F_s', in place
-        g_gc_t = _gc_backward(g_delta, saved_t)
-        return g_fs, None, None, None, None, *g_gc_s, *g_gc_t
+        params_s, g_pooled, g_logits = _gc_backward(-g_delta, saved_s)
+        params_t, _, _ = _gc_backward(g_delta, saved_t)
+        w_sp = cols @ g[:2]  # (N,P): A_S M weighted by the fg/bg gradients
+        # Eq. 9 and 11: dL/dF_s' = -2 D (A_C w_sp + g_gl) - 2 g_gl delta; Eq. 10: sign(F_s') (g_c + g_s); Eq. 12: R_s
+        g_fs = None
+        if kernels.enabled(fs):
+            m2 = -2.0 * g_gl
+            rows = torch.stack([m2.expand(n, c), -2.0 * wc, g_c, delta * m2, g_pooled, saved_s[7].expand(n, c)], 2)
+            g_fs = kernels.level_grad(fs, ft, rows, torch.stack([w_sp, g_s, saved_s[1].view(n, p), g_logits], 1))
+        if g_fs is None:
+            d = ft - fs if d is None else d
+            g_fs = torch.baddbmm(g_gl.view(1, 1, 1), wc.unsqueeze(2), w_sp.unsqueeze(1))  # (N,C,P)
+            g_fs.mul_(d).add_((delta * g_gl).unsqueeze(2)).mul_(-2.0)
+            sign = fs.sign()
+            g_fs.addcmul_(sign, g_c.unsqueeze(2))
+            g_fs.add_(sign.mul_(g_s.unsqueeze(1)))
+            del sign
+            _gc_flat_grad(g_fs, g_pooled, g_logits, saved_s)
+        return g_fs, None, None, None, None, *params_s, *params_t
 
 
 class GcBlock(nn.Module):

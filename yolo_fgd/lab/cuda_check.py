@@ -1,12 +1,13 @@
 """CUDA check of the FGD loss (needs a GPU): FGDPyramid on CUDA in fp32 and under fp16 / bf16 autocast against the
-same module on CPU fp32 (terms and input gradients, relative errors), the masks on CUDA against CPU, and what
-``torch.compile`` of the per-level arithmetic (masks given, fixed shapes) buys in time and dispatched ops.
+same module on CPU fp32 (terms and input gradients, relative errors), the fused Triton kernels against the PyTorch
+fallback on CUDA (same three precisions; then time and dispatched ops of one fwd+bwd each), and the masks on CUDA
+against CPU.
 
     python -m yolo_fgd.lab.cuda_check      (the inputs of ``yolo-fgd benchmark-loss``: b16, 640 px, 50 boxes/image)
 """
 
+import os
 import sys
-import time
 
 import torch
 
@@ -62,32 +63,41 @@ def main(argv: list[str] | None = None) -> None:
     print("masks CUDA vs CPU max diff:",
           max(float((a.cpu() - b).abs().max()) for p, q in zip(on_gpu, on_cpu) for a, b in zip(p, q)))
 
-    # torch.compile of the per-level arithmetic with the masks given (fixed shapes per level): what fusion would buy
-    pyr = FGDPyramid(CS, CT).to(dev)
+    # the fused kernels (the default on CUDA) against the PyTorch fallback (YOLO_FGD_KERNEL=torch)
+    m = FGDPyramid(CS, CT).to(dev)
+    m.load_state_dict(ref.state_dict())
+    for name, ac in (("fp32", None), ("fp16 autocast", torch.float16), ("bf16 autocast", torch.bfloat16)):
+        (o_k, g_k), (o_t, g_t) = (kernel_mode(mode, run, m, bx, bi, fs, ft, dev, ac or torch.float32, ac)
+                                  for mode in ("triton", "torch"))
+        rel = {k: abs(o_k[k] - o_t[k]) / max(abs(o_t[k]), 1e-12) for k in o_k}
+        g_rel = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(g_k, g_t))
+        print(f"{name:14s} kernels vs fallback: " + " ".join(f"{k} {v:.1e}" for k, v in rel.items())
+              + f"  grad {g_rel:.1e}")
     s = [f.to(dev).requires_grad_() for f in fs]
     t = [f.to(dev) for f in ft]
     b2, i2 = bx.to(dev), bi.to(dev)
-    compiled = [torch.compile(lv) for lv in pyr.levels]
 
-    def step_eager():
+    def step():
         for x in s:
             x.grad = None
-        pyr(s, t, b2, i2)["total"].backward()
+        m(s, t, b2, i2)["total"].backward()
 
-    def step_compiled():
-        for x in s:
-            x.grad = None
-        masks = fgd_masks_levels(b2, i2, BATCH, sizes)
-        sum(c(a, b, b2, i2, m)["total"] for c, a, b, m in zip(compiled, s, t, masks)).backward()
+    for mode in ("triton", "torch"):
+        ms = 1e3 * kernel_mode(mode, median_s, step, dev, 20, warmup=3)
+        print(f"{mode:6s} fwd+bwd {ms:.2f} ms  {kernel_mode(mode, dispatch_counts, step, dev)}")
 
-    t0 = time.perf_counter()
-    step_compiled()
-    torch.cuda.synchronize()
-    print(f"compile first call {time.perf_counter() - t0:.1f} s")
-    print(f"eager {1e3 * median_s(step_eager, dev, 20, warmup=3):.2f} ms  "
-          f"compiled levels {1e3 * median_s(step_compiled, dev, 20, warmup=3):.2f} ms")
-    print("eager counts", dispatch_counts(step_eager, dev))
-    print("compiled counts", dispatch_counts(step_compiled, dev))
+
+def kernel_mode(mode: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with ``YOLO_FGD_KERNEL=mode``."""
+    old = os.environ.get("YOLO_FGD_KERNEL")
+    os.environ["YOLO_FGD_KERNEL"] = mode
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if old is None:
+            os.environ.pop("YOLO_FGD_KERNEL")
+        else:
+            os.environ["YOLO_FGD_KERNEL"] = old
 
 
 if __name__ == "__main__":

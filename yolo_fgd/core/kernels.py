@@ -1,0 +1,128 @@
+"""Fused Triton kernels of one FGD level (the two full-size passes of :class:`~yolo_fgd.core.fgd._Level`).
+
+Where they run: on CUDA tensors when Triton imports, automatically; everywhere else the PyTorch code of ``_Level``
+runs (the fallback, same values). ``YOLO_FGD_KERNEL=torch`` forces the fallback, ``YOLO_FGD_KERNEL=triton`` forces the
+kernels (on CPU only under ``TRITON_INTERPRET=1``, Triton's interpreter: how the tests check kernel against fallback
+on a machine without GPU). A kernel that fails (a Triton or driver it cannot compile for) logs one warning and the
+fallback takes over for the rest of the run.
+
+- :func:`row_sums`: one read of F_s' and F_t (N,C,P) -> (N,C,5): sum_p D^2 A_S M_fg, sum_p D^2 A_S M_bg, sum_p D^2,
+  sum_p D and sum_p |F_s'| (D = F_t - F_s'), the sums of Eq. 9-11 and of Eq. 6's channel attention.
+- :func:`level_grad`: one read of F_s' and F_t -> dL/dF_s' (N,C,P), every term of Eq. 9-12 at once from per-row
+  (N,C) and per-position (N,P) factors computed by the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+
+import torch
+
+__all__ = ["enabled", "level_grad", "row_sums"]
+
+LOG = logging.getLogger("ultralytics")  # Ultralytics' LOGGER, without importing Ultralytics into the core
+_failed: list[str] = []  # the first failure, if a kernel failed: the fallback runs from then on
+
+
+@lru_cache(maxsize=1)
+def _kernels():
+    """The jitted kernels, built at first use (so ``TRITON_INTERPRET`` set before the first call is honoured)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def row_sums_kernel(fs_ptr, ft_ptr, cols_ptr, out_ptr, C, P, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # n * C + c
+        n = row // C
+        acc = tl.zeros([BLOCK], tl.float32)
+        fg, bg, sq_sum, d_sum, abs_sum = acc, acc, acc, acc, acc
+        for start in range(0, P, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < P
+            s = tl.load(fs_ptr + row * P + offs, mask=m, other=0.0)
+            d = tl.load(ft_ptr + row * P + offs, mask=m, other=0.0) - s
+            sq = d * d
+            fg += sq * tl.load(cols_ptr + (n * P + offs) * 2, mask=m, other=0.0)
+            bg += sq * tl.load(cols_ptr + (n * P + offs) * 2 + 1, mask=m, other=0.0)
+            sq_sum += sq
+            d_sum += d
+            abs_sum += tl.abs(s)
+        tl.store(out_ptr + row * 5, tl.sum(fg, 0))
+        tl.store(out_ptr + row * 5 + 1, tl.sum(bg, 0))
+        tl.store(out_ptr + row * 5 + 2, tl.sum(sq_sum, 0))
+        tl.store(out_ptr + row * 5 + 3, tl.sum(d_sum, 0))
+        tl.store(out_ptr + row * 5 + 4, tl.sum(abs_sum, 0))
+
+    @triton.jit
+    def level_grad_kernel(fs_ptr, ft_ptr, rows_ptr, pos_ptr, out_ptr, C, P, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        n = row // C
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < P
+        s = tl.load(fs_ptr + row * P + offs, mask=m, other=0.0)
+        d = tl.load(ft_ptr + row * P + offs, mask=m, other=0.0) - s
+        a = tl.load(rows_ptr + row * 6)  # the per-row factors: see level_grad
+        b = tl.load(rows_ptr + row * 6 + 1)
+        g_c = tl.load(rows_ptr + row * 6 + 2)
+        e = tl.load(rows_ptr + row * 6 + 3)
+        g_pooled = tl.load(rows_ptr + row * 6 + 4)
+        w_k = tl.load(rows_ptr + row * 6 + 5)
+        base = n * 4 * P + offs
+        w_sp = tl.load(pos_ptr + base, mask=m, other=0.0)
+        g_s = tl.load(pos_ptr + base + P, mask=m, other=0.0)
+        attn = tl.load(pos_ptr + base + 2 * P, mask=m, other=0.0)
+        g_logits = tl.load(pos_ptr + base + 3 * P, mask=m, other=0.0)
+        sign = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
+        g = d * (a + b * w_sp) + sign * (g_c + g_s) + e + g_pooled * attn + w_k * g_logits
+        tl.store(out_ptr + row * P + offs, g, mask=m)
+
+    return triton, row_sums_kernel, level_grad_kernel
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """Whether the fused kernels serve tensors like ``t`` (see the module docstring)."""
+    mode = os.environ.get("YOLO_FGD_KERNEL", "auto").lower()
+    if _failed or mode == "torch" or (mode != "triton" and not t.is_cuda):
+        return False
+    try:
+        _kernels()
+    except Exception as e:  # no Triton (CPU-only builds, some platforms)
+        return _fail(e)
+    return True
+
+
+def _fail(e: Exception) -> bool:
+    if not _failed:
+        _failed.append(f"{type(e).__name__}: {e}".splitlines()[0][:200])
+        LOG.warning(f"yolo-fgd: fused FGD kernels unavailable ({_failed[0]}); using the PyTorch path (same values)")
+    return False
+
+
+def row_sums(fs: torch.Tensor, ft: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
+    """fs, ft (N,C,P), cols (N,P,2) fp32 -> (N,C,5) sums (see the module docstring); None if the kernel failed."""
+    n, c, p = fs.shape
+    out = torch.empty(n, c, 5, device=fs.device, dtype=torch.float32)
+    try:
+        triton, kernel, _ = _kernels()
+        kernel[(n * c,)](fs.contiguous(), ft.contiguous(), cols.contiguous(), out, c, p, BLOCK=512)
+    except Exception as e:
+        return _fail(e) or None
+    return out
+
+
+def level_grad(fs: torch.Tensor, ft: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+    """dL/dF_s' (N,C,P) = D (a + b w_sp) + sign(F_s') (g_c + g_s) + e + g_pooled attn + w_k g_logits, D = F_t - F_s',
+    from rows (N,C,6) = (a, b, g_c, e, g_pooled, w_k) and pos (N,4,P) = (w_sp, g_s, attn, g_logits); None if the kernel
+    failed."""
+    n, c, p = fs.shape
+    out = torch.empty_like(fs)
+    try:
+        triton, _, kernel = _kernels()
+        block = 1024
+        kernel[(n * c, triton.cdiv(p, block))](fs.contiguous(), ft.contiguous(), rows.contiguous(), pos.contiguous(),
+                                              out, c, p, BLOCK=block)
+    except Exception as e:
+        return _fail(e) or None
+    return out
