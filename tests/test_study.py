@@ -33,6 +33,12 @@ def test_study_runs_reports_and_resumes(tmp_path):
     stamp = {p: p.stat().st_mtime for p in root.rglob("summary.json")}
     study(rec, project=str(tmp_path / "runs"), name="s", lanes=2)  # everything done: nothing retrained
     assert {p: p.stat().st_mtime for p in root.rglob("summary.json")} == stamp
+    text = study(rec, project=str(tmp_path / "runs"), name="s", only="fgd", seeds="1", report_only=True)
+    assert "| tiny | fgd | 1 |" in text and "| tiny | baseline |" not in text  # one method, one seed
+    from yolo_fgd.errors import FGDError
+
+    with pytest.raises(FGDError, match="seeds=a: give seeds as integers"):
+        study(rec, project=str(tmp_path / "runs"), name="s", seeds="a", report_only=True)
 
 
 def test_demo_table(tmp_path, capsys, monkeypatch):

@@ -254,7 +254,8 @@ COMMANDS = {c.name: c for c in [
             "yolo-fgd demo epochs=3 teacher_epochs=3", lambda w, kv: call(demo, kv, "demo")),
     Command("study", "the comparison of methods over seeds, resumable, with a report",
             "    recipe=study           a shipped recipe name or a recipe YAML\n    project=runs/study name= lanes=2\n"
-            "    only=a,b               only these methods (and the teacher)\n    report_only=True       only write the "
+            "    only=a,b               only these methods (and the teacher)\n    seeds=0,1              only these seeds\n"
+            "    report_only=True       only write the "
             "report of finished runs\n    rescore=True           re-evaluate finished runs first\n",
             "yolo-fgd study recipe=study lanes=2", lambda w, kv: call(study, kv, "study")),
     Command("tv-train", "the paper-faithful torchvision path (RetinaNet/FCOS, FGD on P3-P7)",

@@ -229,9 +229,10 @@ def _plot(root, rows):
 
 
 def study(recipe: str = "study", project: str = "runs/study", name: str | None = None, lanes: int = 2,
-          only: str | None = None, report_only: bool = False, rescore: bool = False) -> str:
+          only: str | None = None, seeds: str | None = None, report_only: bool = False, rescore: bool = False) -> str:
     """Run (or resume) every run of ``recipe`` with ``lanes`` processes, then write and print the report
-    (``report_only=True``: just the report of the runs finished so far; ``rescore=True``: first re-evaluate every
+    (``only="a,b"``: only these methods, ``seeds="0"``: only these of the recipe's seeds, the teacher always;
+    ``report_only=True``: just the report of the runs finished so far; ``rescore=True``: first re-evaluate every
     finished run, e.g. after a change of the evaluation protocol)."""
     rec = load_recipe(recipe)
     # absolute: Ultralytics would put a relative project under runs/detect/
@@ -241,6 +242,14 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
     if only:
         keep = set(str(only).split(","))
         specs = [s for s in specs if s["method"] in keep or s["method"] == "teacher"]
+    if seeds is not None and str(seeds) != "":
+        given = seeds if isinstance(seeds, (list, tuple)) else str(seeds).split(",")  # the CLI reads 0,1 as (0, 1)
+        try:
+            keep_seeds = {int(x) for x in given}
+        except ValueError:
+            raise FGDError(f"seeds={','.join(map(str, given))}: give seeds as integers, e.g. seeds=0 or seeds=0,1") \
+                from None
+        specs = [s for s in specs if s["seed"] in keep_seeds or s["method"] == "teacher"]
     check_models(specs)
     if rescore:
         for s in specs:
