@@ -1,7 +1,9 @@
-"""The loss core: pure PyTorch (no Ultralytics, torchvision or ONNX import).
+"""The loss core: pure PyTorch (no Ultralytics, torchvision or ONNX import; Triton, which ships with PyTorch, for the
+fused kernels on CUDA).
 
-``masks`` (Eq. 2-4), ``fgd`` (Eq. 5-13: :class:`FGDLoss` per level, :class:`FGDPyramid`), ``response`` (the YOLO
-adapter's head-response term), ``presets`` (named weights and the train arguments that override them).
+``masks`` (Eq. 2-4), ``fgd`` (Eq. 5-13: :class:`FGDLoss` per level, :class:`FGDPyramid`), ``kernels`` (the Triton
+kernels of one level), ``response`` (the YOLO adapter's head-response term), ``presets`` (named weights and the train
+arguments that override them).
 """
 
 from .fgd import TERMS, FGDLoss, FGDPyramid, GcBlock, attention, feature_mse, standardise
