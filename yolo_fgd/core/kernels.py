@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
@@ -93,6 +94,11 @@ def enabled(t: torch.Tensor) -> bool:
     return True
 
 
+def _on(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device), or nowhere in particular on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
 def _fail(e: Exception) -> bool:
     if not _failed:
         _failed.append(f"{type(e).__name__}: {e}".splitlines()[0][:200])
@@ -106,7 +112,8 @@ def row_sums(fs: torch.Tensor, ft: torch.Tensor, cols: torch.Tensor) -> torch.Te
     out = torch.empty(n, c, 5, device=fs.device, dtype=torch.float32)
     try:
         triton, kernel, _ = _kernels()
-        kernel[(n * c,)](fs.contiguous(), ft.contiguous(), cols.contiguous(), out, c, p, BLOCK=512)
+        with _on(fs):
+            kernel[(n * c,)](fs.contiguous(), ft.contiguous(), cols.contiguous(), out, c, p, BLOCK=512)
     except Exception as e:
         return _fail(e) or None
     return out
@@ -121,8 +128,9 @@ def level_grad(fs: torch.Tensor, ft: torch.Tensor, rows: torch.Tensor, pos: torc
     try:
         triton, _, kernel = _kernels()
         block = 1024
-        kernel[(n * c, triton.cdiv(p, block))](fs.contiguous(), ft.contiguous(), rows.contiguous(), pos.contiguous(),
-                                              out, c, p, BLOCK=block)
+        with _on(fs):
+            kernel[(n * c, triton.cdiv(p, block))](fs.contiguous(), ft.contiguous(), rows.contiguous(),
+                                                  pos.contiguous(), out, c, p, BLOCK=block)
     except Exception as e:
         return _fail(e) or None
     return out
