@@ -187,3 +187,13 @@ def test_benchmark_loss_measures_another_versions_pyramid(tmp_path):
     other.write_text("from yolo_fgd.core.fgd import FGDPyramid as Base\n\n\nclass FGDPyramid(Base):\n    pass\n")
     cls = pyramid_class(str(other))
     assert issubclass(cls, FGDPyramid) and cls is not FGDPyramid and pyramid_class(None) is FGDPyramid
+
+
+def test_benchmark_loss_reports_path_counts_and_ratio(capsys):
+    """On CPU the PyTorch path runs and says so; dispatch counts and the ratio to plain MSE come out."""
+    from yolo_fgd.lab.cost import benchmark_loss
+
+    res = benchmark_loss(batch=2, imgsz=64, boxes=3, repeat=1, step=False, threads=1)
+    assert res["fgd_path"] == "torch" and "fgd_path" in capsys.readouterr().out
+    assert res["fgd_aten_ops"] >= res["fgd_compute_ops"] > res["mse_compute_ops"] > 0
+    assert res["fgd_over_mse"] > 0 and "fgd_kernels" not in res  # launches are counted on CUDA only
