@@ -193,7 +193,13 @@ def test_benchmark_loss_reports_path_counts_and_ratio(capsys):
     """On CPU the PyTorch path runs and says so; dispatch counts and the ratio to plain MSE come out."""
     from yolo_fgd.lab.cost import benchmark_loss
 
-    res = benchmark_loss(batch=2, imgsz=64, boxes=3, repeat=1, step=False, threads=1)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        res = benchmark_loss(batch=2, imgsz=64, boxes=3, repeat=1, step=False, threads=1)
+    finally:
+        torch.set_num_threads(threads)  # the harness sets the process' threads
     assert res["fgd_path"] == "torch" and "fgd_path" in capsys.readouterr().out
     assert res["fgd_aten_ops"] >= res["fgd_compute_ops"] > res["mse_compute_ops"] > 0
     assert res["fgd_over_mse"] > 0 and "fgd_kernels" not in res  # launches are counted on CUDA only
