@@ -45,8 +45,8 @@ def _kernels():
             s = tl.load(fs_ptr + row * P + offs, mask=m, other=0.0)
             d = tl.load(ft_ptr + row * P + offs, mask=m, other=0.0) - s
             sq = d * d
-            fg += sq * tl.load(cols_ptr + (n * P + offs) * 2, mask=m, other=0.0)
-            bg += sq * tl.load(cols_ptr + (n * P + offs) * 2 + 1, mask=m, other=0.0)
+            fg += sq * tl.load(cols_ptr + n * 2 * P + offs, mask=m, other=0.0)
+            bg += sq * tl.load(cols_ptr + n * 2 * P + P + offs, mask=m, other=0.0)
             sq_sum += sq
             d_sum += d
             abs_sum += tl.abs(s)
@@ -112,8 +112,8 @@ def row_sums(fs: torch.Tensor, ft: torch.Tensor, cols: torch.Tensor) -> torch.Te
     out = torch.empty(n, c, 5, device=fs.device, dtype=torch.float32)
     try:
         triton, kernel, _ = _kernels()
-        with _on(fs):
-            kernel[(n * c,)](fs.contiguous(), ft.contiguous(), cols.contiguous(), out, c, p, BLOCK=512)
+        with _on(fs):  # cols as (N,2,P): contiguous loads along P
+            kernel[(n * c,)](fs.contiguous(), ft.contiguous(), cols.transpose(1, 2).contiguous(), out, c, p, BLOCK=512)
     except Exception as e:
         return _fail(e) or None
     return out
