@@ -455,3 +455,20 @@ def test_fused_kernels_equal_pytorch_fallback(interpret):
     else:
         assert report["failed"] and "fused FGD kernels unavailable" in run.stderr
         assert all(report[s]["terms"] == 0 and report[s]["grads"] == 0 for s in ("7x9", "30x40"))
+
+
+def test_kernel_mode_typo_warns_once_and_runs_auto(monkeypatch):
+    import logging
+
+    from yolo_fgd.core import kernels
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    kernels.LOG.addHandler(handler)
+    try:
+        monkeypatch.setenv("YOLO_FGD_KERNEL", "cuda-please")
+        assert kernels.enabled(torch.zeros(1)) is False and kernels.enabled(torch.zeros(1)) is False  # auto, CPU
+    finally:
+        kernels.LOG.removeHandler(handler)
+    assert seen == ["yolo-fgd: YOLO_FGD_KERNEL=cuda-please is not one of auto, torch, triton; using auto"]

@@ -24,6 +24,7 @@ import torch
 __all__ = ["enabled", "level_grad", "row_sums"]
 
 LOG = logging.getLogger("ultralytics")  # Ultralytics' LOGGER, without importing Ultralytics into the core
+MODES = ("auto", "torch", "triton")
 _failed: list[str] = []  # the first failure, if a kernel failed: the fallback runs from then on
 
 
@@ -85,6 +86,9 @@ def _kernels():
 def enabled(t: torch.Tensor) -> bool:
     """Whether the fused kernels serve tensors like ``t`` (see the module docstring)."""
     mode = os.environ.get("YOLO_FGD_KERNEL", "auto").lower()
+    if mode not in MODES:
+        _warn_mode(mode)
+        mode = "auto"
     if _failed or mode == "torch" or (mode != "triton" and not t.is_cuda):
         return False
     try:
@@ -92,6 +96,11 @@ def enabled(t: torch.Tensor) -> bool:
     except Exception as e:  # no Triton (CPU-only builds, some platforms)
         return _fail(e)
     return True
+
+
+@lru_cache(maxsize=8)
+def _warn_mode(mode: str) -> None:
+    LOG.warning(f"yolo-fgd: YOLO_FGD_KERNEL={mode} is not one of {', '.join(MODES)}; using auto")
 
 
 def _on(t: torch.Tensor):
