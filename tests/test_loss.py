@@ -465,11 +465,14 @@ def test_kernel_mode_typo_warns_once_and_runs_auto(monkeypatch):
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
+    level = kernels.LOG.level  # Ultralytics' logger, once imported, is at ERROR when YOLO_VERBOSE=False
     kernels.LOG.addHandler(handler)
+    kernels.LOG.setLevel(logging.WARNING)
     try:
         monkeypatch.setenv("YOLO_FGD_KERNEL", "cuda-please")
         assert kernels.enabled(torch.zeros(1)) is False and kernels.enabled(torch.zeros(1)) is False  # auto, CPU
     finally:
         kernels.LOG.removeHandler(handler)
+        kernels.LOG.setLevel(level)
     assert len(seen) == 1  # once; Ultralytics' logger (when imported) prefixes its level to the message
     assert seen[0].endswith("yolo-fgd: YOLO_FGD_KERNEL=cuda-please is not one of auto, torch, triton; using auto")
