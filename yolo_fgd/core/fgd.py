@@ -25,13 +25,16 @@ __all__ = ["FGDLoss", "FGDPyramid", "GcBlock", "TERMS", "attention", "feature_ms
 TERMS = ("fg", "bg", "at", "gl")  # Eq. 9 foreground, Eq. 9 background, Eq. 10 attention, Eq. 11 global
 
 
-def _softmaxes(feat: torch.Tensor, temperature: float):
+def _softmaxes(feat: torch.Tensor, temperature: float, abs_rows: torch.Tensor | None = None):
     """(N,C,H,W) or (N,C,P) -> softmax_p(mean_c|F| / T) (N,P) and softmax_c(mean_p|F| / T) (N,C): A_S / P and
-    A_C / C. The sums of |F| are L1 norms (no full-size |F| temporary)."""
+    A_C / C. The sums of |F| are L1 norms (no full-size |F| temporary); ``abs_rows`` (N,C): sum_p |F| when already
+    known (the fused kernel's)."""
     n, c = feat.shape[:2]
     flat = feat.reshape(n, c, -1)
+    if abs_rows is None:
+        abs_rows = torch.linalg.vector_norm(flat, 1, dim=2)
     return (F.softmax(torch.linalg.vector_norm(flat, 1, dim=1) * (1.0 / (c * temperature)), dim=1),
-            F.softmax(torch.linalg.vector_norm(flat, 1, dim=2) * (1.0 / (flat.shape[2] * temperature)), dim=1))
+            F.softmax(abs_rows * (1.0 / (flat.shape[2] * temperature)), dim=1))
 
 
 def attention(feat: torch.Tensor, temperature: float):
@@ -128,8 +131,7 @@ class _Level(torch.autograd.Function):
         d = None
         if sums is not None:  # (N,C,5) from one pass: the focal sums, sum D^2, sum D, sum |F_s'|
             fg_bg, sq_sum, d_sum = sums[:, :, :2], sums[:, :, 2], sums[:, :, 3]
-            ps_s = F.softmax(torch.linalg.vector_norm(fs, 1, dim=1) * (1.0 / (c * temperature)), dim=1)
-            pc_s = F.softmax(sums[:, :, 4] * (1.0 / (p * temperature)), dim=1)
+            ps_s, pc_s = _softmaxes(fs, temperature, sums[:, :, 4])
         else:
             ps_s, pc_s = _softmaxes(fs, temperature)
             d = ft - fs  # D, kept for the backward

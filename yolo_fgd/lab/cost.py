@@ -151,7 +151,8 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
     n_fgd, n_mse = dispatch_counts(fgd_step, dev), dispatch_counts(mse_step, dev)
     res = {
         "device": str(dev), "batch": batch, "imgsz": imgsz, "boxes_per_image": boxes, "threads": torch.get_num_threads(),
-        "amp": amp, "fgd_path": pyramid or ("triton" if kernels.enabled(fs[0]) else "torch"), "masks_vectorised_ms": 1e3 * t_vec, "masks_loop_ms": 1e3 * t_loop, "masks_speedup": t_loop / t_vec,
+        "amp": amp, "fgd_path": pyramid or ("triton" if kernels.enabled(fs[0]) else "torch"),
+        "masks_vectorised_ms": 1e3 * t_vec, "masks_loop_ms": 1e3 * t_loop, "masks_speedup": t_loop / t_vec,
         "fgd_fwd_bwd_ms": 1e3 * t_fgd, "mse_fwd_bwd_ms": 1e3 * t_mse, "fgd_over_mse": t_fgd / t_mse,
         **{f"fgd_{k}": v for k, v in n_fgd.items()}, **{f"mse_{k}": v for k, v in n_mse.items()},
     }
