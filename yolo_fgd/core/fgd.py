@@ -18,23 +18,20 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import kernels
-from .masks import fgd_masks, fgd_masks_levels
+from .masks import level_masks
 
 __all__ = ["FGDLoss", "FGDPyramid", "GcBlock", "TERMS", "attention", "feature_mse", "standardise"]
 
 TERMS = ("fg", "bg", "at", "gl")  # Eq. 9 foreground, Eq. 9 background, Eq. 10 attention, Eq. 11 global
 
 
-def _softmaxes(feat: torch.Tensor, temperature: float, abs_rows: torch.Tensor | None = None):
+def _softmaxes(feat: torch.Tensor, temperature: float):
     """(N,C,H,W) or (N,C,P) -> softmax_p(mean_c|F| / T) (N,P) and softmax_c(mean_p|F| / T) (N,C): A_S / P and
-    A_C / C. The sums of |F| are L1 norms (no full-size |F| temporary); ``abs_rows`` (N,C): sum_p |F| when already
-    known (the fused kernel's)."""
+    A_C / C. The sums of |F| are L1 norms (no full-size |F| temporary)."""
     n, c = feat.shape[:2]
     flat = feat.reshape(n, c, -1)
-    if abs_rows is None:
-        abs_rows = torch.linalg.vector_norm(flat, 1, dim=2)
-    return (F.softmax(torch.linalg.vector_norm(flat, 1, dim=1) * (1.0 / (c * temperature)), dim=1),
-            F.softmax(abs_rows * (1.0 / (flat.shape[2] * temperature)), dim=1))
+    return (F.softmax(torch.linalg.vector_norm(flat, 1, dim=1).mul_(1.0 / (c * temperature)), dim=1),
+            F.softmax(torch.linalg.vector_norm(flat, 1, dim=2).mul_(1.0 / (flat.shape[2] * temperature)), dim=1))
 
 
 def attention(feat: torch.Tensor, temperature: float):
@@ -49,34 +46,37 @@ def attention(feat: torch.Tensor, temperature: float):
 
 
 def _gc_forward(flat, w_k, b_k, w_1, b_1, ln_w, ln_b, w_2, b_2, eps):
-    """GcBlock's context term (Eq. 12 without the residual F): flat (N,C,P), w_k (C,), b_k (1,), w_1 (H,C), b_1 (H,),
-    ln_w, ln_b (H,), w_2 (C,H), b_2 (C,) -> (N,C) W_v2 ReLU(LN(W_v1 sum_p softmax_p(W_k F + b_k) F_p)), and what
+    """GcBlock's context term (Eq. 12 without the residual F) from flat (N,C,P) and the block's 8 parameters as
+    stored (:meth:`GcBlock.params`) -> (N,C) W_v2 ReLU(LN(W_v1 sum_p softmax_p(W_k F)_p F_p)), and what
     :func:`_gc_backward` needs. The 1x1 convs on a 1x1 map are the matrix products they are (a 1-channel conv is slow in
-    oneDNN/cuDNN)."""
+    oneDNN/cuDNN); b_k, added to every logit of a softmax, changes nothing and is left out."""
     n, c, _ = flat.shape
-    attn = F.softmax(torch.baddbmm(b_k.view(1, 1, 1), w_k.view(1, 1, c).expand(n, 1, c), flat), dim=2)  # (N,1,P)
+    h = b_1.shape[0]
+    w_k, w_1, w_2 = w_k.view(1, 1, c), w_1.view(h, c), w_2.view(c, h)
+    attn = F.softmax(torch.bmm(w_k.expand(n, 1, c), flat), dim=2)  # (N,1,P)
     pooled = torch.bmm(flat, attn.transpose(1, 2)).view(n, c)  # (N,C)
-    x = torch.addmm(b_1, pooled, w_1.t())  # (N,H)
-    normed, mean, rstd = torch.native_layer_norm(x, (x.shape[1],), ln_w, ln_b, eps)
+    x = F.linear(pooled, w_1, b_1)  # (N,H)
+    normed, mean, rstd = torch.native_layer_norm(x, (h,), ln_w.view(h), ln_b.view(h), eps)
     act = normed.relu_()
-    return torch.addmm(b_2, act, w_2.t()), (flat, attn, pooled, x, mean, rstd, act, w_k, w_1, ln_w, ln_b, w_2)
+    return F.linear(act, w_2, b_2), (flat, attn, pooled, x, mean, rstd, act, w_k, w_1, ln_w, ln_b, w_2)
 
 
 def _gc_backward(grad, saved):
-    """Gradients of :func:`_gc_forward` from grad (N,C): the 8 parameters' (w_k, b_k, w_1, b_1, ln_w, ln_b, w_2, b_2),
-    and g_pooled (N,C), g_logits (N,P), whose rank-2 product g_pooled x attn + w_k x g_logits is the gradient of flat
-    (left to the caller: :func:`_gc_flat_grad`, or the fused kernel)."""
+    """Gradients of :func:`_gc_forward` from grad (N,C): the 8 parameters' (shaped as stored), and g_pooled (N,C),
+    g_logits (N,1,P), whose rank-2 product g_pooled x attn + w_k x g_logits is the gradient of flat (left to the caller:
+    :func:`_gc_flat_grad`, or the fused kernel). The gradient of b_k is exactly zero (softmax is shift-invariant)."""
     flat, attn, pooled, x, mean, rstd, act, w_k, w_1, ln_w, ln_b, w_2 = saved
-    n, c, _ = flat.shape
-    g_act = torch.mm(grad, w_2).mul_(act > 0)  # (N,H)
+    h = x.shape[1]
+    g_act = torch.ops.aten.threshold_backward(torch.mm(grad, w_2), act, 0)  # (N,H)
     g_x, g_ln_w, g_ln_b = torch.ops.aten.native_layer_norm_backward(
-        g_act, x, [x.shape[1]], mean, rstd, ln_w, ln_b, [True, True, True])
+        g_act, x, [h], mean, rstd, ln_w.view(h), ln_b.view(h), [True, True, True])
     g_pooled = torch.mm(g_x, w_1)  # (N,C)
     g_logits = torch._softmax_backward_data(torch.bmm(g_pooled.unsqueeze(1), flat), attn, 2, attn.dtype)  # (N,1,P)
-    g_w_k = torch.bmm(g_logits, flat.transpose(1, 2)).sum(0).view(c)
-    params = (g_w_k, g_logits.sum().view(1), torch.mm(g_x.t(), pooled), g_x.sum(0), g_ln_w, g_ln_b,
-              torch.mm(grad.t(), act), grad.sum(0))
-    return params, g_pooled, g_logits.view(n, -1)
+    g_w_k = torch.bmm(flat, g_logits.transpose(1, 2)).sum(0)  # (C,1)
+    params = (g_w_k.view(1, -1, 1, 1), x.new_zeros(1), torch.mm(g_x.t(), pooled).view(*w_1.shape, 1, 1), g_x.sum(0),
+              g_ln_w.view(ln_w.shape), g_ln_b.view(ln_b.shape), torch.mm(grad.t(), act).view(*w_2.shape, 1, 1),
+              grad.sum(0))
+    return params, g_pooled, g_logits
 
 
 def _gc_flat_grad(g_flat, g_pooled, g_logits, saved):
@@ -85,7 +85,7 @@ def _gc_flat_grad(g_flat, g_pooled, g_logits, saved):
     attn, w_k = saved[1], saved[7]
     n, c = g_pooled.shape
     left = torch.cat([g_pooled.unsqueeze(2), w_k.view(1, c, 1).expand(n, c, 1)], 2)  # (N,C,2)
-    return g_flat.baddbmm_(left, torch.cat([attn, g_logits.unsqueeze(1)], 1))
+    return g_flat.baddbmm_(left, torch.cat([attn, g_logits], 1))
 
 
 class _GcDelta(torch.autograd.Function):
@@ -113,78 +113,86 @@ class _Level(torch.autograd.Function):
     two fused kernels, one pass over F_s' and F_t each way (:mod:`.kernels`); elsewhere PyTorch ops that allocate two
     full-size tensors and work in place (on CPU a fresh full-size buffer costs more than the arithmetic on it).
 
-    forward(fs (N,C,P) F_s', ft (N,C,P) F_t, masks (N,P,2) fg/bg of Eq. 2-4, scale (4,) term weights / N,
+    forward(fs (N,C,P) F_s', ft (N,C,P) F_t, masks (N,2,P) M_fg / M_bg of Eq. 2-4, coef (4,5), coef_grad (5,4),
     opts (temperature, spatial, channel, gc_s eps, gc_t eps), then the 8 parameters of gc_s (:meth:`GcBlock.params`)
-    and the 8 of gc_t) -> (4,) weighted fg, bg, at, gl. Gradients go to fs and both GcBlocks, never to ft. Eq. 11 is
-    expanded per (n,c) as sum_p D^2 + 2 delta sum_p D + P delta^2 with D = F_t - F_s' and delta = delta_t - delta_s
-    (N,C), so R(F) is never built.
+    and the 8 of gc_t) -> (4,) weighted fg, bg, at, gl = coef @ r, r the level's five raw sums: sum A_C D^2 A_S M_fg,
+    the same with M_bg, sum|softmax_p - softmax_p'| and sum|softmax_c - softmax_c'| (student vs teacher, attentions
+    over P and C), sum (D + delta)^2; coef folds in the weights, 1/N and the attentions' factors P and C
+    (:meth:`FGDLoss.coef`). Gradients go to fs and both GcBlocks, never to ft. Eq. 11 is expanded per (n,c) as
+    sum_p D^2 + 2 delta sum_p D + P delta^2 with D = F_t - F_s' and delta = delta_t - delta_s (N,C), so R(F) is never
+    built.
     """
 
     @staticmethod
-    def forward(ctx, fs, ft, masks, scale, opts, *gc):
+    def forward(ctx, fs, ft, masks, coef, coef_grad, opts, *gc):
         temperature, spatial, channel, eps_s, eps_t = opts
         n, c, p = ft.shape
-        ps_t, pc_t = _softmaxes(ft, temperature)  # A_S / P, A_C / C of the teacher (Eq. 5-8)
-        cols = masks * (ps_t * p).unsqueeze(2) if spatial else masks  # (N,P,2): A_S M_fg, A_S M_bg
-        wc = pc_t * c if channel else torch.ones_like(pc_t)  # A_C
+        sp = fs.new_empty(2, n, p)  # sum_c |F| of F_s' and F_t
+        torch.linalg.vector_norm(fs, 1, dim=1, out=sp[0])
+        torch.linalg.vector_norm(ft, 1, dim=1, out=sp[1])
+        ps = F.softmax(sp.mul_(1.0 / (c * temperature)), dim=2)  # (2,N,P): A_S / P of student and teacher (Eq. 5)
+        cols = masks * ps[1].unsqueeze(1) if spatial else masks  # (N,2,P): A_S M_fg, A_S M_bg over P
         sums = kernels.row_sums(fs, ft, cols) if kernels.enabled(fs) else None
         d = None
-        if sums is not None:  # (N,C,5) from one pass: the focal sums, sum D^2, sum D, sum |F_s'|
-            fg_bg, sq_sum, d_sum = sums[:, :, :2], sums[:, :, 2], sums[:, :, 3]
-            ps_s, pc_s = _softmaxes(fs, temperature, sums[:, :, 4])
+        if sums is not None:  # (N,C,6) from one pass: the focal sums, sum D^2, sum D, sum |F_s'|, sum |F_t|
+            fg_bg, sq_sum, d_sum, sc = sums[:, :, :2], sums[:, :, 2], sums[:, :, 3], sums[:, :, 4:].permute(2, 0, 1)
         else:
-            ps_s, pc_s = _softmaxes(fs, temperature)
+            sc = fs.new_empty(2, n, c)
+            torch.linalg.vector_norm(fs, 1, dim=2, out=sc[0])
+            torch.linalg.vector_norm(ft, 1, dim=2, out=sc[1])
             d = ft - fs  # D, kept for the backward
             sq = d * d
-            fg_bg, sq_sum, d_sum = torch.bmm(sq, cols), sq.sum(2), d.sum(2)
+            fg_bg, sq_sum, d_sum = torch.bmm(sq, cols.transpose(1, 2)), sq.sum(2), d.sum(2)
             del sq
-        focal = (fg_bg * wc.unsqueeze(2)).sum((0, 1))  # (2,) Eq. 9
-        err_s, err_c = ps_s - ps_t, pc_s - pc_t
-        at = err_s.abs().sum() * p + err_c.abs().sum() * c  # Eq. 10
+        pc = F.softmax(sc * (1.0 / (p * temperature)), dim=2)  # (2,N,C): A_C / C of student and teacher (Eq. 6)
+        wc = pc[1] if channel else torch.ones_like(pc[1])
+        focal = torch.mm(wc.reshape(1, n * c), fg_bg.reshape(n * c, 2))  # (1,2) Eq. 9 over A_C / C
+        err_s, err_c = ps[0] - ps[1], pc[0] - pc[1]
         delta_s, saved_s = _gc_forward(fs, *gc[:8], eps_s)
         delta_t, saved_t = _gc_forward(ft, *gc[8:], eps_t)
         delta = delta_t - delta_s
-        quad = sq_sum + (2 * d_sum + p * delta) * delta  # (N,C): sum_p (D + delta)^2
-        ctx.save_for_backward(d, cols, wc, ps_s, pc_s, err_s, err_c, d_sum, delta, scale, *saved_s, *saved_t)
-        ctx.temperature = temperature
-        return torch.cat([focal, at.view(1), quad.clamp(min=0).sum().view(1)]) * scale
+        quad = torch.addcmul(sq_sum, torch.add(d_sum, delta, alpha=0.5 * p), delta, value=2.0)  # sum_p (D + delta)^2
+        raw = torch.cat([focal.view(2), torch.linalg.vector_norm(err_s, 1).view(1),  # Eq. 10 over the softmaxes
+                         torch.linalg.vector_norm(err_c, 1).view(1), quad.clamp_(min=0).sum().view(1)])
+        ctx.save_for_backward(d, cols, wc, ps[0], pc[0], err_s, err_c, d_sum, delta, coef_grad, *saved_s, *saved_t)
+        return torch.mv(coef, raw)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        d, cols, wc, ps_s, pc_s, err_s, err_c, d_sum, delta, scale = ctx.saved_tensors[:10]
+        d, cols, wc, ps_s, pc_s, err_s, err_c, d_sum, delta, coef_grad = ctx.saved_tensors[:10]
         saved_s, saved_t = ctx.saved_tensors[10:22], ctx.saved_tensors[22:]
         fs, ft = saved_s[0], saved_t[0]
         n, c, p = fs.shape
-        t = ctx.temperature
-        g = grad * scale  # (4,): gradients of the unweighted terms
-        # quad is a sum of squares: the forward's clamp only hides rounding below zero, the gradient is the true one
-        g_gl = g[3]
-        g_delta = (d_sum + p * delta).mul_(2 * g_gl)  # (N,C)
+        # g (5,): dL/dr of the five raw sums times the chain factors of FGDLoss.coef (-2 for the squares of fg, bg
+        # and gl; 1/(C T) and 1/(P T) for the attention logits)
+        g = torch.mv(coef_grad, grad)
+        g_fg_bg, g_at_s, g_at_c, g_gl = g[:2], g[2], g[3], g[4]
         # Eq. 10 through the softmaxes and |F|: d/dlogits = p (g - <g, p>), logits = sum |F| / (C T) or / (P T)
-        g_s = err_s.sign() * (g[2] * p)
-        g_c = err_c.sign() * (g[2] * c)
-        g_s = ps_s * (g_s - (g_s * ps_s).sum(1, keepdim=True)) * (1.0 / (c * t))  # (N,P)
-        g_c = pc_s * (g_c - (g_c * pc_s).sum(1, keepdim=True)) * (1.0 / (p * t))  # (N,C)
-        params_s, g_pooled, g_logits = _gc_backward(-g_delta, saved_s)
-        params_t, _, _ = _gc_backward(g_delta, saved_t)
-        w_sp = cols @ g[:2]  # (N,P): A_S M weighted by the fg/bg gradients
-        # Eq. 9 and 11: dL/dF_s' = -2 D (A_C w_sp + g_gl) - 2 g_gl delta; Eq. 10: sign(F_s') (g_c + g_s); Eq. 12: R_s
+        g_s = torch._softmax_backward_data(err_s.sign(), ps_s, 1, ps_s.dtype).mul_(g_at_s)  # (N,P)
+        g_c = torch._softmax_backward_data(err_c.sign(), pc_s, 1, pc_s.dtype).mul_(g_at_c)  # (N,C)
+        # quad is a sum of squares: the forward's clamp only hides rounding below zero, the gradient is the true one
+        g_delta_s = torch.add(d_sum, delta, alpha=p).mul_(g_gl)  # (N,C): dL/d delta_s = -dL/d delta_t
+        params_s, g_pooled, g_logits = _gc_backward(g_delta_s, saved_s)
+        params_t = _gc_backward(g_delta_s.neg(), saved_t)[0]
+        w_sp = torch.matmul(g_fg_bg, cols)  # (N,P): A_S M weighted by the fg/bg gradients
+        # Eq. 9 and 11: dL/dF_s' = D (A_C w_sp + g_gl) + g_gl delta (the -2 is in g); Eq. 10: sign(F_s') (g_c + g_s);
+        # Eq. 12: R_s
+        e = delta * g_gl
         g_fs = None
         if kernels.enabled(fs):
-            m2 = -2.0 * g_gl
-            rows = torch.stack([m2.expand(n, c), -2.0 * wc, g_c, delta * m2, g_pooled, saved_s[7].expand(n, c)], 2)
-            g_fs = kernels.level_grad(fs, ft, rows, torch.stack([w_sp, g_s, saved_s[1].view(n, p), g_logits], 1))
+            rows = torch.stack([g_gl.expand(n, c), wc, g_c, e, g_pooled, saved_s[7].view(1, c).expand(n, c)], 2)
+            g_fs = kernels.level_grad(fs, ft, rows, torch.stack([w_sp, g_s, saved_s[1].view(n, p),
+                                                                 g_logits.view(n, p)], 1))
         if g_fs is None:
             d = ft - fs if d is None else d
-            g_fs = torch.baddbmm(g_gl.view(1, 1, 1), wc.unsqueeze(2), w_sp.unsqueeze(1))  # (N,C,P)
-            g_fs.mul_(d).add_((delta * g_gl).unsqueeze(2)).mul_(-2.0)
+            g_fs = torch.baddbmm(g_gl.view(1, 1, 1), wc.unsqueeze(2), w_sp.unsqueeze(1)).mul_(d)  # (N,C,P)
+            g_fs.add_(e.unsqueeze(2))
             sign = fs.sign()
-            g_fs.addcmul_(sign, g_c.unsqueeze(2))
-            g_fs.add_(sign.mul_(g_s.unsqueeze(1)))
+            g_fs.addcmul_(sign, g_c.unsqueeze(2)).addcmul_(sign, g_s.unsqueeze(1))
             del sign
             _gc_flat_grad(g_fs, g_pooled, g_logits, saved_s)
-        return g_fs, None, None, None, None, *params_s, *params_t
+        return g_fs, None, None, None, None, None, *params_s, *params_t
 
 
 class GcBlock(nn.Module):
@@ -210,12 +218,11 @@ class GcBlock(nn.Module):
         nn.init.zeros_(self.transform[-1].bias)
 
     def params(self) -> tuple:
-        """The 8 parameters as the matrices and vectors they act as: w_k (C,), b_k (1,), w_1 (H,C), b_1 (H,), ln_w,
-        ln_b (H,), w_2 (C,H), b_2 (C,)."""
+        """The 8 parameters in the order :func:`_gc_forward` takes them: W_k, its bias, W_v1, its bias, the LayerNorm's
+        weight and bias, W_v2, its bias."""
         conv1, norm, _, conv2 = self.transform
-        hidden, c = conv1.weight.shape[:2]
-        return (self.context.weight.view(c), self.context.bias, conv1.weight.view(hidden, c), conv1.bias,
-                norm.weight.view(hidden), norm.bias.view(hidden), conv2.weight.view(c, hidden), conv2.bias)
+        return (self.context.weight, self.context.bias, conv1.weight, conv1.bias, norm.weight, norm.bias,
+                conv2.weight, conv2.bias)
 
     def delta(self, feat: torch.Tensor) -> torch.Tensor:
         """(N,C,H,W) -> (N,C): the global context term that R adds to every position."""
@@ -256,8 +263,9 @@ class FGDLoss(nn.Module):
 
     forward(student_feat (N,Cs,H,W), teacher_feat (N,Ct,H,W), boxes (M,4) normalised xyxy, batch_idx (M,),
     masks=None) -> dict of 0-d fp32 tensors: the weighted terms ``fg``, ``bg``, ``at``, ``gl`` (each summed over the
-    level and divided by N) and their sum ``total``. ``masks``: this level's (fg, bg) of Eq. 2-4 when the caller built
-    them (:class:`FGDPyramid` builds every level's in one pass).
+    level and divided by N) and their sum ``total``. ``masks``: this level's M_fg / M_bg of Eq. 2-4 (N,2,H*W) when the
+    caller built them (:class:`FGDPyramid` builds every level's in one pass); :meth:`vector` gives the terms as one
+    (4,) tensor.
     """
 
     def __init__(
@@ -279,7 +287,7 @@ class FGDLoss(nn.Module):
         super().__init__()
         self.temperature = float(temperature)
         self.weights = {"fg": float(fg), "bg": float(bg), "at": float(at), "gl": float(gl)}
-        self.register_buffer("weight_vec", torch.tensor([self.weights[k] for k in TERMS]), persistent=False)
+        self._coef = {}  # (n, p, c, device, weights, T) -> coef, coef_grad (see coef)
         self.official_rounding = official_rounding
         self.spatial, self.channel = spatial, channel
         self.split, self.norm, self.mse = split, norm, mse
@@ -297,7 +305,27 @@ class FGDLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"T={self.temperature}, " + ", ".join(f"{k}={v}" for k, v in self.weights.items())
 
-    def forward(self, student_feat, teacher_feat, boxes, batch_idx, masks=None):
+    def coef(self, n: int, p: int, c: int, device) -> tuple:
+        """(coef (4,5), coef_grad (5,4)) of :class:`_Level` for N images of P cells and C channels, cached per shape:
+        coef maps the level's raw sums to the weighted terms (weights, 1/N, A_S = P softmax_p, A_C = C softmax_c);
+        coef_grad = coef^T with the chain-rule factors of the backward folded in (-2 of the squares, 1/(C T) and
+        1/(P T) of the attention logits)."""
+        w, t = self.weights, self.temperature
+        key = (n, p, c, str(device), *w.values(), t)
+        if key not in self._coef:
+            f = (p if self.spatial else 1) * (c if self.channel else 1) / n
+            coef = torch.zeros(4, 5, dtype=torch.float64)
+            coef[0, 0], coef[1, 1], coef[2, 2], coef[2, 3], coef[3, 4] = \
+                w["fg"] * f, w["bg"] * f, w["at"] * p / n, w["at"] * c / n, w["gl"] / n
+            chain = torch.tensor([-2.0, -2.0, 1.0 / (c * t), 1.0 / (p * t), -2.0], dtype=torch.float64)
+            if len(self._coef) >= 8:
+                self._coef.clear()
+            self._coef[key] = (coef.float().to(device), (coef.t() * chain[:, None]).float().contiguous().to(device))
+        return self._coef[key]
+
+    def vector(self, student_feat, teacher_feat, boxes, batch_idx, masks=None) -> torch.Tensor:
+        """The weighted terms as one (4,) fp32 tensor in :data:`TERMS` order (the arguments of :meth:`forward`;
+        ``masks``: this level's (N,2,H*W) of :func:`~yolo_fgd.core.masks.level_masks`)."""
         if student_feat.dim() != 4 or teacher_feat.dim() != 4:
             raise ValueError(
                 f"FGDLoss expects 4-D (N,C,H,W) features, got student {tuple(student_feat.shape)} "
@@ -317,21 +345,18 @@ class FGDLoss(nn.Module):
             if self.norm:
                 fs, ft = standardise(fs), standardise(ft)
             if self.mse:
-                zero = fs.new_zeros(())
-                fg = self.weights["fg"] * feature_mse(fs, ft)
-                return {"fg": fg, "bg": zero, "at": zero, "gl": zero, "total": fg}
-
-            if self.split:
-                m_fg, m_bg = masks or fgd_masks(boxes.to(ft.device), batch_idx, n, h, w, self.official_rounding)
-                m = torch.stack([m_fg.reshape(n, -1), m_bg.reshape(n, -1)], 2)  # (N,HW,2)
-            else:
-                m = torch.cat([ft.new_full((n, h * w, 1), 1.0 / (h * w)), ft.new_zeros(n, h * w, 1)], 2)
+                return torch.cat([(self.weights["fg"] * feature_mse(fs, ft)).view(1), fs.new_zeros(3)])
+            if not self.split:
+                masks = torch.cat([ft.new_full((n, 1, h * w), 1.0 / (h * w)), ft.new_zeros(n, 1, h * w)], 1)
+            elif masks is None:
+                masks = level_masks(boxes.to(ft.device), batch_idx, n, [(h, w)], self.official_rounding)[0]
             opts = (self.temperature, self.spatial, self.channel, self.gc_s.transform[1].eps, self.gc_t.transform[1].eps)
-            terms = _Level.apply(fs.reshape(n, c, -1), ft.reshape(n, c, -1), m, self.weight_vec / n, opts,
-                                 *self.gc_s.params(), *self.gc_t.params())
-            out = dict(zip(TERMS, terms.unbind()))
-            out["total"] = terms.sum()
-        return out
+            return _Level.apply(fs.reshape(n, c, -1), ft.reshape(n, c, -1), masks, *self.coef(n, h * w, c, ft.device),
+                                opts, *self.gc_s.params(), *self.gc_t.params())
+
+    def forward(self, student_feat, teacher_feat, boxes, batch_idx, masks=None):
+        terms = self.vector(student_feat, teacher_feat, boxes, batch_idx, masks)
+        return {**dict(zip(TERMS, terms.unbind())), "total": terms.sum()}
 
 
 class FGDPyramid(nn.Module):
@@ -378,15 +403,12 @@ class FGDPyramid(nn.Module):
         first = self.levels[0]
         masks = [None] * len(self.levels)
         if first.needs_masks:  # every level's masks in one pass
-            sizes = [f.shape[-2:] for f in teacher_feats]
-            masks = fgd_masks_levels(boxes.to(teacher_feats[0].device), batch_idx, teacher_feats[0].shape[0], sizes,
-                                     first.official_rounding)
-        outs = [level(fs, ft, boxes, batch_idx, m)
-                for level, fs, ft, m in zip(self.levels, student_feats, teacher_feats, masks)]
-        totals = torch.stack([o["total"] for o in outs])
+            masks = level_masks(boxes.to(teacher_feats[0].device), batch_idx, teacher_feats[0].shape[0],
+                                [f.shape[-2:] for f in teacher_feats], first.official_rounding)
+        terms = torch.stack([level.vector(fs, ft, boxes, batch_idx, m)
+                             for level, fs, ft, m in zip(self.levels, student_feats, teacher_feats, masks)])  # (L,4)
         if self.level_norm:
-            w = self.level_weights(totals)
-            outs = [{k: wi * o[k] for k in TERMS} for wi, o in zip(w, outs)]
-            totals = totals * w
-        result = {k: sum(o[k] for o in outs) for k in TERMS}
-        return {**result, "total": totals.sum(), "levels": totals.detach()}
+            terms = terms * self.level_weights(terms.sum(1)).unsqueeze(1)
+        totals = terms.sum(1)
+        result = terms.sum(0)
+        return {**dict(zip(TERMS, result.unbind())), "total": result.sum(), "levels": totals.detach()}

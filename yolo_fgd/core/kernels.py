@@ -6,8 +6,8 @@ kernels (on CPU only under ``TRITON_INTERPRET=1``, Triton's interpreter: how the
 on a machine without GPU). A kernel that fails (a Triton or driver it cannot compile for) logs one warning and the
 fallback takes over for the rest of the run.
 
-- :func:`row_sums`: one read of F_s' and F_t (N,C,P) -> (N,C,5): sum_p D^2 A_S M_fg, sum_p D^2 A_S M_bg, sum_p D^2,
-  sum_p D and sum_p |F_s'| (D = F_t - F_s'), the sums of Eq. 9-11 and of Eq. 6's channel attention.
+- :func:`row_sums`: one read of F_s' and F_t (N,C,P) -> (N,C,6): sum_p D^2 A_S M_fg, sum_p D^2 A_S M_bg, sum_p D^2,
+  sum_p D, sum_p |F_s'| and sum_p |F_t| (D = F_t - F_s'), the sums of Eq. 9-11 and of Eq. 6's channel attentions.
 - :func:`level_grad`: one read of F_s' and F_t -> dL/dF_s' (N,C,P), every term of Eq. 9-12 at once from per-row
   (N,C) and per-position (N,P) factors computed by the caller.
 """
@@ -35,27 +35,30 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def row_sums_kernel(fs_ptr, ft_ptr, cols_ptr, out_ptr, C, P, BLOCK: tl.constexpr):
+    def row_sums_kernel(fs_ptr, ft_ptr, cols_ptr, out_ptr, C, P, cols_sn, cols_sk, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # n * C + c
         n = row // C
         acc = tl.zeros([BLOCK], tl.float32)
-        fg, bg, sq_sum, d_sum, abs_sum = acc, acc, acc, acc, acc
+        fg, bg, sq_sum, d_sum, abs_s, abs_t = acc, acc, acc, acc, acc, acc
         for start in range(0, P, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             m = offs < P
             s = tl.load(fs_ptr + row * P + offs, mask=m, other=0.0)
-            d = tl.load(ft_ptr + row * P + offs, mask=m, other=0.0) - s
+            t = tl.load(ft_ptr + row * P + offs, mask=m, other=0.0)
+            d = t - s
             sq = d * d
-            fg += sq * tl.load(cols_ptr + n * 2 * P + offs, mask=m, other=0.0)
-            bg += sq * tl.load(cols_ptr + n * 2 * P + P + offs, mask=m, other=0.0)
+            fg += sq * tl.load(cols_ptr + n * cols_sn + offs, mask=m, other=0.0)
+            bg += sq * tl.load(cols_ptr + n * cols_sn + cols_sk + offs, mask=m, other=0.0)
             sq_sum += sq
             d_sum += d
-            abs_sum += tl.abs(s)
-        tl.store(out_ptr + row * 5, tl.sum(fg, 0))
-        tl.store(out_ptr + row * 5 + 1, tl.sum(bg, 0))
-        tl.store(out_ptr + row * 5 + 2, tl.sum(sq_sum, 0))
-        tl.store(out_ptr + row * 5 + 3, tl.sum(d_sum, 0))
-        tl.store(out_ptr + row * 5 + 4, tl.sum(abs_sum, 0))
+            abs_s += tl.abs(s)
+            abs_t += tl.abs(t)
+        tl.store(out_ptr + row * 6, tl.sum(fg, 0))
+        tl.store(out_ptr + row * 6 + 1, tl.sum(bg, 0))
+        tl.store(out_ptr + row * 6 + 2, tl.sum(sq_sum, 0))
+        tl.store(out_ptr + row * 6 + 3, tl.sum(d_sum, 0))
+        tl.store(out_ptr + row * 6 + 4, tl.sum(abs_s, 0))
+        tl.store(out_ptr + row * 6 + 5, tl.sum(abs_t, 0))
 
     @triton.jit
     def level_grad_kernel(fs_ptr, ft_ptr, rows_ptr, pos_ptr, out_ptr, C, P, BLOCK: tl.constexpr):
@@ -116,13 +119,17 @@ def _fail(e: Exception) -> bool:
 
 
 def row_sums(fs: torch.Tensor, ft: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
-    """fs, ft (N,C,P), cols (N,P,2) fp32 -> (N,C,5) sums (see the module docstring); None if the kernel failed."""
+    """fs, ft (N,C,P), cols (N,2,P) fp32 (any strides between rows) -> (N,C,6) sums (see the module docstring); None if
+    the kernel failed."""
     n, c, p = fs.shape
-    out = torch.empty(n, c, 5, device=fs.device, dtype=torch.float32)
+    out = torch.empty(n, c, 6, device=fs.device, dtype=torch.float32)
+    if cols.stride(2) != 1:
+        cols = cols.contiguous()
     try:
         triton, kernel, _ = _kernels()
-        with _on(fs):  # cols as (N,2,P): contiguous loads along P
-            kernel[(n * c,)](fs.contiguous(), ft.contiguous(), cols.transpose(1, 2).contiguous(), out, c, p, BLOCK=512)
+        with _on(fs):
+            kernel[(n * c,)](fs.contiguous(), ft.contiguous(), cols, out, c, p, cols.stride(0), cols.stride(1),
+                             BLOCK=512)
     except Exception as e:
         return _fail(e) or None
     return out

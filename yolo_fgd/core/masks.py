@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["fgd_masks", "fgd_masks_levels", "fgd_masks_loop"]
+__all__ = ["fgd_masks", "fgd_masks_levels", "fgd_masks_loop", "level_masks"]
 
 
 def _box_cells(boxes: torch.Tensor, sizes: torch.Tensor, official_rounding: bool = False):
@@ -50,7 +50,7 @@ def _lines(sizes: tuple, device: str):
     return tuple(t.to(device) for t in out)
 
 
-def fgd_masks_levels(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, sizes, official_rounding: bool = False):
+def level_masks(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, sizes, official_rounding: bool = False):
     """Foreground and background masks (Eq. 2-4) of every level, vectorised, no host sync, no loop over boxes.
 
     Args:
@@ -59,8 +59,9 @@ def fgd_masks_levels(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, sizes
         n: batch size. sizes: the maps' (H,W), one per level.
 
     Returns:
-        a list of (fg (N,H,W), bg (N,H,W)) per level: fg is 1/(cells of the box) where covered, the smallest box
-        winning on overlaps; bg is 1/N_bg on each image's uncovered cells (zero where an image has none).
+        one (N,2,H*W) tensor per level, row 0 M_fg, row 1 M_bg (views into one buffer): M_fg is 1/(cells of the box)
+        where covered, the smallest box winning on overlaps; M_bg is 1/N_bg on each image's uncovered cells (zero
+        where an image has none).
 
     All levels are one raster of sum(H*W) cells: each box's weighted coverage of a level's cells is the outer product
     of its row and column coverage, written in place into one (M, sum H*W) buffer, and one scatter-max puts every
@@ -70,11 +71,20 @@ def fgd_masks_levels(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, sizes
         return _masks_levels(boxes.float(), batch_idx, n, sizes, official_rounding)
 
 
+def fgd_masks_levels(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, sizes, official_rounding: bool = False):
+    """:func:`level_masks` as a list of (fg (N,H,W), bg (N,H,W)) per level."""
+    sizes = [(int(h), int(w)) for h, w in sizes]
+    return [(m[:, 0].view(n, h, w), m[:, 1].view(n, h, w))
+            for m, (h, w) in zip(level_masks(boxes, batch_idx, n, sizes, official_rounding), sizes)]
+
+
 def _masks_levels(boxes, batch_idx, n, sizes, official_rounding):
     sizes = tuple((int(h), int(w)) for h, w in sizes)
     device = boxes.device
     rows, row_level, cols, col_level, one_hot, size_t = _lines(sizes, str(device))
     cells = [h * w for h, w in sizes]
+    out = torch.zeros(n, 2, sum(cells), device=device)  # row 0 M_fg, row 1 M_bg of every level laid end to end
+    fg = out[:, 0]
     if boxes.numel():
         r0, r1, c0, c1, area, valid = _box_cells(boxes, size_t, official_rounding)  # (M,L)
         bi = batch_idx.to(device=device, dtype=torch.long).view(-1)
@@ -83,17 +93,14 @@ def _masks_levels(boxes, batch_idx, n, sizes, official_rounding):
         in_c = ((cols >= c0[:, col_level]) & (cols < c1[:, col_level])).float()  # (M,sum W)
         m = in_r.shape[0]
         per_box = in_r.new_empty(m, sum(cells))  # (M,sum H*W): each box's weight on the cells it covers
-        for r, c, out, (h, w) in zip(in_r.split([h for h, _ in sizes], 1), in_c.split([w for _, w in sizes], 1),
+        for r, c, dst, (h, w) in zip(in_r.split([h for h, _ in sizes], 1), in_c.split([w for _, w in sizes], 1),
                                      per_box.split(cells, 1), sizes):
-            torch.mul(r[:, :, None], c[:, None, :], out=out.view(m, h, w))  # the outer product of rows and columns
-        fg = per_box.new_zeros(n, per_box.shape[1])
+            torch.mul(r[:, :, None], c[:, None, :], out=dst.view(m, h, w))  # the outer product of rows and columns
         fg.scatter_reduce_(0, bi.clamp(0, n - 1)[:, None].expand_as(per_box), per_box, reduce="amax", include_self=True)
-    else:
-        fg = torch.zeros(n, sum(cells), device=device)
     is_bg = (fg == 0).float()
-    counts = (is_bg @ one_hot).clamp(min=1.0)  # (N,L): background cells per image and level (N_bg of Eq. 4)
-    return [(f.view(n, h, w), (b / k[:, None]).view(n, h, w))
-            for f, b, k, (h, w) in zip(fg.split(cells, 1), is_bg.split(cells, 1), counts.unbind(1), sizes)]
+    counts = (is_bg @ one_hot).clamp_(min=1.0)  # (N,L): background cells per image and level (N_bg of Eq. 4)
+    torch.div(is_bg, counts @ one_hot.t(), out=out[:, 1])
+    return list(out.split(cells, 2))
 
 
 def fgd_masks(boxes: torch.Tensor, batch_idx: torch.Tensor, n: int, h: int, w: int, official_rounding: bool = False):

@@ -44,7 +44,8 @@ class MGDLoss(nn.Module):
         c = teacher_channels
         self.generator = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c, c, 3, padding=1))
 
-    def forward(self, student_feat, teacher_feat, *_, **__):
+    def vector(self, student_feat, teacher_feat, *_, **__) -> torch.Tensor:
+        """The terms as one (4,) fp32 tensor in :data:`~yolo_fgd.core.fgd.TERMS` order (only ``fg`` non-zero)."""
         n, _, h, w = student_feat.shape
         with torch.autocast(device_type=student_feat.device.type, enabled=False):
             fs = self.align(student_feat.float())
@@ -53,5 +54,8 @@ class MGDLoss(nn.Module):
                 fs, ft = standardise(fs), standardise(ft)
             keep = (torch.rand(n, 1, h, w, device=fs.device) >= self.ratio).to(fs.dtype)  # 1 keeps, 0 masks
             fg = self.weights["fg"] * (self.generator(fs * keep) - ft).square().sum() / n
-            zero = fg.new_zeros(())
-        return {**dict.fromkeys(TERMS[1:], zero), "fg": fg, "total": fg}
+            return torch.cat([fg.view(1), fg.new_zeros(3)])
+
+    def forward(self, student_feat, teacher_feat, *_, **__):
+        terms = self.vector(student_feat, teacher_feat)
+        return {**dict(zip(TERMS, terms.unbind())), "total": terms.sum()}

@@ -11,7 +11,9 @@ import importlib.util
 import os
 import resource
 import shutil
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +55,23 @@ def synthetic_inputs(batch: int = 16, imgsz: int = 640, boxes: int = 50, g: torc
 NO_KERNEL = {"as_strided", "view", "reshape", "_reshape_alias", "transpose", "t", "unsqueeze", "squeeze", "expand",
              "select", "slice", "split", "split_with_sizes", "unbind", "chunk", "narrow", "permute", "resolve_conj",
              "resolve_neg", "empty", "empty_strided", "empty_like", "to", "detach", "alias", "lift_fresh", "result_type",
-             "_unsafe_view", "contiguous", "is_nonzero", "item", "_local_scalar_dense", "resize_", "set_", "numpy_T"}
+             "_unsafe_view", "contiguous", "new_empty", "is_nonzero", "item", "_local_scalar_dense", "resize_", "set_", "numpy_T"}
 LAUNCHES = {"cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel"}
+
+
+@contextmanager
+def _native_stderr_quiet():
+    """Send file descriptor 2 to /dev/null for the block: the profiler's C++ side (Kineto) writes start/stop lines
+    there that look like errors in a report."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def dispatch_counts(fn, device: torch.device) -> dict:
@@ -65,7 +82,7 @@ def dispatch_counts(fn, device: torch.device) -> dict:
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     fn()  # warm: lazy initialisation is not counted
-    with profile(activities=acts, record_shapes=True) as prof:
+    with _native_stderr_quiet(), profile(activities=acts, record_shapes=True) as prof:
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
