@@ -314,13 +314,15 @@ class FGDLoss(nn.Module):
         key = (n, p, c, str(device), *w.values(), t)
         if key not in self._coef:
             f = (p if self.spatial else 1) * (c if self.channel else 1) / n
-            coef = torch.zeros(4, 5, dtype=torch.float64)
-            coef[0, 0], coef[1, 1], coef[2, 2], coef[2, 3], coef[3, 4] = \
-                w["fg"] * f, w["bg"] * f, w["at"] * p / n, w["at"] * c / n, w["gl"] / n
-            chain = torch.tensor([-2.0, -2.0, 1.0 / (c * t), 1.0 / (p * t), -2.0], dtype=torch.float64)
-            if len(self._coef) >= 8:
+            entries = {(0, 0): w["fg"] * f, (1, 1): w["bg"] * f, (2, 2): w["at"] * p / n, (2, 3): w["at"] * c / n,
+                       (3, 4): w["gl"] / n}
+            chain = (-2.0, -2.0, 1.0 / (c * t), 1.0 / (p * t), -2.0)
+            coef, coef_grad = torch.zeros(4, 5, device=device), torch.zeros(5, 4, device=device)
+            for (i, j), v in entries.items():  # element fills, no host-to-device copy: no sync on CUDA
+                coef[i, j], coef_grad[j, i] = v, v * chain[j]
+            if len(self._coef) >= 64:  # multi-scale training: a few sizes x levels
                 self._coef.clear()
-            self._coef[key] = (coef.float().to(device), (coef.t() * chain[:, None]).float().contiguous().to(device))
+            self._coef[key] = (coef, coef_grad)
         return self._coef[key]
 
     def vector(self, student_feat, teacher_feat, boxes, batch_idx, masks=None) -> torch.Tensor:
