@@ -25,13 +25,19 @@ __all__ = ["FGDLoss", "FGDPyramid", "GcBlock", "TERMS", "attention", "feature_ms
 TERMS = ("fg", "bg", "at", "gl")  # Eq. 9 foreground, Eq. 9 background, Eq. 10 attention, Eq. 11 global
 
 
+def _attn_softmax(abs_sums: torch.Tensor, count: int, temperature: float) -> torch.Tensor:
+    """(..., K) sums of |F| over ``count`` values each -> softmax_K(mean |F| / T) (Eq. 5-6 without the factor K);
+    ``abs_sums`` is scaled in place."""
+    return F.softmax(abs_sums.mul_(1.0 / (count * temperature)), dim=-1)
+
+
 def _softmaxes(feat: torch.Tensor, temperature: float):
     """(N,C,H,W) or (N,C,P) -> softmax_p(mean_c|F| / T) (N,P) and softmax_c(mean_p|F| / T) (N,C): A_S / P and
     A_C / C. The sums of |F| are L1 norms (no full-size |F| temporary)."""
     n, c = feat.shape[:2]
     flat = feat.reshape(n, c, -1)
-    return (F.softmax(torch.linalg.vector_norm(flat, 1, dim=1).mul_(1.0 / (c * temperature)), dim=1),
-            F.softmax(torch.linalg.vector_norm(flat, 1, dim=2).mul_(1.0 / (flat.shape[2] * temperature)), dim=1))
+    return (_attn_softmax(torch.linalg.vector_norm(flat, 1, dim=1), c, temperature),
+            _attn_softmax(torch.linalg.vector_norm(flat, 1, dim=2), flat.shape[2], temperature))
 
 
 def attention(feat: torch.Tensor, temperature: float):
@@ -130,7 +136,7 @@ class _Level(torch.autograd.Function):
         sp = fs.new_empty(2, n, p)  # sum_c |F| of F_s' and F_t
         torch.linalg.vector_norm(fs, 1, dim=1, out=sp[0])
         torch.linalg.vector_norm(ft, 1, dim=1, out=sp[1])
-        ps = F.softmax(sp.mul_(1.0 / (c * temperature)), dim=2)  # (2,N,P): A_S / P of student and teacher (Eq. 5)
+        ps = _attn_softmax(sp, c, temperature)  # (2,N,P): A_S / P of student and teacher (Eq. 5)
         cols = masks * ps[1].unsqueeze(1) if spatial else masks  # (N,2,P): A_S M_fg, A_S M_bg over P
         sums = kernels.row_sums(fs, ft, cols) if kernels.enabled(fs) else None
         d = None
@@ -144,7 +150,7 @@ class _Level(torch.autograd.Function):
             sq = d * d
             fg_bg, sq_sum, d_sum = torch.bmm(sq, cols.transpose(1, 2)), sq.sum(2), d.sum(2)
             del sq
-        pc = F.softmax(sc * (1.0 / (p * temperature)), dim=2)  # (2,N,C): A_C / C of student and teacher (Eq. 6)
+        pc = _attn_softmax(sc, p, temperature)  # (2,N,C): A_C / C of student and teacher (Eq. 6)
         wc = pc[1] if channel else torch.ones_like(pc[1])
         focal = torch.mm(wc.reshape(1, n * c), fg_bg.reshape(n * c, 2))  # (1,2) Eq. 9 over A_C / C
         err_s, err_c = ps[0] - ps[1], pc[0] - pc[1]
