@@ -186,6 +186,33 @@ def test_gcblock_identity_at_init_and_only_last_conv_zero():
     assert block.transform[3].weight.abs().sum() == 0
 
 
+def test_gcblock_gradients_equal_autograd_through_its_convs():
+    """GcBlock's hand-written backward (the one the loss uses for R of Eq. 12) equals autograd through the block's own
+    layers run as convs: the input and every parameter (the context bias' gradient is zero, softmax is
+    shift-invariant)."""
+    torch.manual_seed(0)
+    block = GcBlock(6)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    f = torch.randn(3, 6, 4, 5, requires_grad=True)
+    w = torch.randn(3, 6, 4, 5)
+
+    def by_convs(x):
+        n, c = x.shape[:2]
+        attn = block.context(x).view(n, 1, -1).softmax(2)  # (N,1,HW)
+        pooled = torch.bmm(x.view(n, c, -1), attn.transpose(1, 2)).view(n, c, 1, 1)
+        return x + block.transform(pooled)
+
+    got = torch.autograd.grad((block(f) * w).sum(), [f, *block.parameters()])
+    want = torch.autograd.grad((by_convs(f) * w).sum(), [f, *block.parameters()])
+    names = ["input"] + [k for k, _ in block.named_parameters()]
+    for name, a, b in zip(names, got, want):
+        if name == "context.bias":
+            assert torch.equal(a, torch.zeros_like(a)) and b.abs().max() < 1e-5
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_global_matches_direct_formula():
     torch.manual_seed(0)
     loss = FGDLoss(6, 6)
