@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from . import kernels
 from .masks import level_masks
 
-__all__ = ["FGDLoss", "FGDPyramid", "GcBlock", "TERMS", "attention", "feature_mse", "standardise"]
+__all__ = ["FGDLoss", "FGDPyramid", "GcBlock", "TERMS", "attention", "feature_mse", "standardise", "term_dict"]
 
 TERMS = ("fg", "bg", "at", "gl")  # Eq. 9 foreground, Eq. 9 background, Eq. 10 attention, Eq. 11 global
 
@@ -31,24 +31,22 @@ def _attn_softmax(abs_sums: torch.Tensor, count: int, temperature: float) -> tor
     return F.softmax(abs_sums.mul_(1.0 / (count * temperature)), dim=-1)
 
 
-def _softmaxes(feat: torch.Tensor, temperature: float):
-    """(N,C,H,W) or (N,C,P) -> softmax_p(mean_c|F| / T) (N,P) and softmax_c(mean_p|F| / T) (N,C): A_S / P and
-    A_C / C. The sums of |F| are L1 norms (no full-size |F| temporary)."""
-    n, c = feat.shape[:2]
-    flat = feat.reshape(n, c, -1)
-    return (_attn_softmax(torch.linalg.vector_norm(flat, 1, dim=1), c, temperature),
-            _attn_softmax(torch.linalg.vector_norm(flat, 1, dim=2), flat.shape[2], temperature))
-
-
 def attention(feat: torch.Tensor, temperature: float):
     """Spatial and channel attention of ``feat`` (N,C,H,W) (Eq. 5-8).
 
     Returns A_S (N,H,W) = H*W*softmax_hw(mean_c|F| / T), summing to H*W, and
-    A_C (N,C) = C*softmax_c(mean_hw|F| / T), summing to C.
+    A_C (N,C) = C*softmax_c(mean_hw|F| / T), summing to C. The sums of |F| are L1 norms (no full-size |F| temporary).
     """
     n, c, h, w = feat.shape
-    p_s, p_c = _softmaxes(feat, temperature)
+    flat = feat.reshape(n, c, -1)
+    p_s = _attn_softmax(torch.linalg.vector_norm(flat, 1, dim=1), c, temperature)
+    p_c = _attn_softmax(torch.linalg.vector_norm(flat, 1, dim=2), h * w, temperature)
     return (h * w) * p_s.view(n, h, w), c * p_c
+
+
+def term_dict(terms: torch.Tensor) -> dict:
+    """(4,) weighted terms in :data:`TERMS` order -> dict of 0-d tensors, one per term, and their sum ``total``."""
+    return {**dict(zip(TERMS, terms.unbind())), "total": terms.sum()}
 
 
 def _gc_forward(flat, w_k, b_k, w_1, b_1, ln_w, ln_b, w_2, b_2, eps):
@@ -363,8 +361,7 @@ class FGDLoss(nn.Module):
                                 opts, *self.gc_s.params(), *self.gc_t.params())
 
     def forward(self, student_feat, teacher_feat, boxes, batch_idx, masks=None):
-        terms = self.vector(student_feat, teacher_feat, boxes, batch_idx, masks)
-        return {**dict(zip(TERMS, terms.unbind())), "total": terms.sum()}
+        return term_dict(self.vector(student_feat, teacher_feat, boxes, batch_idx, masks))
 
 
 class FGDPyramid(nn.Module):
@@ -417,6 +414,4 @@ class FGDPyramid(nn.Module):
                              for level, fs, ft, m in zip(self.levels, student_feats, teacher_feats, masks)])  # (L,4)
         if self.level_norm:
             terms = terms * self.level_weights(terms.sum(1)).unsqueeze(1)
-        totals = terms.sum(1)
-        result = terms.sum(0)
-        return {**dict(zip(TERMS, result.unbind())), "total": result.sum(), "levels": totals.detach()}
+        return {**term_dict(terms.sum(0)), "levels": terms.sum(1).detach()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fgd import TERMS, standardise
+from .fgd import standardise, term_dict
 
 __all__ = ["MGDLoss"]
 
@@ -57,5 +57,4 @@ class MGDLoss(nn.Module):
             return torch.cat([fg.view(1), fg.new_zeros(3)])
 
     def forward(self, student_feat, teacher_feat, *_, **__):
-        terms = self.vector(student_feat, teacher_feat)
-        return {**dict(zip(TERMS, terms.unbind())), "total": terms.sum()}
+        return term_dict(self.vector(student_feat, teacher_feat))

@@ -55,7 +55,8 @@ def synthetic_inputs(batch: int = 16, imgsz: int = 640, boxes: int = 50, g: torc
 NO_KERNEL = {"as_strided", "view", "reshape", "_reshape_alias", "transpose", "t", "unsqueeze", "squeeze", "expand",
              "select", "slice", "split", "split_with_sizes", "unbind", "chunk", "narrow", "permute", "resolve_conj",
              "resolve_neg", "empty", "empty_strided", "empty_like", "to", "detach", "alias", "lift_fresh", "result_type",
-             "_unsafe_view", "contiguous", "new_empty", "as_strided_", "is_nonzero", "item", "_local_scalar_dense", "resize_", "set_", "numpy_T"}
+             "_unsafe_view", "contiguous", "new_empty", "as_strided_", "is_nonzero", "item", "_local_scalar_dense",
+             "resize_", "set_", "numpy_T"}
 LAUNCHES = {"cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel"}
 
 
