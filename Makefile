@@ -8,7 +8,7 @@ export YOLO_AUTOINSTALL := false
 export YOLO_CONFIG_DIR := $(CURDIR)/.yolo_config
 export YOLO_VERBOSE ?= True
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-quick lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests
+
+# the tier to run while working: everything that trains no model (a couple of minutes)
+test-quick: $(STAMP) lint
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/yolo-fgd demo

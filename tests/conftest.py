@@ -52,10 +52,20 @@ def save_untrained(cfg, names, path):
     return str(path)
 
 
-def run_cli(*args, timeout=600, env=None):
-    """Run the installed ``yolo-fgd`` console script; returns CompletedProcess."""
+def run_cli(*args, timeout=600, env=None, cwd=None):
+    """Run the installed ``yolo-fgd`` console script (in ``cwd``); returns CompletedProcess."""
     import subprocess
 
     exe = Path(sys.executable).with_name("yolo-fgd")
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+# Tests that train or export a model (they take these fixtures, or are marked): `make test-quick` leaves them out
+SLOW_FIXTURES = {"teacher", "student", "exported", "installed", "fgd_run", "task_run", "tv_teacher"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

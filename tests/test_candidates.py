@@ -135,7 +135,7 @@ def test_candidates_train_with_finite_terms(data, runs, teacher):
                                name="candidates", fgd_preset="mgd", crosskd=1.0, kd_focal=True, fgd_warmup=0, **TINY)
     with open(Path(runs) / "candidates" / "results.csv") as f:
         row = {k.strip(): v for k, v in next(csv.DictReader(f)).items()}
-    for k in ("train/fgd_loss", "train/fg_loss", "train/kd_loss", "train/crosskd_loss"):
+    for k in ("train/fgd", "train/fgd_fg", "train/kd", "train/crosskd"):
         assert float(row[k]) > 0 and float(row[k]) < 1e6, (k, row[k])
     assert int(float(row["distill/skipped"])) == 0
     state = torch.load(Path(runs) / "candidates" / "weights" / "fgd_last.pt", weights_only=True)

@@ -45,7 +45,7 @@ def test_odd_labels_train_with_finite_fgd(odd_data, runs, teacher):
     YOLO("yolo11n.yaml").train(trainer=FGDTrainer, teacher=teacher, data=odd_data, epochs=1, project=str(runs),
                                name="odd", fgd_warmup=0, fgd_gain=0.05, **TINY)
     r = rows(Path(runs) / "odd")[0]
-    for k in ("train/fgd_loss", "train/fg_loss", "train/bg_loss", "train/gl_loss", "train/kd_loss"):
+    for k in ("train/fgd", "train/fgd_fg", "train/fgd_bg", "train/fgd_gl", "train/kd"):
         assert np.isfinite(float(r[k])), k
     assert int(float(r["distill/skipped"])) == 0
 
@@ -94,11 +94,13 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(data, runs, teacher):
 
     resumed = run_cli("train", "resume", f"model={wdir / 'last.pt'}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "restored the distiller's state from" in resumed.stderr  # CrossKD's convs continue, not restart
     a, b = rows(Path(runs) / "full"), rows(wdir.parent)
-    assert len(a) == len(b) == 3
-    # same seed and data; the resumed epochs see different shuffles, so agree within a tolerance
-    assert abs(float(a[-1]["metrics/mAP50-95(B)"]) - float(b[-1]["metrics/mAP50-95(B)"])) <= 0.05
-    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == ["1", "2", "3"]
+    # the schedules continue where the kill left them: every epoch's learning rates and distillation weight are
+    # those of the uninterrupted run, exactly (the data order after a resume differs, so losses and mAP may not)
+    for col in ("lr/pg0", "lr/pg1", "lr/pg2", "distill/scale"):
+        assert [r[col] for r in a] == [r[col] for r in b], col
 
 
 def test_missing_data_yaml_is_one_line(runs, teacher, tmp_path):
@@ -108,11 +110,12 @@ def test_missing_data_yaml_is_one_line(runs, teacher, tmp_path):
     assert "nope.yaml" in out.stderr.strip().splitlines()[-1]
 
 
-def test_short_soak_memory_is_stable(tmp_path):
+@pytest.mark.slow
+def test_short_soak_runs_fgd_on_every_step_and_memory_is_stable(tmp_path):
     from yolo_fgd.lab.cost import soak
 
-    res = soak(steps=40, project=str(tmp_path))
-    assert res["steps"] == 40
+    res = soak(steps=40, batch=8, project=str(tmp_path))  # 32 images / batch 8: 4 steps an epoch, 10 epochs
+    assert res["steps"] == 40 and res["fgd_steps"] == 40, res  # FGD really ran on every step
     early, end = res["rss_mb"][10], res["rss_mb"][40]
     assert end - early < 150, res  # peak RSS must not keep growing with steps
 

@@ -44,10 +44,10 @@ def test_api_run_logs_fgd_terms(fgd_run):
     run, _ = fgd_run
     rows = read_csv(run / "results.csv")
     assert len(rows) == 2
-    for key in ("train/fgd_loss", "train/fg_loss", "train/bg_loss", "train/at_loss", "train/gl_loss", "train/kd_loss",
+    for key in ("train/fgd", "train/fgd_fg", "train/fgd_bg", "train/fgd_at", "train/fgd_gl", "train/kd",
                 "fgd/P3", "fgd/P5", "fgd/grad_ratio", "distill/scale", "distill/skipped", "metrics/mAP50-95(B)"):
         assert key in rows[0], key
-    assert float(rows[-1]["train/fgd_loss"]) > 0
+    assert float(rows[-1]["train/fgd"]) > 0
     assert float(rows[0]["fgd/grad_ratio"]) > 0 and float(rows[0]["fgd/P3"]) > 0
     assert (run / "weights" / "fgd_last.pt").is_file()
 
@@ -135,11 +135,11 @@ def test_cross_family_and_yolo26_student(data, runs):
     YOLO("yolo26n.yaml").train(trainer=FGDTrainer, teacher=t8, data=data, epochs=1, project=str(runs), name="y26",
                                fgd_gain=0.05, **TINY)
     rows = read_csv(Path(runs) / "y26" / "results.csv")
-    assert float(rows[0]["train/fgd_loss"]) > 0 and float(rows[0]["train/kd_loss"]) > 0
+    assert float(rows[0]["train/fgd"]) > 0 and float(rows[0]["train/kd"]) > 0
 
 
 def test_default_is_response_and_crosskd_and_builds_no_fgd(data, runs, teacher, monkeypatch):
-    """The shipped preset: head response + CrossKD (kd_loss, crosskd_loss columns); FGD has weight 0, so its modules
+    """The shipped preset: head response + CrossKD (kd, crosskd columns); FGD has weight 0, so its modules
     are not built, optimised, saved or logged; with crosskd=0 too, the distiller has no module at all."""
     from ultralytics import YOLO
 
@@ -156,7 +156,7 @@ def test_default_is_response_and_crosskd_and_builds_no_fgd(data, runs, teacher, 
     model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="kd", fgd_warmup=0,
                 **TINY)
     row = read_csv(Path(runs) / "kd" / "results.csv")[0]
-    assert float(row["train/kd_loss"]) > 0 and float(row["train/crosskd_loss"]) > 0
+    assert float(row["train/kd"]) > 0 and float(row["train/crosskd"]) > 0
     assert not any(k.startswith(("train/fg", "train/bg", "train/at", "train/gl", "fgd/")) for k in row), list(row)
     d = seen["trainer"].distiller
     assert d.fgd is None and all(n.startswith("cross.") for n, _ in d.named_parameters())
@@ -167,7 +167,7 @@ def test_default_is_response_and_crosskd_and_builds_no_fgd(data, runs, teacher, 
     model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="kd_only",
                 fgd_warmup=0, crosskd=0, **TINY)
     assert not list(seen["trainer"].distiller.parameters())
-    assert "train/crosskd_loss" not in read_csv(Path(runs) / "kd_only" / "results.csv")[0]
+    assert "train/crosskd" not in read_csv(Path(runs) / "kd_only" / "results.csv")[0]
     assert not (Path(runs) / "kd_only" / "weights" / "fgd_last.pt").exists()
 
 
@@ -189,7 +189,7 @@ def test_cli_help():
     out = run_cli("help")
     assert out.returncode == 0 and "yolo-fgd COMMAND help" in out.stdout and "benchmark-step" in out.stdout
     out = run_cli("train", "help")
-    assert out.returncode == 0 and "teacher=PATH" in out.stdout and "fgd_warmup" in out.stdout
+    assert out.returncode == 0 and "teacher=" in out.stdout and "fgd_warmup" in out.stdout
 
 
 def one_line_error(out, *needles):

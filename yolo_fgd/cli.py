@@ -2,68 +2,85 @@
 
 A newcomer's order: ``data`` -> teacher (``yolo train``) -> ``train`` (distil) -> ``export`` -> ``benchmark``.
 ``yolo-fgd help`` lists the commands, ``yolo-fgd COMMAND help`` shows one with its arguments and an example.
+
+Start-up is cheap: this module imports configuration only (YAML, the argument tables), so ``help``, typos and bad
+values answer before torch, torchvision or Ultralytics load; each command imports what it runs when it runs. While a
+command runs, its result (a path, a JSON record, a table) is the only thing on stdout (:mod:`yolo_fgd.console`).
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
 import os
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ultralytics import YOLO
-from ultralytics.cfg import check_cfg
-from ultralytics.cfg import entrypoint as yolo_cli
-from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER
-
-from .cfg import parse_kv
-from .core.presets import ARGS, RENAMED, presets, renamed, resolve
-from .data import deepforest, resolve_data, shapes
-from .deploy.benchmark import benchmark
-from .deploy.export import export
+from . import console
+from .cfg import checkpoint, parse_kv, smart_value, ultralytics_defaults
+from .cfg.distill import ARGS as DISTILL_ARGS
+from .cfg.distill import RENAMED, presets, renamed, resolve
+from .cfg.tv import ARGS as TV_ARGS
+from .cfg.tv import FGD_KEYS as TV_FGD_KEYS
 from .errors import FGDError
-from .lab.cost import benchmark_loss, benchmark_step, soak
-from .lab.demo import demo
-from .lab.probes import attention_maps, imitation
-from .lab.study import study
-from .tv.train import ARGS as TV_ARGS
-from .tv.train import train as tv_train
-from .tv.train import val as tv_val
-from .yolo import trainer_for
-from .yolo.model import checkpoint
 
 HELP_WORDS = {"help", "-h", "--help"}
 
 
 @dataclass
 class Command:
-    """One subcommand: what it does, its arguments (help text), an example, and the function that runs it."""
+    """One subcommand: what it does, its arguments as ``(key, default, help)`` rows (the help text, the key and type
+    checks), the positional words it takes, an example, and the function that runs it (it imports what it needs)."""
 
     name: str
     summary: str
-    arguments: str
+    args: tuple
     example: str
     run: Callable[[list[str], dict], object]
+    words: tuple = ()  # positional words the command takes (at most one)
+    required: tuple = ()
+    more: str = ""  # help lines after the rows
+    ultralytics: bool = False  # also takes every Ultralytics argument (checked by Ultralytics once it is imported)
+    also: tuple = ()  # more keys it takes, whose values a later step checks (the distillation arguments: resolve())
+
+    @property
+    def defaults(self) -> dict:
+        return {k: d for k, d, _ in self.args}
 
     def help(self) -> str:
-        return f"yolo-fgd {self.name}: {self.summary}\n\nArguments:\n{self.arguments}\nExample:\n    {self.example}\n"
+        rows = "".join(f"    {f'{k}={_show(d)}':<24} {h}\n" for k, d, h in self.args)
+        return (f"yolo-fgd {self.name}: {self.summary}\n\nArguments:\n{rows}{self.more}\nExample:\n"
+                f"    {self.example}\n")
+
+    def check(self, words: list[str], kv: dict) -> None:
+        """Positional words, keys, required keys and the simple types of the defaults: one line each, no import."""
+        extra = [w for w in words if w not in self.words] + words[1:]
+        if extra:
+            takes = f"it takes {' | '.join(self.words)} or key=value" if self.words else "it takes key=value only"
+            raise FGDError(f"'{extra[0]}' is not an argument of {self.name} ({takes}): see `yolo-fgd {self.name} help`")
+        known = {*self.defaults, *self.also, *(ultralytics_defaults() if self.ultralytics else ())}
+        for k in kv:
+            if k not in known:
+                close = difflib.get_close_matches(k, list(known), n=1)
+                raise FGDError(f"unknown {self.name} argument '{k}'" + (
+                    f": did you mean '{close[0]}'?" if close else f": see `yolo-fgd {self.name} help`"))
+        missing = [k for k in self.required if kv.get(k) in (None, "")]
+        if missing:
+            raise FGDError(f"{self.name} needs {', '.join(k + '=' for k in missing)}: see `yolo-fgd {self.name} help`")
+        check_types(kv, self.defaults)
 
 
-def check_keys(kv: dict, known, command: str) -> None:
-    """Unknown keys fail early with the closest known one."""
-    for k in kv:
-        if k not in known:
-            close = difflib.get_close_matches(k, list(known), n=1)
-            raise FGDError(f"unknown argument '{k}' for {command}" + (f": did you mean '{close[0]}'?" if close else
-                                                                        f": see `yolo-fgd {command} help`"))
+def _show(default) -> str:
+    return "" if default is None else ",".join(map(str, default)) if isinstance(default, (list, tuple)) else \
+        str(default)
 
 
 POSITIVE = {"imgsz", "epochs", "runs", "repeat", "steps", "images", "calib", "lanes", "boxes", "batch", "n_train",
             "n_val", "size", "tile", "teacher_epochs", "warmup_iters", "max_size"}
+CHOICES = {"int8": (True, False, "dynamic")}  # values other than the default's type that a key takes
 
 
 def check_types(kv: dict, defaults: dict) -> None:
@@ -71,29 +88,21 @@ def check_types(kv: dict, defaults: dict) -> None:
     line each."""
     for k, v in kv.items():
         default = defaults.get(k)
-        if isinstance(default, bool):
+        if k in CHOICES:
+            if not any(v is c or (isinstance(c, str) and str(v).lower() == c) for c in CHOICES[k]):
+                raise FGDError(f"{k}={v} is not one of {', '.join(map(str, CHOICES[k]))}: e.g. {k}={default}")
+        elif isinstance(default, bool):
             if not isinstance(v, bool):
                 raise FGDError(f"{k}={v} is not True/False: pass {k}=True or {k}=False")
         elif isinstance(default, (int, float)) and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise FGDError(f"{k}={v} is not a number: pass e.g. {k}={default}")
-        if k in POSITIVE and isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
+        if k in POSITIVE and k in defaults and isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
             raise FGDError(f"{k}={v} must be > 0: pass e.g. {k}={default if default else 1}")
 
 
-def call(fn: Callable, kv: dict, command: str, required: tuple[str, ...] = ()):
-    """Call ``fn(**kv)`` after checking the keys against its signature and the simple types of its defaults."""
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        check_keys(kv, params, command)
-    missing = [k for k in required if kv.get(k) in (None, "")]
-    if missing:
-        raise FGDError(f"{command} needs {', '.join(k + '=' for k in missing)}: see `yolo-fgd {command} help`")
-    check_types(kv, {k: p.default for k, p in params.items()})
-    return fn(**kv)
-
-
 def check_train_args(kv: dict) -> None:
-    """What Ultralytics would reject later (often with a traceback), as one line now."""
+    """What Ultralytics would reject later (often with a traceback), as one line now, without importing it."""
+    defaults = ultralytics_defaults()
     for k in ("epochs", "batch", "imgsz", "workers", "patience", "seed"):
         v = kv.get(k)
         if v is None:
@@ -108,12 +117,7 @@ def check_train_args(kv: dict) -> None:
                 raise FGDError(f"batch={v} is not a batch size: pass a whole number >= 1, batch=-1 (auto) or a "
                                "fraction of GPU memory in (0, 1)")
         elif isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "epochs" else 0):
-            raise FGDError(f"{k}={v} must be a whole number >= {1 if k == 'epochs' else 0}: e.g. "
-                           f"{k}={DEFAULT_CFG_DICT[k]}")
-    try:
-        check_cfg({k: v for k, v in kv.items() if k in DEFAULT_CFG_DICT and k not in {"imgsz", "batch"}}, hard=True)
-    except (TypeError, ValueError, SyntaxError) as e:
-        raise FGDError(" ".join(str(e).split())) from None
+            raise FGDError(f"{k}={v} must be a whole number >= {1 if k == 'epochs' else 0}: e.g. {k}={defaults[k]}")
     data = kv.get("data")
     if isinstance(data, str) and data.endswith((".yaml", ".yml")) and ("/" in data or os.sep in data) \
             and not Path(data).is_file():
@@ -121,87 +125,236 @@ def check_train_args(kv: dict) -> None:
                        "(`yolo-fgd data shapes` prints its YAML)")
 
 
+def check_ultralytics(kv: dict) -> None:
+    """Ultralytics' own value checks (types of its keys), as one line; imports Ultralytics."""
+    from ultralytics.cfg import check_cfg
+
+    try:
+        check_cfg({k: v for k, v in kv.items() if k in ultralytics_defaults() and k not in {"imgsz", "batch"}},
+                  hard=True)
+    except (TypeError, ValueError, SyntaxError) as e:
+        raise FGDError(" ".join(str(e).split())) from None
+
+
+def device_ids(device) -> list[str]:
+    """The CUDA devices a ``device=`` value asks for ('0', '1', or '-1' for "an idle one"): [] for the CPU, MPS or
+    auto; a one-line error for a value Ultralytics would not take on this machine (imports torch)."""
+    text = "" if device is None else str(device).strip().lower().replace("cuda:", "").replace(" ", "")
+    if text in {"", "cpu", "mps", "none"}:
+        if text == "mps":
+            import torch
+
+            if not torch.backends.mps.is_available():
+                raise FGDError("device=mps asks for Apple's GPU, which this machine does not have: pass device=cpu")
+        return []
+    ids = text.split(",")
+    if text == "cuda":
+        ids = ["0"]
+    if not all(i.isdigit() or i == "-1" for i in ids):
+        raise FGDError(f"device={device} is not a device: pass device=cpu, device=0 (first CUDA GPU), device=0,1 or "
+                       "device=mps")
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise FGDError(f"device={device} asks for a CUDA GPU but this machine has none: pass device=cpu (or leave "
+                       "device= out)")
+    bad = [i for i in ids if i != "-1" and int(i) >= n]
+    if bad or len(ids) > n:
+        raise FGDError(f"device={device} asks for CUDA GPU {bad[0] if bad else len(ids)} but this machine has {n} "
+                       f"(0-{n - 1}): pass device=0" + (f" ... device={','.join(map(str, range(n)))}" if n > 1 else ""))
+    return ids
+
+
+def check_project(project) -> None:
+    """A ``project=`` folder that exists and is writable, or can be created: a one-line error otherwise (nothing is
+    created)."""
+    p = Path(project).expanduser().resolve()
+    base = p
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK) or (base != p and _pseudo(base)):
+        raise FGDError(f"project={project} cannot be written ({base} is not a writable folder): pass project= a "
+                       "folder you can write to, e.g. project=runs")
+
+
+def _pseudo(path: Path) -> bool:
+    """Whether ``path`` is on a kernel file system where new folders cannot be made (/proc, /sys)."""
+    return path.parts[1:2] in (("proc",), ("sys",))
+
+
 class Interrupted(Exception):
     """Ctrl-C during a run, with the checkpoint to resume from."""
 
 
 def _renamed(kv: dict) -> dict:
-    """``kv`` with the argument names of earlier releases replaced, each replacement logged once."""
+    """``kv`` with the argument names of earlier releases replaced, each replacement said once on stderr."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = renamed(kv)
     for w in caught:
-        LOGGER.warning(f"yolo-fgd: {w.message}")
+        print(f"yolo-fgd: warning: {w.message}", file=sys.stderr)
     return out
+
+
+def _resolve_model(kv: dict, key: str = "model", which: str = "best") -> None:
+    """``kv[key]``: a run folder -> its weights/{which}.pt; a missing .pt (for the teacher: any missing file) is a
+    one-line error."""
+    if kv.get(key) in (None, ""):
+        return
+    kv[key] = checkpoint(kv[key], which)
+    if (key == "teacher" or str(kv[key]).endswith(".pt")) and not Path(kv[key]).is_file():
+        raise FGDError(f"{key} '{kv[key]}' not found: pass {key}=runs/detect/NAME (a run folder) or its "
+                       "weights/best.pt")
 
 
 # --- the commands --------------------------------------------------------------------------------------------------
 def _train(words: list[str], kv: dict):
-    kv = _renamed(kv)
-    check_keys(kv, {*DEFAULT_CFG_DICT, *ARGS}, "train")
-    resume = "resume" in words or kv.get("resume") in (True, "True")
+    """Distil: every argument checked first (no import), then the device, then Ultralytics' own checks; the run
+    folder is made by Ultralytics only once all of them passed."""
+    resume = bool(words) or kv.pop("resume", None) in (True, "True")
     model = kv.pop("model", None)
-    kv.pop("resume", None)
     if resume:
         if not model:
             raise FGDError("resume needs the checkpoint: yolo-fgd train resume model=runs/detect/NAME/weights/last.pt")
         model = checkpoint(model, "last")
         if not os.path.isfile(str(model)):
             raise FGDError(f"resume checkpoint '{model}' not found: pass model=runs/detect/NAME/weights/last.pt")
+    else:
+        model = model or "yolo11n.yaml"
+        if str(model).endswith(".pt") and not os.path.isfile(str(model)) and os.sep in str(model):
+            raise FGDError(f"student '{model}' not found: pass model=yolo11n.yaml (from scratch) or an existing .pt")
+        check_train_args(kv)
+    cfg = resolve({k: v for k, v in kv.items() if k in DISTILL_ARGS})  # bad distillation values fail here
+    ids = device_ids(kv.get("device"))
+    if cfg["share"] > 0 and len(ids) > 1:
+        raise FGDError(f"fgd_share={cfg['share']} balances gradient norms measured on one process, not under DDP "
+                       f"(device={kv['device']}): train on one device or leave fgd_share out")
+    if "project" in kv:
+        check_project(kv["project"])
+    check_ultralytics(kv)
+    if kv.get("teacher") not in (None, ""):
+        _resolve_model(kv, "teacher")
+    elif not resume:
+        raise FGDError("no teacher given: pass teacher=runs/detect/NAME (a trained YOLO run folder) or its "
+                       "weights/best.pt")
+    from ultralytics import YOLO
+
+    if resume:
         return _fit(YOLO(model), {"resume": True, **kv})
-    model = model or "yolo11n.yaml"
-    if str(model).endswith(".pt") and not os.path.isfile(str(model)) and os.sep in str(model):
-        raise FGDError(f"student '{model}' not found: pass model=yolo11n.yaml (from scratch) or an existing .pt")
-    check_train_args(kv)
-    resolve({k: v for k, v in kv.items() if k in ARGS})  # bad distillation values fail here, before any work
+    from .data import resolve_data
+
     kv["data"] = resolve_data(kv.get("data"))
     student = YOLO(model)
     kv.setdefault("project", str(Path("runs", student.task).resolve()))  # ./runs/TASK/NAME, wherever yolo-fgd lives
     return _fit(student, kv)
 
 
-def _fit(yolo: YOLO, kv: dict):
-    """Train with the distillation trainer of the student's task; say where the run went, or how to resume it after
-    Ctrl-C."""
+def _planned_dir(yolo, kv: dict) -> Path | None:
+    """The run folder Ultralytics will make for ``kv`` (None when resuming: the folder is the checkpoint's)."""
+    if kv.get("resume"):
+        return None
+    from types import SimpleNamespace
+
+    from ultralytics.cfg import get_save_dir
+
+    return get_save_dir(SimpleNamespace(project=kv.get("project"), name=kv.get("name") or "train", task=yolo.task,
+                                        mode="train", exist_ok=bool(kv.get("exist_ok")), save_dir=None))
+
+
+def _fit(yolo, kv: dict):
+    """Train with the distillation trainer of the student's task; print where the run went (its best.pt on stdout),
+    or how to resume after Ctrl-C. A run that fails before writing a checkpoint leaves no folder behind."""
+    from .yolo import trainer_for
+
+    planned = _planned_dir(yolo, kv)
+    existed = planned is None or planned.exists()
     try:
         yolo.train(trainer=trainer_for(yolo.task), **kv)
-    except KeyboardInterrupt:
-        last = getattr(getattr(yolo, "trainer", None), "last", None)
-        raise Interrupted(last if last is not None and Path(last).is_file() else None) from None
+    except BaseException as e:
+        if not existed and planned.is_dir() and not any(planned.rglob("*.pt")):
+            shutil.rmtree(planned, ignore_errors=True)  # made by this run, which wrote no checkpoint
+        if isinstance(e, KeyboardInterrupt):
+            last = getattr(getattr(yolo, "trainer", None), "last", None)
+            raise Interrupted(last if last is not None and Path(last).is_file() else None) from None
+        raise
     save_dir = Path(yolo.trainer.save_dir).resolve()
-    print(f"yolo-fgd: distilled student saved to {save_dir / 'weights' / 'best.pt'} (run folder {save_dir})")
+    best = save_dir / "weights" / "best.pt"
+    print(f"yolo-fgd: distilled student saved to {best} (run folder {save_dir})")
+    console.result(str(best))
     return save_dir
 
 
-def _delegate(mode: str) -> Callable:
+def _mode(mode: str) -> Callable:
     def run(words: list[str], kv: dict):
-        """Ultralytics' own ``yolo MODE ...`` with the same arguments."""
+        """Ultralytics' ``YOLO(model).MODE(**kv)`` (the Python API keeps the mode), data=shapes/deepforest and run
+        folders resolved; val prints its metrics as JSON on stdout, predict the folder it saved to."""
+        _resolve_model(kv)
+        if mode == "predict" and kv.get("source") in (None, ""):
+            raise FGDError("predict needs source=: pass source=image.jpg, a folder of images or a video")
+        device_ids(kv.get("device"))
+        check_ultralytics(kv)
+        from ultralytics import YOLO
+
+        from .data import resolve_data
+
         if "data" in kv:
             kv["data"] = resolve_data(kv["data"])
-        yolo_cli(" ".join([mode, *words, *(f"{k}={v}" for k, v in kv.items())]))
+        model = YOLO(kv.pop("model"))
+        kv.setdefault("project", str(Path("runs", model.task).resolve()))  # ./runs/TASK/MODE, as train
+        if mode == "predict":
+            kv.setdefault("save", True)  # as `yolo predict` (the Python API's default is not to save)
+        out = getattr(model, mode)(**kv)
+        if mode == "val":
+            import json
+
+            console.result(json.dumps({k: round(float(v), 5) for k, v in out.results_dict.items()}))
+        else:
+            save_dir = getattr(getattr(model, "predictor", None), "save_dir", None)
+            print(f"yolo-fgd: {len(out)} image(s) predicted" + (f", saved to {Path(save_dir).resolve()}" if save_dir
+                                                                  and kv["save"] else ""))
+            if save_dir and kv["save"]:
+                console.result(str(Path(save_dir).resolve()))
 
     return run
 
 
 def _data(words: list[str], kv: dict):
-    name = words[0] if words else "shapes"
-    builders = {"shapes": shapes, "deepforest": deepforest}
-    if name not in builders:
-        raise FGDError(f"unknown data set '{name}': choose shapes or deepforest")
-    print(call(builders[name], kv, "data"))
+    from .data import deepforest, shapes
+
+    console.result(str({"shapes": shapes, "deepforest": deepforest}[words[0] if words else "shapes"](**kv)))
 
 
-def _tv_train(words: list[str], kv: dict):
-    check_types(kv, TV_ARGS)
-    return tv_train(**kv)
+def _export(words: list[str], kv: dict):
+    device_ids(kv.get("device"))
+    extra = {k: v for k, v in kv.items() if k not in COMMANDS["export"].defaults}
+    if extra:
+        check_ultralytics(extra)
+    from .deploy.export import export
+
+    return export(**kv)
+
+
+def _lazy(module: str, name: str, device: bool = False) -> Callable:
+    """A runner calling ``yolo_fgd.<module>.<name>(**kv)``, imported when the command runs."""
+    def run(words: list[str], kv: dict):
+        import importlib
+
+        if device:
+            device_ids(kv.get("device"))
+        return getattr(importlib.import_module(f".{module}", __package__), name)(**kv)
+
+    return run
 
 
 PRESET_NAMES = " | ".join(presets())
-TRAIN_ARGS = f"""    model=yolo11n.yaml     student: a model YAML (from scratch) or a .pt (fine-tuning)
-    teacher=PATH           teacher YOLO checkpoint, same classes and Detect strides (required)
-    data=shapes            data YAML (shapes / deepforest: the sets `yolo-fgd data` builds)
-    fgd_preset=yolo        {PRESET_NAMES}
-    fgd_fg= fgd_bg= fgd_at= fgd_gl=   FGD term weights (the paper's alpha, beta, gamma, lambda of Eq. 13)
+TRAIN_ARGS = (
+    ("model", "yolo11n.yaml", "student: a model YAML (from scratch) or a .pt (fine-tuning)"),
+    ("teacher", None, "teacher: a YOLO run folder or its .pt, same classes and Detect strides (required)"),
+    ("data", "shapes", "data YAML (shapes / deepforest: the sets `yolo-fgd data` builds)"),
+    ("fgd_preset", "yolo", PRESET_NAMES),
+)
+TRAIN_MORE = f"""    fgd_fg= fgd_bg= fgd_at= fgd_gl=   FGD term weights (the paper's alpha, beta, gamma, lambda of Eq. 13)
     fgd_temperature=0.5    T of Eq. 5-6
     fgd_gain=              multiplies the four FGD weights (preset yolo: 0, FGD off; 0.05 turns it on)
     fgd_norm=              standardise features per image and channel before FGD
@@ -209,6 +362,7 @@ TRAIN_ARGS = f"""    model=yolo11n.yaml     student: a model YAML (from scratch)
     fgd_decay=             last epochs over which the distillation weight falls to 0 (cosine; 0: off)
     fgd_level_norm=True    weigh FGD levels equally (running mean of each level's term)
     fgd_share=             keep |grad FGD| / |grad detection| at this value (0: off), measured every 25 batches
+                           (one process only: refused under multi-GPU DDP)
     fgd_split= fgd_spatial= fgd_channel=   ablations: fg/bg split, spatial / channel attention (True/False)
     fgd_mse=True           plain feature MSE (paper Eq. 1) instead of FGD, e.g. with fgd_preset=mse
     kd_cls= kd_box=        weights of the head-response term (teacher class scores as soft labels, box-bin KL)
@@ -220,75 +374,122 @@ TRAIN_ARGS = f"""    model=yolo11n.yaml     student: a model YAML (from scratch)
     resume                 continue an interrupted run: yolo-fgd train resume model=<run>/weights/last.pt
     any Ultralytics train argument (epochs, imgsz, batch, device, project, name, ...)
     Renamed (still accepted, with a warning): {', '.join(f'{a} -> {b}' for a, b in RENAMED.items())}
+    Prints the distilled student's best.pt on stdout (logs go to stderr).
 """
+EXPORT_ARGS = (
+    ("model", None, "a YOLO .pt or run folder, or a torchvision student .pth (with arch= backbone=) (required)"),
+    ("format", "onnx", "onnx (with parity check and INT8), or any Ultralytics export format"),
+    ("imgsz", 640, "input size"),
+    ("dynamic", False, "dynamic batch and size"),
+    ("half", False, "fp16 ONNX (no parity check)"),
+    ("int8", False, "True: static QDQ INT8 calibrated on data= train images; dynamic: weights only"),
+    ("data", None, "images for parity and calibration (default: the run's training data)"),
+    ("opset", None, "ONNX opset"),
+    ("device", "cpu", "device to export on"),
+    ("calib", 64, "calibration images"),
+)
+BENCH_ARGS = (
+    ("model", None, "checkpoints a.pt[,b.pt] or run folders (required)"),
+    ("data", None, "data for mAP (default: shapes)"),
+    ("imgsz", 640, "input size"),
+    ("runs", 50, "timed runs per format"),
+    ("threads", 0, "CPU threads (0: all)"),
+    ("project", "runs/benchmark", "where the report goes"),
+    ("name", "bench", "report folder name"),
+    ("int8", True, "add the ONNX Runtime INT8 row"),
+)
+TV_VAL_ARGS = (("model", None, "a torchvision student .pth (required)"), ("data", "shapes", "data"),
+               ("arch", "retinanet", "retinanet | fcos"), ("backbone", "resnet50", "student backbone"),
+               ("device", "cpu", "device"), ("min_size", [800], "shorter side"), ("max_size", 1333, "longer side cap"))
+
+
+def _rows(spec: str) -> tuple:
+    """``"key=default help; ..."`` -> rows; for the commands whose arguments are all simple."""
+    out = []
+    for item in spec.split(";"):
+        head, _, text = item.strip().partition(" ")
+        k, _, v = head.partition("=")
+        out.append((k, smart_value(v) if v else None, text.strip()))
+    return tuple(out)
+
 
 COMMANDS = {c.name: c for c in [
-    Command("data", "build a data set offline and print its data YAML",
-            "    shapes (default) | deepforest    which set\n    root=DIR   where to write it (default: Ultralytics' "
-            "datasets_dir)\n    shapes: task=detect|segment|pose|obb n_train=480 n_val=120 size=256 seed=0\n    deepforest: tile=320 overlap=64 "
-            "min_visible=0.4\n",
-            "yolo-fgd data shapes", _data),
+    Command("data", "build a data set offline and print its data YAML (the path alone on stdout)",
+            _rows("root= where to write it (default: Ultralytics' datasets_dir); task=detect detect|segment|pose|obb "
+                  "(shapes); n_train=480 training images (shapes); n_val=120 validation images (shapes); size=256 "
+                  "image size (shapes); seed=0 (shapes); tile=320 tile size (deepforest); overlap=64 tile overlap "
+                  "(deepforest); min_visible=0.4 share of a crown inside a tile to keep it (deepforest)"),
+            "DATA=$(yolo-fgd data shapes)", _data, words=("shapes", "deepforest"),
+            more="    shapes | deepforest    which set (default shapes)\n"),
     Command("train", "distil a student (detect, segment, pose or obb, as its model says) from a teacher of the same "
                      "task", TRAIN_ARGS,
-            "yolo-fgd train model=yolo11n.yaml teacher=runs/detect/teacher/weights/best.pt data=shapes epochs=30 "
-            "imgsz=192 name=distilled", _train),
-    Command("val", "Ultralytics' `yolo val` (data=shapes/deepforest resolved)", "    any `yolo val` argument\n",
-            "yolo-fgd val model=runs/detect/distilled/weights/best.pt data=shapes imgsz=192", _delegate("val")),
-    Command("predict", "Ultralytics' `yolo predict`", "    any `yolo predict` argument\n",
-            "yolo-fgd predict model=runs/detect/distilled/weights/best.pt source=image.jpg", _delegate("predict")),
-    Command("export", "ONNX export with a PyTorch-vs-ONNX Runtime parity check, optional INT8",
-            "    model=PATH             a YOLO .pt, or a torchvision student .pth (with arch= backbone=) (required)\n"
-            "    format=onnx imgsz=640 dynamic=False opset=\n    half=True              fp16 ONNX (no parity check)\n"
-            "    int8=True|dynamic      INT8: static QDQ calibrated on data= train images, or dynamic\n"
-            "    data=                  images for parity and calibration (default: the run's training data)\n"
-            "    calib=64               calibration images\n",
-            "yolo-fgd export model=runs/detect/distilled/weights/best.pt imgsz=192 int8=True",
-            lambda w, kv: call(export, kv, "export", ("model",))),
+            "yolo-fgd train model=yolo11n.yaml teacher=runs/detect/teacher data=shapes epochs=30 imgsz=192 "
+            "name=distilled", _train, words=("resume",), more=TRAIN_MORE, ultralytics=True, also=tuple(DISTILL_ARGS)),
+    Command("val", "Ultralytics' validation of a checkpoint or run folder (data=shapes/deepforest resolved); "
+                   "its metrics as JSON on stdout", (("model", None, "a .pt or a run folder (required)"),),
+            "yolo-fgd val model=runs/detect/distilled data=shapes imgsz=192", _mode("val"), required=("model",),
+            more="    any Ultralytics val argument (data, imgsz, batch, device, conf, iou, split, ...)\n",
+            ultralytics=True),
+    Command("predict", "Ultralytics' prediction with a checkpoint or run folder; the folder it saved to on stdout",
+            (("model", None, "a .pt or a run folder (required)"), ("source", None, "image, folder or video (required)")),
+            "yolo-fgd predict model=runs/detect/distilled source=image.jpg", _mode("predict"),
+            required=("model", "source"),
+            more="    any Ultralytics predict argument (imgsz, conf, iou, save, project, name, ...)\n",
+            ultralytics=True),
+    Command("export", "ONNX export with a PyTorch-vs-ONNX Runtime parity check, optional INT8 (its JSON on stdout); "
+                      "a failed export leaves earlier files as they were", EXPORT_ARGS,
+            "yolo-fgd export model=runs/detect/distilled imgsz=192 int8=True", _export, required=("model",),
+            more="    any other Ultralytics export argument (with format=)\n", ultralytics=True),
     Command("benchmark", "size, latency and mAP of PyTorch fp32 / ONNX fp32 / ONNX int8 for one or more students",
-            "    model=a.pt[,b.pt]      checkpoints (required)\n    data=shapes imgsz=640 runs=50 threads=0 int8=True\n"
-            "    project=runs/benchmark name=bench   where the report goes\n",
-            "yolo-fgd benchmark model=runs/detect/distilled/weights/best.pt data=shapes imgsz=192",
-            lambda w, kv: call(benchmark, kv, "benchmark", ("model",))),
+            BENCH_ARGS, "yolo-fgd benchmark model=runs/detect/distilled data=shapes imgsz=192",
+            _lazy("deploy.benchmark", "benchmark"), required=("model",)),
     Command("demo", "the whole workflow on the embedded data (what `make demo` runs)",
-            "    recipe=demo project=runs name=demo lanes=2 epochs= teacher_epochs= imgsz= export=True\n",
-            "yolo-fgd demo epochs=3 teacher_epochs=3", lambda w, kv: call(demo, kv, "demo")),
+            _rows("recipe=demo recipe name or YAML; project=runs where runs go; name=demo folder; lanes=2 runs at "
+                  "once; epochs= student epochs; teacher_epochs= teacher epochs; imgsz= image size; export=True "
+                  "export and benchmark the student"),
+            "yolo-fgd demo epochs=3 teacher_epochs=3", _lazy("lab.demo", "demo")),
     Command("study", "the comparison of methods over seeds, resumable, with a report",
-            "    recipe=study           a shipped recipe name or a recipe YAML\n    project=runs/study name= lanes=2\n"
-            "    only=a,b               only these methods (and the teacher)\n    seeds=0,1              only these seeds\n"
-            "    report_only=True       only write the "
-            "report of finished runs\n    rescore=True           re-evaluate finished runs first\n",
-            "yolo-fgd study recipe=study lanes=2", lambda w, kv: call(study, kv, "study")),
+            _rows("recipe=study a shipped recipe name or a recipe YAML; project=runs/study where runs go; name= "
+                  "study folder (default: the recipe's name); lanes=2 runs at once; only= only these methods a,b "
+                  "(and the teacher); seeds= only these seeds 0,1; report_only=False only write the report of "
+                  "finished runs; rescore=False re-evaluate finished runs first"),
+            "yolo-fgd study recipe=study lanes=2", _lazy("lab.study", "study")),
     Command("tv-train", "the paper-faithful torchvision path (RetinaNet/FCOS, FGD on P3-P7)",
-            "    recipe=NAME            tv_retinanet_r101_r50 | tv_fcos_r101_r50 | tv_retinanet_r34_r18_cpu\n"
-            + "".join(f"    {k}={v}\n" for k, v in TV_ARGS.items()) + "    fgd_* keys as for train (FGD only)\n",
-            "yolo-fgd tv-train recipe=tv_retinanet_r34_r18_cpu teacher=runs/tv/teacher/student.pth name=fgd",
-            _tv_train),
-    Command("tv-val", "COCOeval of a torchvision student",
-            "    model=PATH (required) data=shapes arch=retinanet backbone=resnet50 device=cpu min_size= max_size=\n",
+            (("recipe", None, "tv_retinanet_r101_r50 | tv_fcos_r101_r50 | tv_retinanet_r34_r18_cpu"),
+             *((k, v, "") for k, v in TV_ARGS.items()), *((k, None, "FGD, as for train") for k in TV_FGD_KEYS)),
+            "yolo-fgd tv-train recipe=tv_retinanet_r34_r18_cpu teacher=runs/tv/teacher/teacher.pth name=fgd",
+            _lazy("tv.train", "train", device=True), more="    fgd_* keys as for train (FGD only)\n"),
+    Command("tv-val", "COCOeval of a torchvision student", TV_VAL_ARGS,
             "yolo-fgd tv-val model=runs/tv/fgd/student.pth arch=retinanet backbone=resnet18",
-            lambda w, kv: call(tv_val, kv, "tv-val", ("model",))),
+            _lazy("tv.train", "val", device=True), required=("model",)),
     Command("attention", "spatial and channel attention maps of teacher, baseline and student (paper Fig. 1/5)",
-            "    model=PATH teacher=PATH source=IMAGE (required) baseline= imgsz=640 temperature=0.5 out=\n",
+            _rows("model= student .pt (required); teacher= teacher .pt (required); source= image (required); "
+                  "baseline= a plainly trained student .pt; imgsz=640 input size; temperature=0.5 T of Eq. 5-6; "
+                  "out= output image"),
             "yolo-fgd attention model=student.pt teacher=teacher.pt source=image.jpg",
-            lambda w, kv: call(attention_maps, kv, "attention", ("model", "teacher", "source"))),
+            _lazy("lab.probes", "attention_maps"), required=("model", "teacher", "source")),
     Command("imitation", "held-out R^2 of the best linear map from a student's Detect inputs to the teacher's",
-            "    model=a.pt[,b.pt] teacher=PATH (required) data=shapes imgsz=640 images=120\n",
-            "yolo-fgd imitation model=student.pt teacher=teacher.pt",
-            lambda w, kv: call(imitation, kv, "imitation", ("model", "teacher"))),
+            _rows("model= a.pt[,b.pt] (required); teacher= teacher .pt (required); data=shapes data; imgsz=640 input "
+                  "size; images=120 images"),
+            "yolo-fgd imitation model=student.pt teacher=teacher.pt", _lazy("lab.probes", "imitation"),
+            required=("model", "teacher")),
     Command("benchmark-loss", "cost of the FGD loss against a plain feature MSE (prints figures)",
-            "    batch=16 imgsz=640 boxes=50 device=cpu repeat=5 step=True amp=False threads=0\n"
-            "    pyramid=FILE           measure another version's FGDPyramid (e.g. yolo_fgd/loss.py of an old checkout)\n"
-            "    prints ms, the FGD/MSE ratio and the aten ops / compute ops (and CUDA kernels) per fwd+bwd\n",
-            "yolo-fgd benchmark-loss device=0 amp=True",
-            lambda w, kv: call(benchmark_loss, kv, "benchmark-loss")),
+            _rows("batch=16 images; imgsz=640 image size; boxes=50 boxes per image; device=cpu device; repeat=5 timed "
+                  "runs; step=True also a YOLO11n training step; amp=False fp16 autocast features; threads=0 CPU "
+                  "threads (0: all); pyramid= another version's FGDPyramid file (e.g. an old checkout's loss)"),
+            "yolo-fgd benchmark-loss device=0 amp=True", _lazy("lab.cost", "benchmark_loss", device=True),
+            more="    prints ms, the FGD/MSE ratio and the aten ops / compute ops (and CUDA kernels) per fwd+bwd\n"),
     Command("benchmark-step", "ms per training iteration of each distillation method and its ratio to plain",
-            "    teacher=PATH (required) data=shapes model=yolo11n.yaml imgsz=192 batch=16 fraction=0.5 device=cpu\n"
-            "    amp=False workers=0 epochs=1 project=runs/benchmark-step\n"
-            "    methods=plain,default,response,fgd,fgd_response,distill_model   (also: response_focal, mgd, fgd_tied)\n",
+            _rows("teacher= teacher .pt (required); data=shapes data; model=yolo11n.yaml student; imgsz=192 image "
+                  "size; batch=16 batch; fraction=0.5 share of the data; device=cpu device; amp=False AMP; workers=0 "
+                  "data workers; epochs=1 epochs per method; methods=plain,default,response,fgd,fgd_response,"
+                  "distill_model methods (also: response_focal, mgd, fgd_tied); project=runs/benchmark-step where "
+                  "runs go"),
             "yolo-fgd benchmark-step teacher=runs/detect/teacher/weights/best.pt",
-            lambda w, kv: call(benchmark_step, kv, "benchmark-step", ("teacher",))),
-    Command("soak", "memory soak on odd labels (prints peak RSS)", "    steps=200 imgsz=64 batch=4 project=runs/soak\n",
-            "yolo-fgd soak steps=200", lambda w, kv: call(soak, kv, "soak")),
+            _lazy("lab.cost", "benchmark_step", device=True), required=("teacher",)),
+    Command("soak", "memory soak on odd labels, FGD on (prints peak RSS)",
+            _rows("steps=200 training steps; imgsz=64 image size; batch=4 batch; project=runs/soak where runs go"),
+            "yolo-fgd soak steps=200", _lazy("lab.cost", "soak")),
 ]}
 
 
@@ -300,28 +501,36 @@ def usage() -> str:
             "A first run, in order:\n"
             "    DATA=$(yolo-fgd data shapes)                          # embedded data set -> its data YAML\n"
             "    yolo train model=yolo11s.yaml data=$DATA epochs=30 imgsz=192 project=$PWD/runs/detect name=teacher\n"
-            "    yolo-fgd train model=yolo11n.yaml teacher=runs/detect/teacher/weights/best.pt data=$DATA epochs=30 "
-            "imgsz=192 name=distilled\n"
+            "    yolo-fgd train model=yolo11n.yaml teacher=runs/detect/teacher data=$DATA epochs=30 imgsz=192 "
+            "name=distilled\n"
             "    yolo-fgd export model=runs/detect/distilled imgsz=192 int8=True\n"
             "    yolo-fgd benchmark model=runs/detect/distilled data=$DATA imgsz=192\n\n"
-            "Outputs go under ./runs of the current directory (or project=); each command prints where it wrote.\n\n"
+            "Outputs go under ./runs of the current directory (or project=); each command prints where it wrote, and\n"
+            "its result (a path, JSON, a table) is the only thing on stdout.\n\n"
             "Commands:\n" + "\n".join(lines) + "\n\nAdd debug=True to see full tracebacks.\n")
 
 
 def run(argv: list[str]):
     words, kv = parse_kv(argv)
     if not words or words[0] in HELP_WORDS:
-        print(usage())
+        if words[1:]:
+            raise FGDError(f"'{words[1]}' after help: run `yolo-fgd help` or `yolo-fgd COMMAND help`")
+        console.result(usage())
         return None
     cmd, rest = words[0], words[1:]
     if cmd not in COMMANDS:
         close = difflib.get_close_matches(cmd, list(COMMANDS), n=1)
         raise FGDError(f"unknown command '{cmd}'" + (f": did you mean '{close[0]}'?" if close else "")
                        + f" (commands: {', '.join(COMMANDS)})")
-    if set(rest) & HELP_WORDS or any(a in HELP_WORDS for a in argv[1:]):
-        print(COMMANDS[cmd].help())
+    command = COMMANDS[cmd]
+    if isinstance(kv.get("device"), (list, tuple)):  # device=0,1 reads as a tuple
+        kv["device"] = ",".join(map(str, kv["device"]))
+    if any(w in HELP_WORDS for w in rest):
+        console.result(command.help())
         return None
-    return COMMANDS[cmd].run(rest, kv)
+    kv = _renamed(kv) if cmd in {"train", "tv-train"} else kv
+    command.check(rest, kv)
+    return command.run(rest, kv)
 
 
 def entrypoint(argv: list[str] | None = None) -> int:
@@ -330,7 +539,8 @@ def entrypoint(argv: list[str] | None = None) -> int:
     debug = any(a.lower() in {"debug=true", "--debug"} for a in argv)
     argv = [a for a in argv if a.lower() not in {"debug=true", "debug=false", "--debug"}]
     try:
-        run(argv)
+        with console.results_only():
+            run(argv)
     except (FGDError, FileNotFoundError, SyntaxError, RuntimeError) as e:
         if debug or (isinstance(e, RuntimeError) and not str(e).startswith("Dataset")):
             raise
@@ -346,6 +556,8 @@ def entrypoint(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("yolo-fgd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`yolo-fgd help | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

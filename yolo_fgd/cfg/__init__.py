@@ -7,6 +7,8 @@ and torchvision recipes (``yolo-fgd study recipe=study``, ``yolo-fgd tv-train re
 from __future__ import annotations
 
 import ast
+import importlib.util
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -63,3 +65,26 @@ def parse_kv(argv: list[str]) -> tuple[list[str], dict]:
         else:
             words.append(a)
     return words, kv
+
+
+@lru_cache
+def ultralytics_defaults() -> dict:
+    """Ultralytics' train/val/predict/export arguments and their defaults, read from its ``cfg/default.yaml``
+    without importing it (importing Ultralytics imports torch: seconds)."""
+    spec = importlib.util.find_spec("ultralytics")
+    if spec is None or not spec.origin:
+        raise FGDError("Ultralytics is not installed: pip install 'ultralytics>=8.4.190,<8.5'")
+    return yaml.safe_load((Path(spec.origin).parent / "cfg" / "default.yaml").read_text())
+
+
+def checkpoint(path, which: str = "best") -> str:
+    """A checkpoint path from what a user passes: a ``.pt`` as is, or a run folder (``runs/detect/NAME``) -> its
+    ``weights/{which}.pt``; a run folder without it is a one-line error."""
+    p = Path(str(path))
+    if p.is_dir():
+        ckpt = p / "weights" / f"{which}.pt"
+        if not ckpt.is_file():
+            raise FGDError(f"run folder '{path}' has no weights/{which}.pt: pass a finished run (its training may have "
+                           f"failed or still be running) or a .pt file")
+        return str(ckpt)
+    return str(path)

@@ -17,6 +17,7 @@ import torch
 from ultralytics.utils import TQDM
 from ultralytics.utils.torch_utils import get_flops
 
+from .. import console
 from ..data import resolve_data
 from ..errors import FGDError
 from ..timing import percentile, times_ms
@@ -119,7 +120,7 @@ def _write(out_dir: Path, rows: list[dict], imgsz: int, runs: int):
                   f"{100 * r['map50']:.1f} |")
     text = "\n".join(md) + "\n"
     (out_dir / "benchmark.md").write_text(text)
-    print(text)
+    console.result(text)
     try:
         import matplotlib
 

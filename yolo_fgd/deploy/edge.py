@@ -4,7 +4,7 @@
 Copy this one file to the device. Handles YOLOv8/YOLO11 heads (output (1, 4+nc, A): cx, cy, w, h, class scores;
 NMS here) and YOLO26 end-to-end heads (output (1, 300, 6): x1, y1, x2, y2, score, class; no NMS).
 
-    python edge.py model.onnx image.jpg|folder|video.mp4 [--conf 0.25] [--iou 0.7] [--save-dir runs/edge]
+    python edge.py model.onnx image.jpg|folder|video.mp4 [--conf 0.25] [--iou 0.7] [--save-dir runs/edge] [--exist-ok]
         [--json detections.jsonl] [--threads 2]
 """
 
@@ -167,6 +167,17 @@ def record(f: Path, det: np.ndarray, names: dict, ms: float) -> dict:
          "name": names.get(int(d[5]), str(int(d[5])))} for d in det]}
 
 
+def free_dir(path: Path) -> Path:
+    """``path`` if it does not exist yet, else the first of path2, path3... that does not (Ultralytics' numbering),
+    so that no earlier run's files are overwritten."""
+    if not path.exists():
+        return path
+    n = 2
+    while path.with_name(f"{path.name}{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}{n}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="YOLO ONNX model (yolo-fgd export)")
@@ -174,14 +185,16 @@ def main(argv=None) -> int:
     ap.add_argument("--conf", type=float, default=0.25, help="score threshold")
     ap.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
-    ap.add_argument("--save-dir", "--out", dest="save_dir", default="runs/edge", help="where annotated files go")
+    ap.add_argument("--save-dir", "--out", dest="save_dir", default="runs/edge",
+                    help="where annotated files go; an existing folder is not reused: edge2, edge3... follow")
+    ap.add_argument("--exist-ok", action="store_true", help="write into --save-dir even if it exists")
     ap.add_argument("--json", default=None, help="also write the detections here, one JSON record per image (JSONL)")
     a = ap.parse_args(argv)
     try:
         model = EdgeModel(a.model, a.conf, a.iou, threads=a.threads)
-        out = Path(a.save_dir)
-        out.mkdir(parents=True, exist_ok=True)
         files = list(sources(Path(a.source)))
+        out = Path(a.save_dir) if a.exist_ok else free_dir(Path(a.save_dir))
+        out.mkdir(parents=True, exist_ok=True)
         records = []
         for f in files:
             if f.suffix.lower() in VID_SUFFIXES:

@@ -4,6 +4,10 @@ of the data, and ONNX Runtime INT8 quantisation (static QDQ per-channel calibrat
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -14,9 +18,9 @@ import torch
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from ultralytics import YOLO
-from ultralytics.cfg import entrypoint as yolo_cli
 from ultralytics.utils import LOGGER
 
+from .. import console
 from ..data import resolve_data
 from ..errors import FGDError
 from ..yolo.model import checkpoint
@@ -67,25 +71,38 @@ def head_tail(onnx_path) -> list[str]:
     return [n.name for n in nodes if n.name.startswith(head) and not any(b in n.name for b in ("cv2", "cv3", "cv4"))]
 
 
+def calibration_images(data, calib: int) -> list[Path]:
+    """The training images INT8 calibration reads, or a one-line error naming what is missing (checked before any
+    file is written)."""
+    files = sample_images(data, "train", calib)
+    if not files:
+        if not data:
+            raise FGDError("int8=True needs calibration images: pass data=your.yaml (its train split is used), or "
+                           "int8=dynamic (no calibration)")
+        raise FGDError(f"int8=True needs calibration images but data '{data}' has no readable train images: point "
+                       "data= at a YAML whose train folder holds images, or use int8=dynamic (no calibration)")
+    return files
+
+
 def quantize(onnx_path, data=None, imgsz=640, mode="static", calib: int = 64) -> Path:
     """INT8 model next to ``onnx_path``: ``static`` QDQ per-channel (calibrated on ``calib`` training images) or
-    ``dynamic`` (weights only)."""
+    ``dynamic`` (weights only). The pre-processed intermediate is removed whatever happens."""
     src = Path(onnx_path)
+    files = calibration_images(data, calib) if mode != "dynamic" else []
     pre = src.with_name(f"{src.stem}-pre.onnx")
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
     out = src.with_name(f"{src.stem}-int8{'-dynamic' if mode == 'dynamic' else ''}.onnx")
-    if mode == "dynamic":
-        quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, per_channel=True)
-    else:
-        files = sample_images(data, "train", calib)
-        if not files:
-            raise FGDError("int8=True needs calibration images: pass data=your.yaml (its train split is used)")
-        name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-        quantize_static(str(pre), str(out), _Calib(files, name, imgsz), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=head_tail(pre),
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-    pre.unlink(missing_ok=True)
+    try:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        if mode == "dynamic":
+            quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, per_channel=True)
+        else:
+            name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+            quantize_static(str(pre), str(out), _Calib(files, name, imgsz), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=head_tail(pre),
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    finally:
+        pre.unlink(missing_ok=True)
     _copy_metadata(src, out)
     return out
 
@@ -123,37 +140,60 @@ def parity(pt_model, onnx_path, images: list[Path], imgsz: int) -> float:
 def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = False, half: bool = False,
            int8: bool | str = False, data: str | None = None, opset: int | None = None, device: str = "cpu",
            calib: int = 64, **kwargs) -> dict:
-    """Export, check parity, optionally quantise. Returns {'onnx': path, 'int8': path|None, 'parity': max_abs}."""
+    """Export, check parity, optionally quantise. Returns {'onnx': path, 'int8': path|None, 'parity': max_abs} (for
+    another ``format``: {'format': path}); the JSON of it is the command's result on stdout.
+
+    The ONNX route works in a hidden folder beside the checkpoint and moves its files into place only once export,
+    parity and quantisation all succeeded: a failed export leaves the files it found as they were."""
     if str(model).endswith(".pth"):  # a torchvision student from `yolo-fgd tv-train`
         if format != "onnx":
             raise FGDError(f"format={format}: torchvision students export to onnx only")
         return export_onnx(model, data=data or "shapes", imgsz=imgsz, opset=opset or 17, **kwargs)
-    if format != "onnx":
-        yolo_cli(" ".join(["export", f"model={model}", f"format={format}", f"imgsz={imgsz}",
-                       *(f"{k}={v}" for k, v in kwargs.items())]))
-        return {}
     model = checkpoint(model)
     yolo_model = load_yolo(model)
+    if format != "onnx":  # Ultralytics' exporter through its Python API (the mode is kept)
+        path = yolo_model.export(format=format, imgsz=imgsz, dynamic=dynamic, half=half, int8=bool(int8), data=data,
+                                 device=device, **kwargs)
+        result = {format: str(Path(path).resolve())}
+        result_line(result)
+        return result
     data = data or (getattr(yolo_model, "ckpt", None) or {}).get("train_args", {}).get("data")
     if data:
         data = resolve_data(data)  # shapes / deepforest -> their YAML; a path passes through
+    mode = "dynamic" if str(int8).lower() == "dynamic" else "static"
+    if int8 and mode == "static":
+        calibration_images(data, calib)  # before anything is written
     if half:  # Ultralytics' name for fp16 export is quantize=16 (half= is deprecated there)
         kwargs["quantize"] = 16
-    path = Path(yolo_model.export(format="onnx", imgsz=imgsz, dynamic=dynamic, simplify=True, opset=opset,
-                                  device=device, **kwargs)).resolve()
-    images = sample_images(data, "val")
-    result = {"onnx": str(path), "int8": None, "parity": None}
-    if images and not half:
-        diff = parity(load_yolo(model), path, images, imgsz)
-        result["parity"] = diff
-        LOGGER.info(f"parity: max |PyTorch - ONNX Runtime| = {diff:.2e} on {len(images)} images of {data}")
-        check(diff, len(images), data)
-    elif not images:
-        LOGGER.warning("parity check skipped: no data images (pass data=your.yaml)")
-    if int8:
-        mode = "dynamic" if str(int8).lower() == "dynamic" else "static"
-        result["int8"] = str(quantize(path, data, imgsz, mode, calib).resolve())
+    pt = Path(model).resolve()
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=pt.parent))
+    try:
+        shutil.copy2(pt, stage / pt.name)
+        staged = load_yolo(stage / pt.name)
+        path = Path(staged.export(format="onnx", imgsz=imgsz, dynamic=dynamic, simplify=True, opset=opset,
+                                  device=device, **kwargs))
+        images = sample_images(data, "val")
+        diff = None
+        if images and not half:
+            diff = parity(load_yolo(stage / pt.name), path, images, imgsz)
+            LOGGER.info(f"parity: max |PyTorch - ONNX Runtime| = {diff:.2e} on {len(images)} images of {data}")
+            check(diff, len(images), data)
+        elif not images:
+            LOGGER.warning("parity check skipped: no data images (pass data=your.yaml)")
+        q = quantize(path, data, imgsz, mode, calib) if int8 else None
+        made = [f for f in (path, q) if f is not None]
+        for f in made:  # all succeeded: into place beside the checkpoint
+            os.replace(f, pt.parent / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    result = {"onnx": str(pt.parent / path.name), "int8": str(pt.parent / q.name) if q else None, "parity": diff}
+    if q:
         LOGGER.info(f"INT8 ({mode}) model: {result['int8']}")
-    print(json.dumps(result))
-    print(f"yolo-fgd: exported {', '.join(v for v in (result['onnx'], result['int8']) if v)}")
+    result_line(result)
     return result
+
+
+def result_line(result: dict) -> None:
+    """The export's JSON on stdout, and the files it wrote in words on stderr."""
+    console.result(json.dumps(result))
+    print(f"yolo-fgd: exported {', '.join(v for k, v in result.items() if k != 'parity' and v)}", file=sys.stderr)

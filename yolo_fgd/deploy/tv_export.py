@@ -11,6 +11,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from .. import console
 from ..data import resolve_data
 from ..errors import FGDError
 from ..tv.coco_utils import coco_files
@@ -68,7 +69,7 @@ def export_onnx(model: str, data="shapes", arch: str = "retinanet", backbone: st
     raw.unlink(missing_ok=True)
     check(worst, len(images), data)
     res = {"onnx": str(out.resolve()), "parity": worst, "detections_max_diff": det}
-    print(json.dumps(res))
+    console.result(json.dumps(res))
     return res
 
 

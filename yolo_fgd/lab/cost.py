@@ -21,6 +21,7 @@ import torch
 from ultralytics import YOLO
 from ultralytics.nn.tasks import DetectionModel
 
+from .. import console
 from ..core import FGDPyramid, feature_mse, fgd_masks, fgd_masks_loop, kernels
 from ..data import resolve_data, shapes
 from ..errors import FGDError
@@ -188,7 +189,7 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
     lines = [f"FGD loss benchmark ({res['device']}, {res['threads']} threads, batch {batch}, {imgsz} px, "
              f"P3-P5 {list(cs)} -> {list(ct)} ch, {boxes} boxes/image, median of {repeat})"]
     lines += [f"  {k:<22} {v:10.3f}" if isinstance(v, float) else f"  {k:<22} {v}" for k, v in res.items()]
-    print("\n".join(lines))
+    console.result("\n".join(lines))
     return res
 
 
@@ -243,7 +244,7 @@ def benchmark_step(teacher: str, data: str = "shapes", model: str = "yolo11n.yam
              f"teacher {teacher}, {torch.get_num_threads()} CPU threads):", "| method | ms/iter | x plain |",
              "|---|---|---|"]
     lines += [f"| {k} | {v:.1f} | {v / base:.2f} |" if base else f"| {k} | {v:.1f} | – |" for k, v in res.items()]
-    print("\n".join(lines))
+    console.result("\n".join(lines))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "step.csv").write_text("method,ms_per_iter,x_plain\n" + "".join(
         f"{k},{v:.3f},{v / base:.4f}\n" if base else f"{k},{v:.3f},\n" for k, v in res.items()))
@@ -273,7 +274,12 @@ def soak(steps: int = 200, imgsz: int = 64, batch: int = 4, project: str = "runs
     if not teacher.is_file():
         YOLO("yolov8n.yaml").train(data=data, epochs=1, imgsz=imgsz, batch=batch, workers=0, plots=False,
                                    project=str(root), name="teacher", exist_ok=True, val=False)
-    rss, count, early = {}, {"n": 0}, min(50, max(steps // 4, 1))
+    rss, count, early = {}, {"n": 0, "fgd": 0}, min(50, max(steps // 4, 1))
+
+    def start(trainer):  # count the batches FGD really ran on (its pyramid's forward), not only the steps
+        if trainer.distiller.fgd is None:
+            raise FGDError("soak: the distiller built no FGD pyramid: FGD has no weight")
+        trainer.distiller.fgd.register_forward_hook(lambda *_: count.__setitem__("fgd", count["fgd"] + 1))
 
     def step(trainer):
         count["n"] += 1
@@ -282,12 +288,15 @@ def soak(steps: int = 200, imgsz: int = 64, batch: int = 4, project: str = "runs
         if count["n"] >= steps:
             trainer.stop = True
 
-    epochs = -(-steps // 8)  # 32 images / batch 4 = 8 steps per epoch
+    per_epoch = -(-len(list((src / "images" / "train").glob("*.jpg"))) // batch)  # batches per epoch
     m = YOLO("yolo11n.yaml")
+    m.add_callback("on_train_start", start)
     m.add_callback("on_train_batch_end", step)
     shutil.rmtree(root / "fgd", ignore_errors=True)
-    m.train(trainer=FGDTrainer, teacher=str(teacher), data=data, epochs=epochs, imgsz=imgsz, batch=batch, workers=0,
-            plots=False, val=False, project=str(root), name="fgd", exist_ok=True, fgd_warmup=0)
-    print(f"soak: {count['n']} FGD steps; peak RSS {rss.get(early, 0):.0f} MB at step {early}, "
-          f"{rss.get(steps, 0):.0f} MB at step {steps}")
-    return {"steps": count["n"], "rss_mb": rss}
+    m.train(trainer=FGDTrainer, teacher=str(teacher), data=data, epochs=-(-steps // per_epoch), imgsz=imgsz,
+            batch=batch, workers=0, plots=False, val=False, project=str(root), name="fgd", exist_ok=True,
+            fgd_warmup=0, fgd_gain=0.05)
+    console.result(f"soak: {count['n']} steps, FGD on {count['fgd']}; peak RSS {rss.get(early, 0):.0f} MB at step "
+                   f"{early}, {rss.get(steps, 0):.0f} MB at step {steps}")
+    return {"steps": count["n"], "fgd_steps": count["fgd"], "rss_mb": rss}
+

@@ -10,6 +10,7 @@ from pathlib import Path
 from ultralytics import YOLO
 from ultralytics.utils.torch_utils import get_flops
 
+from .. import console
 from ..cfg import load_recipe
 from ..deploy.benchmark import benchmark
 from ..errors import FGDError
@@ -63,7 +64,7 @@ def demo(recipe: str = "demo", project: str = "runs", name: str = "demo", lanes:
         f"# yolo-fgd demo\n\nRecipe: {json.dumps(rec)}\n\nmAP: pycocotools COCOeval on the val split.\n\n{table}"
     )
     (root / "comparison.csv").write_text("\n".join(csv) + "\n")
-    print(f"\nyolo-fgd demo results ({root / 'comparison.md'}):\n\n{table}")
+    console.result(f"\nyolo-fgd demo results ({root / 'comparison.md'}):\n\n{table}")
     fgd_runs = [root / ds / f"{m}-s{rec['seeds'][0]}" for ds in rec["datasets"] for m, v in rec["methods"].items()
                 if (v or {}).get("fgd")]
     if export and fgd_runs and (fgd_runs[0] / "weights" / "best.pt").is_file():

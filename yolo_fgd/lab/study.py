@@ -26,6 +26,7 @@ from ultralytics.data.utils import check_det_dataset
 from ultralytics.nn.tasks import guess_model_task, yaml_model_load
 from ultralytics.utils import DEFAULT_CFG, LOGGER
 
+from .. import console
 from ..cfg import load_recipe
 from ..data import resolve_data
 from ..deploy.evaluate import coco_ap
@@ -278,7 +279,7 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
             except subprocess.TimeoutExpired:
                 proc.kill()
     text = report(root, specs)
-    print(text)
+    console.result(text)
     print(f"yolo-fgd: study results saved to {root} (results.csv, results.md, results.png; one folder per run)")
     return text
 

@@ -20,26 +20,16 @@ import torch.distributed as dist
 from torch import nn
 from ultralytics.utils import LOGGER
 
+from .. import console
 from ..cfg import load_recipe
-from ..core.presets import RESPONSE_KEYS, arg_name, renamed, resolve
+from ..cfg.tv import ARGS, FGD_KEYS
+from ..core.presets import RESPONSE_KEYS, renamed, resolve
 from ..data.coco import COLUMNS
 from ..errors import FGDError
 from .coco_utils import CocoDataset, coco_files, collate
 from .distiller import Distiller
 from .engine import evaluate, train_one_epoch
 from .models import ARCH_PRESET, build, inherit
-
-# tv-train arguments and their defaults (FGD's own keys, fgd_*, come on top: see FGD_KEYS)
-ARGS = {
-    "arch": "retinanet", "teacher_backbone": "resnet101", "student_backbone": "resnet50", "teacher": None,
-    "student_weights": None, "data": "shapes", "epochs": 24, "batch": 2, "lr": 0.01, "momentum": 0.9,
-    "weight_decay": 1e-4, "warmup_iters": 500, "warmup_factor": 1e-3, "clip": 35.0, "min_size": [800],
-    "max_size": 1333, "inherit": False, "hflip": 0.5, "workers": 0, "device": "cpu", "project": "runs/tv",
-    "name": "train", "seed": 0, "resume": False, "fgd": True, "fgd_preset": None, "eval_every": 1, "amp": False,
-}
-FGD_KEYS = tuple(arg_name(k) for k in ("fg", "bg", "at", "gl", "temperature", "gain", "norm", "split", "spatial",
-                                       "channel", "mse"))
-
 
 def config(**kwargs) -> dict:
     """tv-train arguments: ``ARGS`` < recipe (``recipe=``) < ``kwargs``; unknown keys are a one-line error."""
@@ -183,5 +173,5 @@ def val(model: str, data="shapes", arch: str = "retinanet", backbone: str = "res
     nc = max((c["id"] for c in ds.gt["categories"]), default=0) + 1
     net = build(arch, backbone, nc, model, min_size, max_size)
     m = evaluate(net.to(device), ds, torch.device(device))
-    print(" | ".join(COLUMNS) + "\n" + " | ".join(f"{100 * m[k]:.1f}" for k in COLUMNS))
+    console.result(" | ".join(COLUMNS) + "\n" + " | ".join(f"{100 * m[k]:.1f}" for k in COLUMNS))
     return m

@@ -8,6 +8,7 @@ without a response weight, and neither appears in the loss items or ``results.cs
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,18 @@ from .model import (
 
 SCALED = ("fgd", "kd", "crosskd", *TASK_KEYS.values())  # terms that enter the loss (times the batch size), in order
 MODULES = ("fgd", "cross")  # the distiller's trainable parts: optimised, all-reduced, saved in the sidecar
+
+
+def feature_term(cfg: dict) -> str:
+    """The name of the feature term a resolved preset builds: ``mse``, ``mgd`` or ``fgd``."""
+    return "mse" if cfg["mse"] else "mgd" if cfg["mgd"] else "fgd"
+
+
+def item_name(key: str, cfg: dict) -> str:
+    """The loss item (and ``results.csv`` column ``train/NAME``) of an entry of :meth:`Distiller.forward`'s output:
+    the term's own name, which is its weight's argument where it has one (``crosskd``, ``kd_kpt``), FGD's four terms
+    ``fgd_fg``... as their weights; at most 10 characters, so Ultralytics' 11-character header keeps them apart."""
+    return feature_term(cfg) if key == "fgd" else f"fgd_{key}" if key in TERMS else key
 
 
 class Distiller(nn.Module):
@@ -63,6 +76,7 @@ class Distiller(nn.Module):
         self.cross = nn.ModuleList(nn.Conv2d(a, b, 1) if a != b else nn.Identity() for a, b in zip(cs, ct)) \
             if cross_on(cfg) else None
         self.box_bins = (int(detect_head(student).reg_max), int(detect_head(model).reg_max))
+        self.level_names = [f"P{round(math.log2(float(s)))}" for s in model.stride]  # stride 8 -> P3, 4 -> P2
         # the task's extra head output (keypoints, angle, masks), distilled when its weight is > 0
         task = model_task(student)
         self.task_term = TASK_KEYS[task] if task in TASK_KEYS and cfg[TASK_KEYS[task]] > 0 else None
@@ -75,10 +89,22 @@ class Distiller(nn.Module):
         return self._refs["teacher"]
 
     @property
+    def feature_term(self) -> str | None:
+        """The feature term's name (:func:`feature_term`), None when it has no weight."""
+        return None if self.fgd is None else feature_term(self.cfg)
+
+    def item_name(self, key: str) -> str:
+        """The loss item of an entry of :meth:`forward`'s output (:func:`item_name`)."""
+        return item_name(key, self.cfg)
+
+    @property
     def terms(self) -> tuple[str, ...]:
         """Loss items this distiller adds, in order (fixed at construction: identical on every batch)."""
-        return ((("fgd", *TERMS) if self.fgd is not None else ()) + (("kd",) if self.response else ())
-                + (("crosskd",) if self.cross is not None else ()) + ((self.task_term,) if self.task_term else ()))
+        keys = [k for k, on in (("fgd", self.fgd is not None), ("kd", self.response), ("crosskd", self.cross is not None),
+                                (self.task_term, bool(self.task_term))) if on]
+        if self.feature_term == "fgd":
+            keys[1:1] = TERMS
+        return tuple(self.item_name(k) for k in keys)
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.parameters())
@@ -179,14 +205,15 @@ class Distiller(nn.Module):
             self.mult = float(min(max((self.mult * want) ** 0.5, 1e-6), 1e6))
 
     def epoch_metrics(self) -> dict:
-        """Columns added to results.csv: ``distill/scale``, ``distill/skipped`` and, with FGD, per-level ``fgd/P3``...,
+        """Columns added to results.csv: ``distill/scale``, ``distill/skipped`` and, with FGD, per-level ``fgd/P3``...
+        (named by each level's stride: P2 for stride 4, P6 for 64),
         ``fgd/grad_ratio`` (mean of the epoch's measurements) and ``fgd/mult``."""
         st = self.stats
         cols = {"distill/scale": round(self.scale, 6), "distill/skipped": int(st["skipped"])}
         if self.fgd is not None:
             n = max(st["n"], 1)
             levels = (st["levels"] / n).tolist() if torch.is_tensor(st["levels"]) else [0.0] * len(self.fgd.levels)
-            cols.update({f"fgd/P{i + 3}": round(float(v), 6) for i, v in enumerate(levels)})
+            cols.update({f"fgd/{name}": round(float(v), 6) for name, v in zip(self.level_names, levels)})
             cols["fgd/grad_ratio"] = round(sum(st["ratio"]) / len(st["ratio"]), 6) if st["ratio"] else 0.0
             cols["fgd/mult"] = round(self.mult, 6)
         return cols
@@ -225,8 +252,9 @@ class Distiller(nn.Module):
 
 
 class DistillCriterion:
-    """The student's training criterion: its own loss + the distiller's terms as extra loss items (``fgd``, ``fg``,
-    ``bg``, ``at``, ``gl``, ``kd``: those the distiller has).
+    """The student's training criterion: its own loss + the distiller's terms as extra loss items
+    (:attr:`Distiller.terms`: ``fgd`` or ``mse`` or ``mgd``, ``fgd_fg``..., ``kd``, ``crosskd``, ``kd_kpt``...: those the
+    distiller has).
 
     Not an ``nn.Module`` and dropped on deepcopy/pickle (becomes its base criterion), so the teacher never travels
     with the student (EMA, checkpoints, DDP state).
@@ -240,13 +268,13 @@ class DistillCriterion:
         out = self.distiller(train_outputs(preds), batch)
         bs = batch["img"].shape[0]
         self.distiller.observe(loss.sum(), out, bs)
-        parts, items = [loss.view(-1)], dict(items)
+        parts, items, d = [loss.view(-1)], dict(items), self.distiller
         for k in SCALED:
             if k in out:
                 parts.append((out[k] * bs).view(1).to(loss.dtype))
-                items[f"{k}_loss"] = out[k].detach()
-                if k == "fgd":  # FGD's own terms, logged beside its total
-                    items.update({f"{t}_loss": out[t] for t in TERMS})
+                items[d.item_name(k)] = out[k].detach()
+                if k == "fgd" and d.feature_term == "fgd":  # FGD's own terms, logged beside its total
+                    items.update({d.item_name(t): out[t] for t in TERMS})
         return torch.cat(parts), items
 
     def update(self):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from ultralytics.nn.tasks import guess_model_task, load_checkpoint
 
+from ..cfg import checkpoint  # noqa: F401  (re-exported: a run folder or a .pt -> the .pt)
 from ..errors import FGDError
 
 TASKS = ("detect", "segment", "pose", "obb")
@@ -138,16 +139,3 @@ def batch_boxes(bboxes: torch.Tensor, shape) -> torch.Tensor:
         half = torch.stack([wh[:, 0] * cos + wh[:, 1] * sin, wh[:, 0] * sin + wh[:, 1] * cos], 1) / 2
         return torch.cat([(xy - half) / scale, (xy + half) / scale], 1)
     return torch.cat([bboxes[:, :2] - bboxes[:, 2:] / 2, bboxes[:, :2] + bboxes[:, 2:] / 2], 1)
-
-
-def checkpoint(path, which: str = "best") -> str:
-    """A checkpoint path from what a user passes: a ``.pt`` as is, or a run folder (``runs/detect/NAME``) -> its
-    ``weights/{which}.pt``; a run folder without it is a one-line error."""
-    p = Path(str(path))
-    if p.is_dir():
-        ckpt = p / "weights" / f"{which}.pt"
-        if not ckpt.is_file():
-            raise FGDError(f"run folder '{path}' has no weights/{which}.pt: pass a finished run (its training may have "
-                           f"failed or still be running) or a .pt file")
-        return str(ckpt)
-    return str(path)

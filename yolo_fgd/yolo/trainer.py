@@ -25,7 +25,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..core.presets import ARGS, renamed, resolve
 from ..errors import FGDError
 from .distiller import DistillCriterion, Distiller
-from .model import require_file
+from .model import checkpoint, require_file
 
 SIDECAR = "fgd_last.pt"
 
@@ -39,19 +39,32 @@ class DistillMixin:
         cfg = {**ARGS, **renamed(vars(cfg) if not isinstance(cfg, dict) else cfg)}
         overrides = renamed(dict(overrides or {}))
         repoint = overrides.pop("teacher", None) if overrides.get("resume") else None
+        if not overrides.get("resume"):  # every check before Ultralytics makes the run folder
+            self._check({**cfg, **overrides})
         super().__init__(cfg, overrides, _callbacks)
         if repoint:
             self.args.teacher = repoint  # a resumed run may re-point its teacher
-        if getattr(self.args, "distill_model", None):
-            raise FGDError(
-                "teacher= and distill_model= both given: use yolo-fgd's teacher= for FGD, or plain `yolo train "
-                "distill_model=` for Ultralytics' own distillation, not both"
-            )
-        require_file(self.args.teacher, "teacher")  # before any data work; the distiller loads it in setup_model
+        self._check(vars(self.args))
+        self.args.teacher = checkpoint(self.args.teacher)
         self.distill_cfg = resolve(self.args)
         self.distiller = None
         self.batch_i = 0  # batches seen this epoch (schedule position)
         self.add_callback("on_train_epoch_start", DistillMixin._epoch_start)
+
+    def _check(self, args: dict) -> None:
+        """One-line errors for what cannot run: both distillers at once, no teacher, bad distillation values, the
+        gradient-share balancing under DDP (it measures norms on one process)."""
+        if args.get("distill_model"):
+            raise FGDError(
+                "teacher= and distill_model= both given: use yolo-fgd's teacher= for FGD, or plain `yolo train "
+                "distill_model=` for Ultralytics' own distillation, not both"
+            )
+        require_file(checkpoint(args["teacher"]) if args.get("teacher") else None, "teacher")
+        cfg = resolve(args)
+        devices = getattr(self, "world_size", None) or len(str(args.get("device") or "").split(","))
+        if cfg["share"] > 0 and devices > 1:
+            raise FGDError(f"fgd_share={cfg['share']} balances gradient norms measured on one process, not under DDP "
+                           f"({devices} devices): train on one device or leave fgd_share out")
 
     def setup_model(self):
         ckpt = super().setup_model()

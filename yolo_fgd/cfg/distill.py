@@ -1,0 +1,113 @@
+"""The distillation arguments a trainer adds to Ultralytics' and their resolution against the loss presets
+(``presets.yaml``); pure configuration, so the CLI checks them before it imports torch.
+
+One name per idea: a preset key ``k`` is the train argument ``fgd_k`` (FGD's terms and schedule) or ``k`` itself
+(``kd_cls``, ``kd_box``...: the head-response family, which is not FGD). The FGD term weights are named after the
+terms they weigh: ``fg``, ``bg``, ``at``, ``gl`` (the paper's alpha, beta, gamma, lambda of Eq. 13).
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from functools import lru_cache
+
+import yaml
+
+from ..errors import FGDError
+from . import PRESETS
+
+TERMS = ("fg", "bg", "at", "gl")  # Eq. 9 foreground, Eq. 9 background, Eq. 10 attention, Eq. 11 global
+FLOAT_KEYS = (*TERMS, "temperature", "gain", "warmup", "decay", "share", "mgd_ratio", "kd_cls", "kd_box", "crosskd",
+              "kd_kpt", "kd_angle", "kd_mask")
+BOOL_KEYS = ("norm", "split", "spatial", "channel", "mse", "mgd", "level_norm", "kd_focal")
+KEYS = FLOAT_KEYS + BOOL_KEYS
+# the head-response family (not FGD, so no fgd_ prefix): weights of the term, its FGD-style anchor weighting, CrossKD
+RESPONSE_KEYS = ("kd_cls", "kd_box", "kd_focal", "crosskd", "kd_kpt", "kd_angle", "kd_mask")
+TASK_KEYS = {"pose": "kd_kpt", "obb": "kd_angle", "segment": "kd_mask"}  # the extra head output each distils
+PRESET_DEFAULTS = {"kd_cls": 0.0, "kd_box": 0.0, "kd_focal": False, "crosskd": 0.0, "kd_kpt": 0.0, "kd_angle": 0.0,
+                   "kd_mask": 0.0, "decay": 0.0, "share": 0.0,
+                   "split": True, "spatial": True, "channel": True, "mse": False, "mgd": False, "mgd_ratio": 0.65,
+                   "level_norm": False}
+# Names of earlier releases, accepted with a warning.
+RENAMED = {"fgd_alpha": "fgd_fg", "fgd_beta": "fgd_bg", "fgd_gamma": "fgd_at", "fgd_lambda": "fgd_gl",
+           "fgd_kd_cls": "kd_cls", "fgd_kd_box": "kd_box"}
+
+
+def arg_name(key: str) -> str:
+    """The train argument of preset key ``key``."""
+    return key if key in RESPONSE_KEYS else f"fgd_{key}"
+
+
+# Extra train args (merged into Ultralytics' cfg). None means "take it from the preset".
+ARGS = {
+    "teacher": None,  # (str) path to the teacher checkpoint or its run folder (required)
+    "fgd_preset": "yolo",  # (str) preset name in presets.yaml
+    **{arg_name(k): None for k in KEYS},
+}
+
+
+def renamed(kv: dict) -> dict:
+    """``kv`` with the argument names of earlier releases replaced by today's, warning once per name."""
+    out = dict(kv)
+    for old, new in RENAMED.items():
+        if old in out:
+            value = out.pop(old)
+            warnings.warn(f"'{old}' is deprecated, use '{new}'", FutureWarning, stacklevel=2)
+            if out.get(new) is None:
+                out[new] = value
+    return out
+
+
+@lru_cache
+def presets() -> dict:
+    """All presets by name."""
+    return yaml.safe_load(PRESETS.read_text())
+
+
+def _as_bool(key, v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in {"true", "1", "yes"}:
+        return True
+    if str(v).lower() in {"false", "0", "no"}:
+        return False
+    raise FGDError(f"{arg_name(key)}={v} is not a boolean: use {arg_name(key)}=True or {arg_name(key)}=False")
+
+
+def _as_float(key, v) -> float:
+    if isinstance(v, bool):
+        raise FGDError(f"{arg_name(key)}={v} is not a number: pass e.g. {arg_name(key)}=0.5")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise FGDError(f"{arg_name(key)}={v} is not a number: pass e.g. {arg_name(key)}=0.5") from None
+
+
+def resolve(args) -> dict:
+    """Preset values overridden by any distillation argument given (``args``: namespace or dict; names of earlier
+    releases are read too) -> dict of preset keys. Every value a run could not use is a one-line FGDError here."""
+    raw = dict(args) if isinstance(args, dict) else dict(vars(args))
+    raw = renamed({k: v for k, v in raw.items() if v is not None})
+    name = raw.get("fgd_preset") or "yolo"
+    table = presets()
+    if name not in table:
+        close = difflib.get_close_matches(str(name), table, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise FGDError(f"unknown fgd_preset '{name}': {hint}choose one of {', '.join(table)}")
+    cfg = {**PRESET_DEFAULTS, **table[name]}
+    for k in KEYS:
+        v = raw.get(arg_name(k))
+        if v is not None:
+            cfg[k] = _as_bool(k, v) if k in BOOL_KEYS else _as_float(k, v)
+    for k in (*TERMS, "gain", "warmup", "decay", "share", "kd_cls", "kd_box", "crosskd", *TASK_KEYS.values()):
+        if float(cfg[k]) < 0:
+            raise FGDError(f"{arg_name(k)}={cfg[k]} is negative: distillation weights, warm-up and decay must be >= 0")
+    if not 0 <= float(cfg["mgd_ratio"]) < 1:
+        raise FGDError(f"fgd_mgd_ratio={cfg['mgd_ratio']} must be in [0, 1) (the share of positions MGD masks out)")
+    if float(cfg["temperature"]) <= 0:
+        raise FGDError(f"fgd_temperature={cfg['temperature']} must be > 0 (the paper uses 0.5)")
+    if cfg["kd_focal"] and cfg["fg"] <= 0:
+        raise FGDError(f"kd_focal=True weighs background anchors by fgd_bg / fgd_fg, but fgd_fg={cfg['fg']}: pass "
+                       "fgd_fg > 0 (e.g. fgd_fg=2e-3) or kd_focal=False")
+    return cfg

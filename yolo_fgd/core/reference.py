@@ -1,0 +1,68 @@
+"""The FGD loss of one level in plain autograd, written to be read next to the paper (Yang et al., CVPR 2022) and the
+official ``FeatureLoss`` (yzd-v/FGD): the reference the fast path (:class:`~yolo_fgd.core.fgd.FGDLoss`, its
+hand-written backward and the Triton kernels) is tested against, and the loss itself under
+``YOLO_FGD_KERNEL=reference``.
+
+Notation: F_t teacher feature, F_s' aligned student feature (N,C,H,W); M_fg / M_bg the masks of Eq. 2-4
+(:func:`~yolo_fgd.core.masks.fgd_masks`); T the temperature. Every term is summed over the level and divided by N, as
+the official code does (its ``loss_mse`` with ``reduction='sum'``, then ``/ N``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention(feat: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 5-8. G^S = mean_c |F| (N,H,W) and G^C = mean_hw |F| (N,C), then
+    A_S = H W softmax(G^S / T) (Eq. 7) and A_C = C softmax(G^C / T) (Eq. 8)."""
+    n, c, h, w = feat.shape
+    value = feat.abs()
+    g_s = value.mean(1)  # Eq. 5
+    g_c = value.mean(2).mean(2)  # Eq. 6, mean over H then W as the official code
+    a_s = h * w * F.softmax((g_s / temperature).view(n, -1), dim=1).view(n, h, w)
+    a_c = c * F.softmax(g_c / temperature, dim=1)
+    return a_s, a_c
+
+
+def relation(block: nn.Module, feat: torch.Tensor) -> torch.Tensor:
+    """Eq. 12, the GcBlock R(F) = F + W_v2(ReLU(LN(W_v1(sum_j softmax_j(W_k F_j) F_j)))), run through the block's
+    own modules (``block.context`` = W_k, ``block.transform`` = W_v1, LN, ReLU, W_v2) as the official ``spatial_pool``
+    and ``channel_add_conv`` do."""
+    n, c, h, w = feat.shape
+    attn = F.softmax(block.context(feat).view(n, 1, h * w), dim=2)  # (N,1,HW)
+    context = torch.matmul(feat.view(n, 1, c, h * w), attn.view(n, 1, h * w, 1)).view(n, c, 1, 1)
+    return feat + block.transform(context)
+
+
+def terms(fs: torch.Tensor, ft: torch.Tensor, mask_fg: torch.Tensor, mask_bg: torch.Tensor, gc_s: nn.Module,
+          gc_t: nn.Module, temperature: float = 0.5, spatial: bool = True, channel: bool = True) -> torch.Tensor:
+    """The four unweighted terms (L_fg, L_bg, L_at, L_gl) (4,) of one level for aligned student features fs and
+    teacher features ft (N,C,H,W), masks (N,H,W) and the two GcBlocks; ``spatial`` / ``channel`` False replace A_S /
+    A_C by ones in Eq. 9 (the ablations of the paper's Table 5)."""
+    n = ft.shape[0]
+    ft = ft.detach()
+    s_t, c_t = attention(ft, temperature)  # the teacher's attentions weigh Eq. 9
+    s_s, c_s = attention(fs, temperature)
+    a_s = s_t if spatial else torch.ones_like(s_t)
+    a_c = c_t if channel else torch.ones_like(c_t)
+    # Eq. 9: L_fg = sum M_fg A_S A_C (F_t - F_s')^2, L_bg the same with M_bg (the official code: an MSE of features
+    # multiplied by the square roots of the masks and attentions)
+    w_fg = (mask_fg * a_s).unsqueeze(1).sqrt() * a_c.view(n, -1, 1, 1).sqrt()
+    w_bg = (mask_bg * a_s).unsqueeze(1).sqrt() * a_c.view(n, -1, 1, 1).sqrt()
+    l_fg = F.mse_loss(fs * w_fg, ft * w_fg, reduction="sum") / n
+    l_bg = F.mse_loss(fs * w_bg, ft * w_bg, reduction="sum") / n
+    # Eq. 10: L_at = sum |A_C^t - A_C^s| + sum |A_S^t - A_S^s| (the paper's l1 loss over both attentions)
+    l_at = (c_s - c_t).abs().sum() / n + (s_s - s_t).abs().sum() / n
+    # Eq. 11: L_gl = sum (R(F_t) - R(F_s'))^2
+    l_gl = F.mse_loss(relation(gc_s, fs), relation(gc_t, ft), reduction="sum") / n
+    return torch.stack([l_fg, l_bg, l_at, l_gl])
+
+
+def weighted(fs, ft, mask_fg, mask_bg, gc_s, gc_t, weights, temperature=0.5, spatial=True, channel=True):
+    """Eq. 13: alpha L_fg + beta L_bg + gamma L_at + lambda L_gl as the (4,) weighted terms, ``weights`` the
+    (alpha, beta, gamma, lambda) of :class:`~yolo_fgd.core.fgd.FGDLoss` (``fg``, ``bg``, ``at``, ``gl``)."""
+    t = terms(fs, ft, mask_fg, mask_bg, gc_s, gc_t, temperature, spatial, channel)
+    return t * t.new_tensor(list(weights))
