@@ -80,7 +80,7 @@ def test_mgd_preset_builds_mgd_levels():
     from yolo_fgd.core import MGDLoss
     from yolo_fgd.core.presets import build_pyramid, resolve
 
-    cfg = resolve({"fgd_preset": "mgd"})
+    cfg = resolve({"distill_preset": "mgd"})
     assert cfg["mgd"] and cfg["kd_cls"] == 1.0
     pyr = build_pyramid([4, 8], [8, 16], cfg)
     assert all(isinstance(level, MGDLoss) for level in pyr.levels)
@@ -129,10 +129,10 @@ def test_crosskd_zero_at_equality_and_gradients_only_to_student_side(teacher, da
 def test_candidates_train_with_finite_terms(data, runs, teacher):
     from ultralytics import YOLO
 
-    from yolo_fgd import FGDTrainer
+    from yolo_fgd import DistillTrainer
 
-    YOLO("yolo11n.yaml").train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs),
-                               name="candidates", fgd_preset="mgd", crosskd=1.0, kd_focal=True, fgd_warmup=0, **TINY)
+    YOLO("yolo11n.yaml").train(trainer=DistillTrainer, teacher=teacher, data=data, epochs=1, project=str(runs),
+                               name="candidates", distill_preset="mgd", crosskd=1.0, kd_focal=True, distill_warmup=0, **TINY)
     with open(Path(runs) / "candidates" / "results.csv") as f:
         row = {k.strip(): v for k, v in next(csv.DictReader(f)).items()}
     for k in ("train/fgd", "train/fgd_fg", "train/kd", "train/crosskd"):

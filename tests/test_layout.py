@@ -55,7 +55,7 @@ def test_one_name_per_idea_from_preset_to_argument_to_loss():
     assert TERMS == ("fg", "bg", "at", "gl")
     for name, preset in presets().items():
         assert set(preset) <= set(KEYS), (name, set(preset) - set(KEYS))
-    assert set(ARGS) == {"teacher", "fgd_preset", *(arg_name(k) for k in KEYS)}
+    assert set(ARGS) == {"teacher", "distill_preset", *(arg_name(k) for k in KEYS)}
     assert arg_name("fg") == "fgd_fg" and arg_name("kd_cls") == "kd_cls"
     loss = FGDLoss(4, 4, **{k: 1.0 for k in TERMS})
     import torch
@@ -68,3 +68,16 @@ def test_one_name_per_idea_from_preset_to_argument_to_loss():
 def test_edge_runner_in_the_package_is_the_one_users_copy():
     assert (ROOT / "export" / "edge.py").resolve() == (ROOT / "yolo_fgd" / "deploy" / "edge.py").resolve()
     assert not any(p.is_symlink() for p in (ROOT / "yolo_fgd").rglob("*"))
+
+
+def test_names_of_earlier_releases_still_import_and_run():
+    """FGDTrainer (and its task siblings) are DistillTrainer's earlier names; fgd_preset, fgd_warmup and fgd_decay
+    are distill_preset, distill_warmup and distill_decay's, read with a warning."""
+    from yolo_fgd import DistillTrainer, FGDTrainer
+    from yolo_fgd.cfg.distill import resolve
+    from yolo_fgd.yolo import OBBDistillTrainer, OBBFGDTrainer
+
+    assert FGDTrainer is DistillTrainer and OBBFGDTrainer is OBBDistillTrainer
+    with pytest.warns(FutureWarning, match="'fgd_warmup' is deprecated, use 'distill_warmup'"):
+        cfg = resolve({"fgd_preset": "mse", "fgd_warmup": 1.5, "fgd_decay": 2})
+    assert cfg["mse"] and cfg["warmup"] == 1.5 and cfg["decay"] == 2

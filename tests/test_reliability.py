@@ -40,10 +40,10 @@ def odd_data(data, tmp_path_factory):
 def test_odd_labels_train_with_finite_fgd(odd_data, runs, teacher):
     from ultralytics import YOLO
 
-    from yolo_fgd import FGDTrainer
+    from yolo_fgd import DistillTrainer
 
-    YOLO("yolo11n.yaml").train(trainer=FGDTrainer, teacher=teacher, data=odd_data, epochs=1, project=str(runs),
-                               name="odd", fgd_warmup=0, fgd_gain=0.05, **TINY)
+    YOLO("yolo11n.yaml").train(trainer=DistillTrainer, teacher=teacher, data=odd_data, epochs=1, project=str(runs),
+                               name="odd", distill_warmup=0, fgd_gain=0.05, **TINY)
     r = rows(Path(runs) / "odd")[0]
     for k in ("train/fgd", "train/fgd_fg", "train/fgd_bg", "train/fgd_gl", "train/kd"):
         assert np.isfinite(float(r[k])), k
@@ -53,7 +53,7 @@ def test_odd_labels_train_with_finite_fgd(odd_data, runs, teacher):
 def test_non_finite_teacher_features_are_dropped_not_learned(data, runs, teacher):
     from ultralytics import YOLO
 
-    from yolo_fgd import FGDTrainer
+    from yolo_fgd import DistillTrainer
 
     def poison(trainer):  # every teacher feature becomes NaN
         trainer.distiller.teacher.model[0].conv.weight.data.fill_(float("nan"))
@@ -62,8 +62,8 @@ def test_non_finite_teacher_features_are_dropped_not_learned(data, runs, teacher
     model = YOLO("yolo11n.yaml")
     model.add_callback("on_pretrain_routine_end", poison)
     model.add_callback("on_train_end", lambda t: seen.update(trainer=t))
-    model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="nan", nbs=4,
-                warmup_epochs=0, fgd_warmup=0, fgd_gain=0.05, **TINY)
+    model.train(trainer=DistillTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="nan", nbs=4,
+                warmup_epochs=0, distill_warmup=0, fgd_gain=0.05, **TINY)
     r = rows(Path(runs) / "nan")[0]
     assert int(float(r["distill/skipped"])) == 2  # both batches of the epoch
     t = seen["trainer"]

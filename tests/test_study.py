@@ -12,7 +12,7 @@ def tiny_recipe(root):
         "student": "yolo11n.yaml",
         "train": {"epochs": 1, "imgsz": 64, "batch": 4, "workers": 0, "plots": False, "amp": False, "device": "cpu"},
         "seeds": [0, 1],
-        "methods": {"baseline": {}, "fgd": {"fgd": True}, "distill": {"args": {"distill_model": "TEACHER"}}},
+        "methods": {"baseline": {}, "fgd": {"distill": True}, "distill": {"args": {"distill_model": "TEACHER"}}},
     }
 
 
@@ -46,7 +46,7 @@ def test_demo_table(tmp_path, capsys, monkeypatch):
 
     rec = tiny_recipe(tmp_path)
     rec["seeds"] = [0]
-    rec["methods"] = {"baseline": {}, "fgd": {"fgd": True}}
+    rec["methods"] = {"baseline": {}, "fgd": {"distill": True}}
     monkeypatch.chdir(tmp_path)
     demo(rec, project="runs", name="demo")  # relative project, as `make demo` passes it
     assert (tmp_path / "runs" / "demo" / "benchmark" / "benchmark.md").is_file()
@@ -61,8 +61,8 @@ def test_plan_orders_overrides_and_finetune(tmp_path):
 
     rec = tiny_recipe(tmp_path)
     rec["datasets"] = {"a": {"data": rec["datasets"]["tiny"], "train": {"imgsz": 96, "epochs": 3}}}
-    rec["methods"] = {"baseline": {}, "mse": {"fgd": True, "args": {"fgd_preset": "mse"}, "seeds": [0]},
-                      "ft": {"fgd": True, "model": "RUN:baseline", "args": {"epochs": 2}}}
+    rec["methods"] = {"baseline": {}, "mse": {"distill": True, "args": {"distill_preset": "mse"}, "seeds": [0]},
+                      "ft": {"distill": True, "model": "RUN:baseline", "args": {"epochs": 2}}}
     specs = plan(rec, tmp_path / "r")
     assert [s["method"] for s in specs].count("mse") == 1 and [s["method"] for s in specs].count("ft") == 2
     assert all(s["train"]["imgsz"] == 96 and s["train"]["epochs"] == 3 for s in specs)
@@ -89,7 +89,7 @@ def test_shipped_recipes_resolve(recipe):
     check_models([{"model": rec["teacher"]["model"]}, {"model": rec["student"]}])  # names Ultralytics can build
     for name, m in rec["methods"].items():
         m = m or {}
-        if m.get("fgd"):
+        if m.get("distill"):
             cfg = resolve_fgd(m.get("args") or {})
             assert cfg["fg"] >= 0 and cfg["temperature"] > 0, name
 
@@ -117,7 +117,7 @@ def test_presets_follow_the_paper():
     assert all(not v.get("kd_cls") and not v.get("kd_box") for k, v in p.items() if k not in {"yolo", "mgd"})
 
 
-@pytest.mark.parametrize("key", ["fgd_decay", "fgd_warmup", "fgd_gain"])
+@pytest.mark.parametrize("key", ["distill_decay", "distill_warmup", "fgd_gain"])
 def test_negative_schedule_or_weight_is_a_clear_error(key):
     from yolo_fgd.core.presets import resolve as resolve_fgd
     from yolo_fgd.errors import FGDError

@@ -21,9 +21,9 @@ def student(data, runs, teacher):
     """A distilled run folder (1 tiny epoch) to delegate modes on."""
     from ultralytics import YOLO
 
-    from yolo_fgd import FGDTrainer
+    from yolo_fgd import DistillTrainer
 
-    YOLO("yolo11n.yaml").train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs),
+    YOLO("yolo11n.yaml").train(trainer=DistillTrainer, teacher=teacher, data=data, epochs=1, project=str(runs),
                                name="surface", **TINY)
     return Path(runs) / "surface"
 
@@ -157,11 +157,11 @@ def test_a_run_that_fails_after_its_folder_was_made_leaves_no_folder(tmp_path, d
 
 
 def test_fgd_share_is_refused_under_ddp_before_any_folder(tmp_path, data, teacher):
-    from yolo_fgd import FGDTrainer
+    from yolo_fgd import DistillTrainer
     from yolo_fgd.errors import FGDError
 
     with pytest.raises(FGDError, match="fgd_share=0.1 balances gradient norms .* not under DDP"):
-        FGDTrainer(overrides=dict(model="yolo11n.yaml", teacher=teacher, data=data, fgd_share=0.1, device="0,1",
+        DistillTrainer(overrides=dict(model="yolo11n.yaml", teacher=teacher, data=data, fgd_share=0.1, device="0,1",
                                   project=str(tmp_path), name="ddp"))
     assert not (tmp_path / "ddp").exists()
 
@@ -215,5 +215,5 @@ def test_every_loss_item_fits_ultralytics_header(key):
     from yolo_fgd.yolo.distiller import item_name
 
     for preset in ("yolo", "mse", "mgd"):
-        name = item_name(key, resolve({"fgd_preset": preset}))
+        name = item_name(key, resolve({"distill_preset": preset}))
         assert len(name) <= 10, (preset, key, name)

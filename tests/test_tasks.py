@@ -33,7 +33,7 @@ def task_run(request, tmp_path_factory):
     student = YOLO(student_cfg)
     assert student.task == task
     student.train(trainer=trainer_for(task), teacher=str(teacher), data=data, epochs=1, project=str(root),
-                  name="student", fgd_gain=0.05, fgd_warmup=0, **{term: 1.0}, **TINY)
+                  name="student", fgd_gain=0.05, distill_warmup=0, **{term: 1.0}, **TINY)
     return task, root, data, teacher
 
 
@@ -71,11 +71,11 @@ def test_task_teacher_must_match_the_student(task_run, tmp_path):
     from ultralytics import YOLO
 
     from yolo_fgd.errors import FGDError
-    from yolo_fgd.yolo import FGDTrainer
+    from yolo_fgd.yolo import DistillTrainer
 
     task, root, data, teacher = task_run
     with pytest.raises(FGDError, match=f"is a '{task}' model but the student is 'detect'"):
-        YOLO("yolo11n.yaml").train(trainer=FGDTrainer, teacher=str(teacher), data=data, epochs=1,
+        YOLO("yolo11n.yaml").train(trainer=DistillTrainer, teacher=str(teacher), data=data, epochs=1,
                                    project=str(tmp_path), name="mismatch", **TINY)
 
 

@@ -1,4 +1,4 @@
-"""FGDTrainer end to end on tiny data: API, CLI, checkpoints, resume, cross-family, errors, DDP re-creation."""
+"""DistillTrainer end to end on tiny data: API, CLI, checkpoints, resume, cross-family, errors, DDP re-creation."""
 
 import copy
 import csv
@@ -26,7 +26,7 @@ def fgd_run(data, runs, teacher):
     """One FGD run through the Python API (2 epochs), with the FGD state captured at setup and at the end."""
     from ultralytics import YOLO
 
-    from yolo_fgd import FGDTrainer
+    from yolo_fgd import DistillTrainer
 
     model = YOLO("yolo11n.yaml")
     seen = {}
@@ -35,8 +35,8 @@ def fgd_run(data, runs, teacher):
     model.add_callback("on_train_end", lambda t: seen.setdefault("trainer", t))
     # nbs=batch and no warm-up: every batch is an optimiser step at full lr, so 4 steps must move every FGD weight;
     # fgd_gain=0.05 turns FGD on (the shipped preset has the head-response term only)
-    model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=2, project=str(runs), name="fgd", nbs=4,
-                warmup_epochs=0, fgd_warmup=0, fgd_gain=0.05, **TINY)
+    model.train(trainer=DistillTrainer, teacher=teacher, data=data, epochs=2, project=str(runs), name="fgd", nbs=4,
+                warmup_epochs=0, distill_warmup=0, fgd_gain=0.05, **TINY)
     return Path(runs) / "fgd", seen
 
 
@@ -98,7 +98,7 @@ def test_checkpoints_are_plain_student_and_safe_load(fgd_run, which):
 def test_resume_restores_fgd_state_and_finishes(data, runs, teacher):
     from ultralytics import YOLO
 
-    from yolo_fgd import FGDTrainer
+    from yolo_fgd import DistillTrainer
 
     def stop(trainer):
         if trainer.epoch == 0:
@@ -107,7 +107,7 @@ def test_resume_restores_fgd_state_and_finishes(data, runs, teacher):
     model = YOLO("yolo11n.yaml")
     model.add_callback("on_fit_epoch_end", stop)
     with pytest.raises(StopAfterFirstEpoch):
-        model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=2, project=str(runs), name="resume",
+        model.train(trainer=DistillTrainer, teacher=teacher, data=data, epochs=2, project=str(runs), name="resume",
                     fgd_gain=0.05, **TINY)
     wdir = Path(runs) / "resume" / "weights"
     saved = torch.load(wdir / "fgd_last.pt", weights_only=True)["fgd"]
@@ -117,7 +117,7 @@ def test_resume_restores_fgd_state_and_finishes(data, runs, teacher):
     resumed = YOLO(wdir / "last.pt")
     resumed.add_callback("on_pretrain_routine_end", lambda t: seen.update(
         start=t.start_epoch, state=copy.deepcopy(t.distiller.fgd.state_dict()), teacher=t.args.teacher))
-    resumed.train(trainer=FGDTrainer, resume=True)
+    resumed.train(trainer=DistillTrainer, resume=True)
     assert seen["start"] == 1 and seen["teacher"] == teacher
     for k, v in saved.items():
         assert torch.equal(v.cpu(), seen["state"][k].cpu()), k
@@ -129,10 +129,10 @@ def test_cross_family_and_yolo26_student(data, runs):
     the student's plain distances: the response term compares decoded distances)."""
     from ultralytics import YOLO
 
-    from yolo_fgd import FGDTrainer
+    from yolo_fgd import DistillTrainer
 
     t8 = train_teacher("yolov8n.yaml", data, runs, "teacher8n")
-    YOLO("yolo26n.yaml").train(trainer=FGDTrainer, teacher=t8, data=data, epochs=1, project=str(runs), name="y26",
+    YOLO("yolo26n.yaml").train(trainer=DistillTrainer, teacher=t8, data=data, epochs=1, project=str(runs), name="y26",
                                fgd_gain=0.05, **TINY)
     rows = read_csv(Path(runs) / "y26" / "results.csv")
     assert float(rows[0]["train/fgd"]) > 0 and float(rows[0]["train/kd"]) > 0
@@ -143,7 +143,7 @@ def test_default_is_response_and_crosskd_and_builds_no_fgd(data, runs, teacher, 
     are not built, optimised, saved or logged; with crosskd=0 too, the distiller has no module at all."""
     from ultralytics import YOLO
 
-    from yolo_fgd import FGDTrainer
+    from yolo_fgd import DistillTrainer
     from yolo_fgd.core import FGDPyramid
 
     def never(*a, **k):
@@ -153,7 +153,7 @@ def test_default_is_response_and_crosskd_and_builds_no_fgd(data, runs, teacher, 
     seen = {}
     model = YOLO("yolo11n.yaml")
     model.add_callback("on_train_end", lambda t: seen.update(trainer=t))
-    model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="kd", fgd_warmup=0,
+    model.train(trainer=DistillTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="kd", distill_warmup=0,
                 **TINY)
     row = read_csv(Path(runs) / "kd" / "results.csv")[0]
     assert float(row["train/kd"]) > 0 and float(row["train/crosskd"]) > 0
@@ -164,8 +164,8 @@ def test_default_is_response_and_crosskd_and_builds_no_fgd(data, runs, teacher, 
                                                                                                   "epoch"}
     model = YOLO("yolo11n.yaml")
     model.add_callback("on_train_end", lambda t: seen.update(trainer=t))
-    model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="kd_only",
-                fgd_warmup=0, crosskd=0, **TINY)
+    model.train(trainer=DistillTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="kd_only",
+                distill_warmup=0, crosskd=0, **TINY)
     assert not list(seen["trainer"].distiller.parameters())
     assert "train/crosskd" not in read_csv(Path(runs) / "kd_only" / "results.csv")[0]
     assert not (Path(runs) / "kd_only" / "weights" / "fgd_last.pt").exists()
@@ -174,7 +174,7 @@ def test_default_is_response_and_crosskd_and_builds_no_fgd(data, runs, teacher, 
 def test_cli_train_and_val(data, runs, teacher):
     out = run_cli("train", "model=yolo11n.yaml", f"teacher={teacher}", f"data={data}", "epochs=1", "imgsz=64",
                   "batch=4", "plots=False", f"project={runs}", "name=cli", "exist_ok=True", "device=cpu",
-                  "fgd_gain=0.5", "fgd_warmup=0")
+                  "fgd_gain=0.5", "distill_warmup=0")
     assert out.returncode == 0, out.stderr[-3000:]
     best = Path(runs) / "cli" / "weights" / "best.pt"
     assert best.is_file()
@@ -189,7 +189,7 @@ def test_cli_help():
     out = run_cli("help")
     assert out.returncode == 0 and "yolo-fgd COMMAND help" in out.stdout and "benchmark-step" in out.stdout
     out = run_cli("train", "help")
-    assert out.returncode == 0 and "teacher=" in out.stdout and "fgd_warmup" in out.stdout
+    assert out.returncode == 0 and "teacher=" in out.stdout and "distill_warmup" in out.stdout
 
 
 def one_line_error(out, *needles):
@@ -240,7 +240,7 @@ def test_error_with_distill_model(data, runs, teacher):
 
 def test_error_unknown_key_suggests(data, runs, teacher):
     one_line_error(cli_train(data, runs, f"teacher={teacher}", "fgd_fgg=1"), "fgd_fgg", "fgd_fg")
-    one_line_error(cli_train(data, runs, f"teacher={teacher}", "fgd_preset=yolox2"), "unknown fgd_preset")
+    one_line_error(cli_train(data, runs, f"teacher={teacher}", "distill_preset=yolox2"), "unknown distill_preset")
 
 
 def test_ddp_recreation_keeps_args_and_not_teacher(data, runs, teacher):
@@ -250,15 +250,15 @@ def test_ddp_recreation_keeps_args_and_not_teacher(data, runs, teacher):
     from ultralytics.utils.dist import generate_ddp_file
     from ultralytics.utils.patches import torch_load
 
-    from yolo_fgd import FGDTrainer
+    from yolo_fgd import DistillTrainer
 
-    trainer = FGDTrainer(overrides=dict(model="yolo11n.yaml", teacher=teacher, data=data, epochs=1, fgd_gain=0.3,
+    trainer = DistillTrainer(overrides=dict(model="yolo11n.yaml", teacher=teacher, data=data, epochs=1, fgd_gain=0.3,
                                         project=str(runs), name="ddp", **TINY))
     trainer.model = YOLO("yolo11n.yaml").model
     file = generate_ddp_file(trainer)
     try:
         state = torch_load(str(Path(file).with_suffix(".pt")), map_location="cpu")  # as the DDP temp file loads it
-        assert state["trainer"] is FGDTrainer and state["args"]["teacher"] == teacher
+        assert state["trainer"] is DistillTrainer and state["args"]["teacher"] == teacher
         assert not any("yolo_fgd" in type(m).__module__ for m in state["model"].modules())
         src = Path(file).read_text()
         assert "state[\"trainer\"](cfg=cfg, overrides=state[\"args\"]" in src
@@ -291,26 +291,26 @@ def test_attention_maps_png(fgd_run, teacher, data, tmp_path):
 def test_grad_share_balancing_moves_the_multiplier(data, runs, teacher, monkeypatch):
     from ultralytics import YOLO
 
-    from yolo_fgd import FGDTrainer
+    from yolo_fgd import DistillTrainer
     from yolo_fgd.yolo import Distiller
 
     monkeypatch.setattr(Distiller, "MEASURE_EVERY", 1)
     seen = {}
     model = YOLO("yolo11n.yaml")
     model.add_callback("on_train_end", lambda t: seen.update(mult=t.distiller.mult, cfg=t.distill_cfg))
-    model.train(trainer=FGDTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="share",
-                fgd_share=5.0, fgd_gain=0.05, fgd_warmup=0, nbs=4, warmup_epochs=0, **TINY)
+    model.train(trainer=DistillTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="share",
+                fgd_share=5.0, fgd_gain=0.05, distill_warmup=0, nbs=4, warmup_epochs=0, **TINY)
     assert seen["cfg"]["share"] == 5.0 and seen["mult"] != 1.0
     r = read_csv(Path(runs) / "share" / "results.csv")[0]
     assert float(r["fgd/grad_ratio"]) > 0 and abs(float(r["fgd/mult"]) - seen["mult"]) < 1e-3 * max(1, seen["mult"])
 
 
 def test_fgd_schedule_warmup_then_cosine_decay(data, runs, teacher):
-    """fgd_warmup ramps the weight 0 -> 1, fgd_decay brings it back to 0 by the last batch (per batch, fractional)."""
-    from yolo_fgd import FGDTrainer
+    """distill_warmup ramps the weight 0 -> 1, distill_decay brings it back to 0 by the last batch (per batch, fractional)."""
+    from yolo_fgd import DistillTrainer
 
-    t = FGDTrainer(overrides=dict(model="yolo11n.yaml", data=data, teacher=teacher, epochs=10, fgd_warmup=2,
-                                  fgd_decay=4, project=str(runs), name="schedule", **TINY))
+    t = DistillTrainer(overrides=dict(model="yolo11n.yaml", data=data, teacher=teacher, epochs=10, distill_warmup=2,
+                                  distill_decay=4, project=str(runs), name="schedule", **TINY))
     t.train_loader = [None] * 5  # 5 batches per epoch
 
     def at(epoch, batch):

@@ -40,14 +40,14 @@ def test_build_recipes_and_fpn_levels(arch, recipe):
         feats = m.backbone(torch.zeros(1, 3, 64, 96))
         assert [f.shape[1] for f in feats.values()] == [256] * 5
         assert [f.shape[-1] for f in feats.values()] == [12, 6, 3, 2, 1]  # P3..P7 of a 96-px-wide input
-    assert cfg["fgd_preset"] in {"anchor_based", "anchor_free"}
+    assert cfg["distill_preset"] in {"anchor_based", "anchor_free"}
 
 
 def test_boxes_mapped_on_padded_batch():
     """Two images of different sizes: boxes are normalised by the padded batch tensor, not by each image."""
     s = build("retinanet", "resnet18", 3, min_size=[64], max_size=64)
     t = build("retinanet", "resnet18", 3, min_size=[64], max_size=64)
-    fgd_cfg = resolve_fgd({"fgd_preset": "anchor_based"})
+    fgd_cfg = resolve_fgd({"distill_preset": "anchor_based"})
     d = Distiller(s, t, fgd_cfg)
     seen = {}
     d.fgd.register_forward_pre_hook(lambda m, args: seen.update(boxes=args[2], bi=args[3], shape=args[0][0].shape))
@@ -67,7 +67,7 @@ def test_one_fgd_step_trains_student_and_gcblocks_not_teacher(tv_teacher):
     path, _ = tv_teacher
     s = build("retinanet", "resnet18", 6, **SMALL)
     t = build("retinanet", "resnet18", 6, path, **SMALL)
-    d = Distiller(s, t, resolve_fgd({"fgd_preset": "anchor_based", "fgd_gain": 100.0}))
+    d = Distiller(s, t, resolve_fgd({"distill_preset": "anchor_based", "fgd_gain": 100.0}))
     before = {k: v.clone() for k, v in d.state_dict().items()}
     t_before = {k: v.clone() for k, v in t.state_dict().items()}
     opt = torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
@@ -154,7 +154,7 @@ def test_tv_val_cli(tv_teacher, data):
     assert "mAP | AP50 | AP75 | APs | APm | APl | AR100 | ARs | ARm | ARl" in out.stdout
     bad = run_cli("tv-train", "fgd=True", f"data={data}", "epochs=1")
     assert bad.returncode == 2 and "needs teacher=" in bad.stderr
-    bad = run_cli("tv-train", "fgd=True", f"teacher={path}", "fgd_preset=yolo", f"data={data}", "epochs=1",
+    bad = run_cli("tv-train", "fgd=True", f"teacher={path}", "distill_preset=yolo", f"data={data}", "epochs=1",
                   "teacher_backbone=resnet18", "student_backbone=resnet18", "min_size=64", "max_size=96")
     assert bad.returncode == 2 and "paper's FGD only" in bad.stderr, bad.stderr[-500:]
 

@@ -4,13 +4,13 @@ Layers, top to bottom (imports point down only; ``make test`` checks it): ``cli`
 cost benchmarks) -> ``deploy`` (export, parity, evaluation, benchmark, the torch-free edge runner) -> ``yolo`` and
 ``tv`` (adapters) -> ``core`` (losses, masks, presets) and ``data`` -> ``cfg``, ``errors``, ``timing``.
 
-``FGDLoss`` and friends come from the core; ``FGDTrainer`` (it needs Ultralytics) from the YOLO adapter; both are
+``FGDLoss`` and friends come from the core; ``DistillTrainer`` (it needs Ultralytics) from the YOLO adapter; both are
 imported on first use.
 """
 
 __version__ = "0.2.0"
 _LAZY = {"FGDLoss": "core", "FGDPyramid": "core", "GcBlock": "core", "fgd_masks": "core", "response_kd": "core",
-         "FGDTrainer": "yolo"}
+         "DistillTrainer": "yolo", "FGDTrainer": "yolo"}  # FGDTrainer: DistillTrainer's name in earlier releases
 __all__ = [*_LAZY, "__version__"]
 
 

@@ -352,25 +352,25 @@ TRAIN_ARGS = (
     ("model", "yolo11n.yaml", "student: a model YAML (from scratch) or a .pt (fine-tuning)"),
     ("teacher", None, "teacher: a YOLO run folder or its .pt, same classes and Detect strides (required)"),
     ("data", "shapes", "data YAML (shapes / deepforest: the sets `yolo-fgd data` builds)"),
-    ("fgd_preset", "yolo", PRESET_NAMES),
+    ("distill_preset", "yolo", PRESET_NAMES),
 )
 TRAIN_MORE = f"""    fgd_fg= fgd_bg= fgd_at= fgd_gl=   FGD term weights (the paper's alpha, beta, gamma, lambda of Eq. 13)
     fgd_temperature=0.5    T of Eq. 5-6
     fgd_gain=              multiplies the four FGD weights (preset yolo: 0, FGD off; 0.05 turns it on)
     fgd_norm=              standardise features per image and channel before FGD
-    fgd_warmup=            epochs of linear warm-up of every distillation term
-    fgd_decay=             last epochs over which the distillation weight falls to 0 (cosine; 0: off)
+    distill_warmup=            epochs of linear warm-up of every distillation term
+    distill_decay=             last epochs over which the distillation weight falls to 0 (cosine; 0: off)
     fgd_level_norm=True    weigh FGD levels equally (running mean of each level's term)
     fgd_share=             keep |grad FGD| / |grad detection| at this value (0: off), measured every 25 batches
                            (one process only: refused under multi-GPU DDP)
     fgd_split= fgd_spatial= fgd_channel=   ablations: fg/bg split, spatial / channel attention (True/False)
-    fgd_mse=True           plain feature MSE (paper Eq. 1) instead of FGD, e.g. with fgd_preset=mse
+    fgd_mse=True           plain feature MSE (paper Eq. 1) instead of FGD, e.g. with distill_preset=mse
     kd_cls= kd_box=        weights of the head-response term (teacher class scores as soft labels, box-bin KL)
     kd_kpt= kd_angle= kd_mask=   the response term of a pose / OBB / segment head's keypoints, angles, masks
     kd_focal=True          weigh the response term per anchor by FGD's fg/bg masks and teacher attention
     crosskd=1.0            CrossKD: the student's Detect inputs through the teacher's head, to its outputs (on in
                            the shipped preset; crosskd=0 leaves the head response alone)
-    fgd_mgd=True           masked generative distillation instead of FGD (fgd_preset=mgd; fgd_mgd_ratio=0.65)
+    fgd_mgd=True           masked generative distillation instead of FGD (distill_preset=mgd; fgd_mgd_ratio=0.65)
     resume                 continue an interrupted run: yolo-fgd train resume model=<run>/weights/last.pt
     any Ultralytics train argument (epochs, imgsz, batch, device, project, name, ...)
     Renamed (still accepted, with a warning): {', '.join(f'{a} -> {b}' for a, b in RENAMED.items())}
@@ -487,6 +487,12 @@ COMMANDS = {c.name: c for c in [
                   "runs go"),
             "yolo-fgd benchmark-step teacher=runs/detect/teacher/weights/best.pt",
             _lazy("lab.cost", "benchmark_step", device=True), required=("teacher",)),
+    Command("benchmark-accuracy", "error of the FGD loss's fast path and of the official code's fp32 against the fp64 "
+                                  "reference at 80x80 (prints figures)",
+            _rows("size=80 map size; seed=0 random seed; threads=0 CPU threads (0: all)"),
+            "yolo-fgd benchmark-accuracy", _lazy("lab.accuracy", "loss_accuracy")),
+    Command("benchmark-startup", "how fast help, COMMAND help and a typo answer, beside `yolo help` (prints figures)",
+            _rows("repeat=5 alternating runs of each"), "yolo-fgd benchmark-startup", _lazy("lab.startup", "startup")),
     Command("soak", "memory soak on odd labels, FGD on (prints peak RSS)",
             _rows("steps=200 training steps; imgsz=64 image size; batch=4 batch; project=runs/soak where runs go"),
             "yolo-fgd soak steps=200", _lazy("lab.cost", "soak")),

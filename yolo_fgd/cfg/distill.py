@@ -31,18 +31,23 @@ PRESET_DEFAULTS = {"kd_cls": 0.0, "kd_box": 0.0, "kd_focal": False, "crosskd": 0
                    "level_norm": False}
 # Names of earlier releases, accepted with a warning.
 RENAMED = {"fgd_alpha": "fgd_fg", "fgd_beta": "fgd_bg", "fgd_gamma": "fgd_at", "fgd_lambda": "fgd_gl",
-           "fgd_kd_cls": "kd_cls", "fgd_kd_box": "kd_box"}
+           "fgd_kd_cls": "kd_cls", "fgd_kd_box": "kd_box", "fgd_preset": "distill_preset",
+           "fgd_warmup": "distill_warmup", "fgd_decay": "distill_decay"}
+
+
+SCHEDULE_KEYS = ("warmup", "decay")  # govern every distillation term, not FGD's alone: distill_warmup, distill_decay
 
 
 def arg_name(key: str) -> str:
-    """The train argument of preset key ``key``."""
-    return key if key in RESPONSE_KEYS else f"fgd_{key}"
+    """The train argument of preset key ``key``: ``kd_*``/``crosskd`` as they are, ``distill_warmup`` and
+    ``distill_decay`` for the schedule of every term, ``fgd_*`` for FGD's own."""
+    return key if key in RESPONSE_KEYS else f"distill_{key}" if key in SCHEDULE_KEYS else f"fgd_{key}"
 
 
 # Extra train args (merged into Ultralytics' cfg). None means "take it from the preset".
 ARGS = {
     "teacher": None,  # (str) path to the teacher checkpoint or its run folder (required)
-    "fgd_preset": "yolo",  # (str) preset name in presets.yaml
+    "distill_preset": "yolo",  # (str) preset name in presets.yaml
     **{arg_name(k): None for k in KEYS},
 }
 
@@ -89,12 +94,12 @@ def resolve(args) -> dict:
     releases are read too) -> dict of preset keys. Every value a run could not use is a one-line FGDError here."""
     raw = dict(args) if isinstance(args, dict) else dict(vars(args))
     raw = renamed({k: v for k, v in raw.items() if v is not None})
-    name = raw.get("fgd_preset") or "yolo"
+    name = raw.get("distill_preset") or "yolo"
     table = presets()
     if name not in table:
         close = difflib.get_close_matches(str(name), table, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise FGDError(f"unknown fgd_preset '{name}': {hint}choose one of {', '.join(table)}")
+        raise FGDError(f"unknown distill_preset '{name}': {hint}choose one of {', '.join(table)}")
     cfg = {**PRESET_DEFAULTS, **table[name]}
     for k in KEYS:
         v = raw.get(arg_name(k))

@@ -8,7 +8,7 @@ ARGS = {
     "student_weights": None, "data": "shapes", "epochs": 24, "batch": 2, "lr": 0.01, "momentum": 0.9,
     "weight_decay": 1e-4, "warmup_iters": 500, "warmup_factor": 1e-3, "clip": 35.0, "min_size": [800],
     "max_size": 1333, "inherit": False, "hflip": 0.5, "workers": 0, "device": "cpu", "project": "runs/tv",
-    "name": "train", "seed": 0, "resume": False, "fgd": True, "fgd_preset": None, "eval_every": 1, "amp": False,
+    "name": "train", "seed": 0, "resume": False, "fgd": True, "distill_preset": None, "eval_every": 1, "amp": False,
 }
 FGD_KEYS = tuple(arg_name(k) for k in ("fg", "bg", "at", "gl", "temperature", "gain", "norm", "split", "spatial",
                                        "channel", "mse"))

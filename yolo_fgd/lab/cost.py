@@ -26,7 +26,7 @@ from ..core import FGDPyramid, feature_mse, fgd_masks, fgd_masks_loop, kernels
 from ..data import resolve_data, shapes
 from ..errors import FGDError
 from ..timing import times_ms
-from ..yolo import FGDTrainer, trainer_for
+from ..yolo import DistillTrainer, trainer_for
 
 
 def median_s(fn, device, repeat: int, warmup: int = 2) -> float:
@@ -196,7 +196,7 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
 STEP_METHODS = {  # method -> extra train args (teacher/trainer added for the distillers)
     "plain": None, "default": {}, "response": {"crosskd": 0},
     "fgd": {"fgd_gain": 0.05, "kd_cls": 0, "kd_box": 0, "crosskd": 0}, "fgd_response": {"fgd_gain": 0.05, "crosskd": 0},
-    "distill_model": None, "response_focal": {"kd_focal": True, "crosskd": 0}, "mgd": {"fgd_preset": "mgd"},
+    "distill_model": None, "response_focal": {"kd_focal": True, "crosskd": 0}, "mgd": {"distill_preset": "mgd"},
     "fgd_tied": {"fgd_gain": 0.05, "fgd_share": 0.3, "crosskd": 0},
 }
 
@@ -293,9 +293,9 @@ def soak(steps: int = 200, imgsz: int = 64, batch: int = 4, project: str = "runs
     m.add_callback("on_train_start", start)
     m.add_callback("on_train_batch_end", step)
     shutil.rmtree(root / "fgd", ignore_errors=True)
-    m.train(trainer=FGDTrainer, teacher=str(teacher), data=data, epochs=-(-steps // per_epoch), imgsz=imgsz,
+    m.train(trainer=DistillTrainer, teacher=str(teacher), data=data, epochs=-(-steps // per_epoch), imgsz=imgsz,
             batch=batch, workers=0, plots=False, val=False, project=str(root), name="fgd", exist_ok=True,
-            fgd_warmup=0, fgd_gain=0.05)
+            distill_warmup=0, fgd_gain=0.05)
     console.result(f"soak: {count['n']} steps, FGD on {count['fgd']}; peak RSS {rss.get(early, 0):.0f} MB at step "
                    f"{early}, {rss.get(steps, 0):.0f} MB at step {steps}")
     return {"steps": count["n"], "fgd_steps": count["fgd"], "rss_mb": rss}

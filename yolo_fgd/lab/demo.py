@@ -65,11 +65,11 @@ def demo(recipe: str = "demo", project: str = "runs", name: str = "demo", lanes:
     )
     (root / "comparison.csv").write_text("\n".join(csv) + "\n")
     console.result(f"\nyolo-fgd demo results ({root / 'comparison.md'}):\n\n{table}")
-    fgd_runs = [root / ds / f"{m}-s{rec['seeds'][0]}" for ds in rec["datasets"] for m, v in rec["methods"].items()
-                if (v or {}).get("fgd")]
-    if export and fgd_runs and (fgd_runs[0] / "weights" / "best.pt").is_file():
-        best = fgd_runs[0] / "weights" / "best.pt"
-        data = json.loads((fgd_runs[0] / "spec.json").read_text())["data"]
+    distilled = [root / ds / f"{m}-s{rec['seeds'][0]}" for ds in rec["datasets"] for m, v in rec["methods"].items()
+                if (v or {}).get("distill")]
+    if export and distilled and (distilled[0] / "weights" / "best.pt").is_file():
+        best = distilled[0] / "weights" / "best.pt"
+        data = json.loads((distilled[0] / "spec.json").read_text())["data"]
         benchmark(str(best), data=data, imgsz=rec["train"]["imgsz"], runs=30, project=str(root), name="benchmark")
         print(f"yolo-fgd: distilled student {best}, its ONNX files beside it, benchmark {root / 'benchmark'}")
     print(f"yolo-fgd: demo results saved to {root} (comparison.md, comparison.csv; one folder per run)")

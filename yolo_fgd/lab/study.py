@@ -82,7 +82,7 @@ def _train_one(spec: dict, out: Path) -> dict:
     kwargs.update(spec.get("args") or {})
     last = out / "weights" / "last.pt"
     t0 = time.time()
-    trainer = trainer_for(YOLO(spec["model"]).task) if spec.get("fgd") else None
+    trainer = trainer_for(YOLO(spec["model"]).task) if spec.get("distill") else None
     if last.is_file():
         ckpt_epoch = _ckpt_epoch(last)
         if ckpt_epoch is not None:  # unfinished: resume
@@ -163,7 +163,7 @@ def plan(recipe: dict, root: Path) -> list[dict]:
                     needs.append(model)
                 specs.append({"dir": str(root / ds_name / f"{method}-s{seed}"), "method": method, "seed": seed,
                               "data": data, "model": model, "train": train, "task": task,
-                              "fgd": bool(m.get("fgd")), "args": {**({"teacher": teacher_pt} if m.get("fgd") else {}),
+                              "distill": bool(m.get("distill")), "args": {**({"teacher": teacher_pt} if m.get("distill") else {}),
                                                                     **args}, "dataset": ds_name, "needs": needs})
     return specs
 

@@ -75,12 +75,12 @@ def train(**kwargs) -> dict:
         if not cfg["teacher"]:
             raise FGDError("tv-train with fgd=True needs teacher=path/to/teacher.pth (or fgd=False for the baseline)")
         teacher = build(cfg["arch"], cfg["teacher_backbone"], nc, cfg["teacher"], cfg["min_size"], cfg["max_size"])
-        fgd_cfg = resolve({"fgd_preset": cfg["fgd_preset"] or ARCH_PRESET[cfg["arch"]],
+        fgd_cfg = resolve({"distill_preset": cfg["distill_preset"] or ARCH_PRESET[cfg["arch"]],
                            **{k: cfg[k] for k in FGD_KEYS if k in cfg}})
         if any(fgd_cfg[k] for k in RESPONSE_KEYS):
             raise FGDError("kd_cls/kd_box are the YOLO adapter's response term; the torchvision path runs the "
-                           "paper's FGD only: pick a paper preset (fgd_preset=anchor_based, anchor_free or "
-                           "two_stage), or leave fgd_preset unset for the architecture's own")
+                           "paper's FGD only: pick a paper preset (distill_preset=anchor_based, anchor_free or "
+                           "two_stage), or leave distill_preset unset for the architecture's own")
         if cfg["inherit"]:
             LOGGER.info(f"inherit: copied {len(inherit(student, teacher))} FPN/head tensors from the teacher")
         teacher.to(device)

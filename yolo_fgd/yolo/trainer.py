@@ -1,4 +1,4 @@
-"""``FGDTrainer``: Ultralytics' trainer with a model-side :class:`~yolo_fgd.yolo.distiller.Distiller`, as small
+"""``DistillTrainer`` (``FGDTrainer`` of earlier releases): Ultralytics' trainer with a model-side :class:`~yolo_fgd.yolo.distiller.Distiller`, as small
 overrides of named hooks.
 
 The student stays a plain Ultralytics model: its criterion is wrapped for training only, the distiller's modules join
@@ -31,8 +31,8 @@ SIDECAR = "fgd_last.pt"
 
 
 class DistillMixin:
-    """The distillation hooks, for any Ultralytics trainer of a Detect-family head (``FGDTrainer`` is the detection
-    one). Train args: Ultralytics' plus :data:`yolo_fgd.core.presets.ARGS` (``teacher``, ``fgd_preset``, ``fgd_*``,
+    """The distillation hooks, for any Ultralytics trainer of a Detect-family head (the detection one is
+    ``DistillTrainer``). Train args: Ultralytics' plus :data:`yolo_fgd.core.presets.ARGS` (``teacher``, ``distill_preset``, ``fgd_*``,
     ``kd_cls``, ``kd_box``)."""
 
     def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
@@ -106,8 +106,8 @@ class DistillMixin:
         return batch
 
     def distill_scale(self) -> float:
-        """Schedule factor of every distillation term: linear 0 -> 1 over the first ``fgd_warmup`` epochs, cosine
-        1 -> 0 over the last ``fgd_decay`` epochs (both fractional, per batch)."""
+        """Schedule factor of every distillation term: linear 0 -> 1 over the first ``distill_warmup`` epochs, cosine
+        1 -> 0 over the last ``distill_decay`` epochs (both fractional, per batch)."""
         nb = max(len(getattr(self, "train_loader", []) or []), 1)
         pos = self.epoch + self.batch_i / nb  # epochs done, fractional
         warmup, decay = float(self.distill_cfg["warmup"]), float(self.distill_cfg.get("decay") or 0)
@@ -177,30 +177,34 @@ class DistillMixin:
         return saved
 
 
-class FGDTrainer(DistillMixin, DetectionTrainer):
-    """DetectionTrainer with distillation from a frozen teacher (``teacher=path.pt``): the head-response term of
-    the shipped preset, FGD on the Detect inputs with ``fgd_gain=0.05`` (or a paper preset).
+class DistillTrainer(DistillMixin, DetectionTrainer):
+    """DetectionTrainer with distillation from a frozen teacher (``teacher=path.pt``): the head response and CrossKD
+    of the shipped preset, FGD on the Detect inputs with ``fgd_gain=0.05`` (or a paper preset).
 
     Example:
         >>> from ultralytics import YOLO
-        >>> YOLO("yolo11n.yaml").train(trainer=FGDTrainer, teacher="teacher.pt", data="data.yaml", epochs=100)
+        >>> YOLO("yolo11n.yaml").train(trainer=DistillTrainer, teacher="teacher.pt", data="data.yaml", epochs=100)
     """
 
 
-class SegmentFGDTrainer(DistillMixin, SegmentationTrainer):
+class SegmentDistillTrainer(DistillMixin, SegmentationTrainer):
     """SegmentationTrainer with distillation (a segmentation teacher: the response term adds its masks)."""
 
 
-class PoseFGDTrainer(DistillMixin, PoseTrainer):
+class PoseDistillTrainer(DistillMixin, PoseTrainer):
     """PoseTrainer with distillation (a pose teacher: the response term adds its keypoints)."""
 
 
-class OBBFGDTrainer(DistillMixin, OBBTrainer):
+class OBBDistillTrainer(DistillMixin, OBBTrainer):
     """OBBTrainer with distillation (an OBB teacher: the response term adds its angles; FGD's masks use each rotated
     box's axis-aligned hull)."""
 
 
-TRAINERS = {"detect": FGDTrainer, "segment": SegmentFGDTrainer, "pose": PoseFGDTrainer, "obb": OBBFGDTrainer}
+# the names of earlier releases, when every trainer was named for FGD (the shipped default has no FGD term)
+FGDTrainer, SegmentFGDTrainer, PoseFGDTrainer, OBBFGDTrainer = (DistillTrainer, SegmentDistillTrainer,
+                                                                 PoseDistillTrainer, OBBDistillTrainer)
+TRAINERS = {"detect": DistillTrainer, "segment": SegmentDistillTrainer, "pose": PoseDistillTrainer,
+            "obb": OBBDistillTrainer}
 
 
 def trainer_for(task: str) -> type:
