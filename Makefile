@@ -8,7 +8,7 @@ export YOLO_AUTOINSTALL := false
 export YOLO_CONFIG_DIR := $(CURDIR)/.yolo_config
 export YOLO_VERBOSE ?= True
 
-.PHONY: demo test test-quick lint install clean
+.PHONY: demo test test-quick lint docs install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,8 +21,12 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/lint-imports
 
-test: $(STAMP) lint
+test: $(STAMP) lint docs
 	$(BIN)/python -m pytest -q tests
+
+# the documentation site, offline, --strict: a broken link, a missing page or anchor fails (build/site/)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # the tier to run while working: everything that trains no model (a couple of minutes)
 test-quick: $(STAMP) lint

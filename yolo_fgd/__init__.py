@@ -8,7 +8,7 @@ cost benchmarks) -> ``deploy`` (export, parity, evaluation, benchmark, the torch
 imported on first use.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 _LAZY = {"FGDLoss": "core", "FGDPyramid": "core", "GcBlock": "core", "fgd_masks": "core", "response_kd": "core",
          "DistillTrainer": "yolo", "FGDTrainer": "yolo"}  # FGDTrainer: DistillTrainer's name in earlier releases
 __all__ = [*_LAZY, "__version__"]

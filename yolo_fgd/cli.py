@@ -22,7 +22,7 @@ from typing import Callable
 from . import console
 from .cfg import checkpoint, parse_kv, smart_value, ultralytics_defaults
 from .cfg.distill import ARGS as DISTILL_ARGS
-from .cfg.distill import RENAMED, presets, renamed, resolve
+from .cfg.distill import RENAMED, argument_rows, renamed, resolve
 from .cfg.tv import ARGS as TV_ARGS
 from .cfg.tv import FGD_KEYS as TV_FGD_KEYS
 from .errors import FGDError
@@ -347,32 +347,14 @@ def _lazy(module: str, name: str, device: bool = False) -> Callable:
     return run
 
 
-PRESET_NAMES = " | ".join(presets())
 TRAIN_ARGS = (
     ("model", "yolo11n.yaml", "student: a model YAML (from scratch) or a .pt (fine-tuning)"),
-    ("teacher", None, "teacher: a YOLO run folder or its .pt, same classes and Detect strides (required)"),
     ("data", "shapes", "data YAML (shapes / deepforest: the sets `yolo-fgd data` builds)"),
-    ("distill_preset", "yolo", PRESET_NAMES),
+    *((arg, None if default in ("None", "required") else default, text) for arg, default, text, _ in argument_rows()),
 )
-TRAIN_MORE = f"""    fgd_fg= fgd_bg= fgd_at= fgd_gl=   FGD term weights (the paper's alpha, beta, gamma, lambda of Eq. 13)
-    fgd_temperature=0.5    T of Eq. 5-6
-    fgd_gain=              multiplies the four FGD weights (preset yolo: 0, FGD off; 0.05 turns it on)
-    fgd_norm=              standardise features per image and channel before FGD
-    distill_warmup=            epochs of linear warm-up of every distillation term
-    distill_decay=             last epochs over which the distillation weight falls to 0 (cosine; 0: off)
-    fgd_level_norm=True    weigh FGD levels equally (running mean of each level's term)
-    fgd_share=             keep |grad FGD| / |grad detection| at this value (0: off), measured every 25 batches
-                           (one process only: refused under multi-GPU DDP)
-    fgd_split= fgd_spatial= fgd_channel=   ablations: fg/bg split, spatial / channel attention (True/False)
-    fgd_mse=True           plain feature MSE (paper Eq. 1) instead of FGD, e.g. with distill_preset=mse
-    kd_cls= kd_box=        weights of the head-response term (teacher class scores as soft labels, box-bin KL)
-    kd_kpt= kd_angle= kd_mask=   the response term of a pose / OBB / segment head's keypoints, angles, masks
-    kd_focal=True          weigh the response term per anchor by FGD's fg/bg masks and teacher attention
-    crosskd=1.0            CrossKD: the student's Detect inputs through the teacher's head, to its outputs (on in
-                           the shipped preset; crosskd=0 leaves the head response alone)
-    fgd_mgd=True           masked generative distillation instead of FGD (distill_preset=mgd; fgd_mgd_ratio=0.65)
-    resume                 continue an interrupted run: yolo-fgd train resume model=<run>/weights/last.pt
+TRAIN_MORE = f"""    resume                 continue an interrupted run: yolo-fgd train resume model=<run>/weights/last.pt
     any Ultralytics train argument (epochs, imgsz, batch, device, project, name, ...)
+    Defaults are the shipped preset's (yolo): head response + CrossKD, FGD off (fgd_gain=0.05 turns it on).
     Renamed (still accepted, with a warning): {', '.join(f'{a} -> {b}' for a, b in RENAMED.items())}
     Prints the distilled student's best.pt on stdout (logs go to stderr).
 """

@@ -116,3 +116,73 @@ def resolve(args) -> dict:
         raise FGDError(f"kd_focal=True weighs background anchors by fgd_bg / fgd_fg, but fgd_fg={cfg['fg']}: pass "
                        "fgd_fg > 0 (e.g. fgd_fg=2e-3) or kd_focal=False")
     return cfg
+
+
+# --- the table of terms -------------------------------------------------------------------------------------------
+# One row per distillation term: its name (the loss item and the results.csv column train/NAME), the preset keys it
+# reads, what it builds and whether that has trainable modules (optimised and saved in weights/fgd_last.pt). The CLI's
+# help, the docs' argument table (docs/arguments.md, written by the docs build) and the loss items read it.
+TERM_TABLE = (
+    {"name": "fgd", "keys": ("fg", "bg", "at", "gl", "temperature", "gain", "norm", "level_norm", "share", "split",
+                             "spatial", "channel"),
+     "what": "FGD (Eq. 2-13) on the Detect inputs: focal (fg, bg), attention (at) and global (gl) terms",
+     "modules": "per level: 1x1 align conv, two GcBlocks", "columns": "fgd, fgd_fg, fgd_bg, fgd_at, fgd_gl, fgd/P3..."},
+    {"name": "mse", "keys": ("mse",), "what": "plain feature MSE (Eq. 1) with the align conv, instead of FGD",
+     "modules": "per level: 1x1 align conv", "columns": "mse"},
+    {"name": "mgd", "keys": ("mgd", "mgd_ratio"),
+     "what": "masked generative distillation (MGD, ECCV 2022) instead of FGD: random spatial mask, generator",
+     "modules": "per level: align conv, Conv3x3-ReLU-Conv3x3 generator", "columns": "mgd"},
+    {"name": "kd", "keys": ("kd_cls", "kd_box", "kd_focal"),
+     "what": "head response: teacher class scores as soft labels (KL), box-side bins (KL, weighted by the teacher's "
+             "top score)", "modules": "none", "columns": "kd"},
+    {"name": "crosskd", "keys": ("crosskd",),
+     "what": "CrossKD: the student's Detect inputs through 1x1 convs and the frozen teacher head, its outputs to the "
+             "teacher's", "modules": "per level: 1x1 conv to the teacher's width", "columns": "crosskd"},
+    {"name": "kd_kpt", "keys": ("kd_kpt",), "what": "pose: L1 of the raw keypoints + visibility KL",
+     "modules": "none", "columns": "kd_kpt"},
+    {"name": "kd_angle", "keys": ("kd_angle",), "what": "OBB: wrapped |angle difference|", "modules": "none",
+     "columns": "kd_angle"},
+    {"name": "kd_mask", "keys": ("kd_mask",), "what": "segment: KL of the mask logits at the teacher's top anchors",
+     "modules": "none", "columns": "kd_mask"},
+    {"name": "schedule", "keys": ("warmup", "decay"), "what": "every term's weight over training",
+     "modules": "none", "columns": "distill/scale"},
+)
+KEY_HELP = {  # one line per preset key: what its argument does
+    "fg": "weight of the foreground term (alpha of Eq. 13)",
+    "bg": "weight of the background term (beta)",
+    "at": "weight of the attention term (gamma)",
+    "gl": "weight of the global term (lambda)",
+    "temperature": "T of Eq. 5-6",
+    "gain": "multiplies the four FGD weights; 0 turns FGD off, 0.05 is the calibrated scale",
+    "norm": "standardise teacher and aligned student features per image and channel first",
+    "level_norm": "weigh the levels equally (each level's term over its running mean; the sum keeps its scale)",
+    "share": "instead of a fixed weight, hold |grad FGD| / |grad detection| on the student at this value (one "
+             "process only)",
+    "split": "ablation: separate foreground / background masks (paper Table 1)",
+    "spatial": "ablation: spatial attention A_S in Eq. 9 (paper Table 5)",
+    "channel": "ablation: channel attention A_C in Eq. 9 (paper Table 5)",
+    "mse": "plain feature MSE (paper Eq. 1) instead of FGD (distill_preset=mse sets it)",
+    "mgd": "MGD instead of FGD's feature loss (distill_preset=mgd sets it with the response term)",
+    "mgd_ratio": "share of positions MGD masks out",
+    "kd_cls": "weight of the head response's class term",
+    "kd_box": "weight of the head response's box term (L1 of decoded distances when the heads' bins differ)",
+    "kd_focal": "weigh the response term per anchor by FGD's (M_fg + beta/alpha M_bg) A_S (Eq. 2-5; needs fgd_fg > 0)",
+    "crosskd": "weight of CrossKD (crosskd=0 leaves the head response alone)",
+    "kd_kpt": "weight of the pose keypoint term",
+    "kd_angle": "weight of the OBB angle term",
+    "kd_mask": "weight of the segmentation mask term",
+    "warmup": "epochs of linear ramp of every distillation term from 0",
+    "decay": "last epochs over which every distillation term falls to 0 (cosine; 0: off)",
+}
+
+
+def argument_rows() -> list[tuple[str, str, str, str]]:
+    """(argument, default of the shipped preset, meaning, term) for ``teacher``, ``distill_preset`` and every key of
+    :data:`TERM_TABLE`, in its order: what the CLI's help and the docs' table print."""
+    shipped = {**PRESET_DEFAULTS, **presets()["yolo"]}
+    rows = [("teacher", "required", "teacher: a YOLO run folder or its .pt of the student's task, classes and Detect "
+                                    "strides (channels may differ)", ""),
+            ("distill_preset", "yolo", "preset of presets.yaml: " + ", ".join(presets()), "")]
+    for term in TERM_TABLE:
+        rows += [(arg_name(k), str(shipped.get(k)), KEY_HELP[k], term["name"]) for k in term["keys"]]
+    return rows
