@@ -554,7 +554,8 @@ def test_kernel_mode_typo_warns_once_and_runs_auto(monkeypatch):
 def test_pyramid_dispatch_budget():
     """A regression guard on what one 3-level fwd+bwd dispatches (torch.profiler counts, torch pinned): the loss is
     dispatch-bound on GPU, so every op added per level shows on a CUDA step. 1503 aten / 338 computing ops at these
-    shapes when written (1909 / 445 one version before); raise the budget only for a reason written here."""
+    shapes when written (1909 / 445 one version before), 1583 / 371 after the accuracy fixes of 0.3.0; raise the
+    budget only for a reason written here."""
     from yolo_fgd.core import FGDPyramid
     from yolo_fgd.lab.cost import CS, CT, dispatch_counts
 
@@ -571,7 +572,9 @@ def test_pyramid_dispatch_budget():
         pyr(fs, ft, boxes, bi)["total"].backward()
 
     counts = dispatch_counts(step, torch.device("cpu"))
-    assert counts["aten_ops"] <= 1550 and counts["compute_ops"] <= 360, counts
+    # raised from 1550 / 360 for the accuracy fixes (0.3.0): |F| summed from one |x| temporary on CPU, R(F_t) - R(F_s')
+    # formed per position in the official order and summed (3 ops more per level than the expanded L_gl)
+    assert counts["aten_ops"] <= 1600 and counts["compute_ops"] <= 375, counts
 
 
 def test_reference_mode_is_the_loss_and_matches_the_fast_path():
@@ -610,7 +613,7 @@ def test_fast_path_as_accurate_as_the_official_fp32_at_80x80():
 
     threads = torch.get_num_threads()
     try:
-        res = loss_accuracy()
+        res = loss_accuracy(threads=2)  # this machine's cores; the rounding of both codes depends on the threads
     finally:
         torch.set_num_threads(threads)
     assert all(row["budget"] <= 1.0 for row in res.values()), {k: row["budget"] for k, row in res.items()}

@@ -92,7 +92,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(data, runs, teacher):
     assert 1 <= done < 3
     torch.load(wdir / "last.pt", weights_only=False)  # never half-written
 
-    resumed = run_cli("train", "resume", f"model={wdir / 'last.pt'}")
+    resumed = run_cli("train", "resume", f"model={wdir / 'last.pt'}", env={"YOLO_VERBOSE": "True"})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "restored the distiller's state from" in resumed.stderr  # CrossKD's convs continue, not restart
     a, b = rows(Path(runs) / "full"), rows(wdir.parent)

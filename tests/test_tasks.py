@@ -151,7 +151,8 @@ def test_cli_picks_the_trainer_from_the_students_task(task_run):
     out = run_cli("train", f"model={TASKS[task][1]}", f"teacher={teacher}", f"data={data}", "epochs=1", "imgsz=64",
                   "batch=4", "workers=0", "plots=False", "device=cpu", f"project={root}", "name=cli", "kd_kpt=1")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"distilled student saved to {root / 'cli' / 'weights' / 'best.pt'}" in out.stdout
+    assert f"distilled student saved to {root / 'cli' / 'weights' / 'best.pt'}" in out.stderr
+    assert out.stdout.strip() == str(root / "cli" / "weights" / "best.pt")  # the path alone on stdout
     assert "train/kd_kpt" in (root / "cli" / "results.csv").read_text().replace(" ", "")
     bad = run_cli("data", "shapes", "task=depth")
     assert bad.returncode == 2 and "unknown task 'depth'" in bad.stderr

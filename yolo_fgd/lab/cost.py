@@ -203,53 +203,64 @@ STEP_METHODS = {  # method -> extra train args (teacher/trainer added for the di
 
 def benchmark_step(teacher: str, data: str = "shapes", model: str = "yolo11n.yaml", imgsz: int = 192, batch: int = 16,
                    fraction: float = 0.5, device: str = "cpu", amp: bool = False, workers: int = 0, epochs: int = 1,
-                   methods: str = "plain,default,response,fgd,fgd_response,distill_model",
+                   methods: str = "plain,default,response,fgd,fgd_response,mgd,distill_model", repeat: int = 3,
                    project: str = "runs/benchmark-step") -> dict:
     """Milliseconds per training iteration of each method (``methods``: comma-separated keys of
-    :data:`STEP_METHODS`; same teacher, data, batch, device, AMP and workers; run one after another): the median over
-    the last epoch's iterations after its first 3, the device synchronised at each; validation not timed. Prints a
-    table and writes ``step.csv`` (method, ms per iteration, ratio to plain)."""
+    :data:`STEP_METHODS`; same teacher, data, batch, device, AMP and workers): ``repeat`` rounds, each running every
+    method once in turn, so that machine noise hits all alike; per run the median over the last epoch's iterations
+    after its first 3, the device synchronised at each; validation not timed. Each method's ratio to plain is taken
+    within a round, then its median and range over the rounds. Prints a table and writes ``step.csv``."""
     if not Path(str(teacher)).is_file():
         raise FGDError(f"teacher '{teacher}' not found: pass teacher=path/to/best.pt")
     names = [m for m in str(methods).split(",") if m]
     unknown = [m for m in names if m not in STEP_METHODS]
     if unknown:
         raise FGDError(f"unknown method(s) {unknown} for benchmark-step: choose from {', '.join(STEP_METHODS)}")
+    if "plain" not in names:
+        names.insert(0, "plain")  # every ratio is to plain training of the same round
     data = resolve_data(data)
     out_dir = Path(project).resolve()
     common = dict(data=data, imgsz=imgsz, batch=batch, epochs=int(epochs), fraction=fraction, workers=workers,
                   plots=False, val=False, project=str(out_dir), exist_ok=True, amp=amp, device=device, seed=0)
-    res = {}
-    for name in names:
-        extra = STEP_METHODS[name]
-        if name == "distill_model":
-            extra = {"distill_model": teacher}
-        elif extra is not None:
-            extra = {"trainer": trainer_for(YOLO(model).task), "teacher": teacher, **extra}
-        stamps = []
-
-        def tick(trainer):
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize(trainer.device)
-            stamps.append((trainer.epoch, time.perf_counter()))
-
-        m = YOLO(model)
-        m.add_callback("on_train_batch_end", tick)
-        m.train(name=name, **common, **(extra or {}))
-        last = [t for e, t in stamps if e == stamps[-1][0]]
-        gaps = sorted(b - a for a, b in zip(last[3:], last[4:])) or sorted(b - a for a, b in zip(last, last[1:]))
-        res[name] = 1e3 * gaps[len(gaps) // 2]
-    base = res.get("plain")
+    rounds = []
+    for _ in range(max(int(repeat), 1)):
+        rounds.append({name: _step_ms(name, model, teacher, common) for name in names})
+    med = lambda v: sorted(v)[len(v) // 2]
+    res = {name: {"ms": med([r[name] for r in rounds]),
+                  "x_plain": med(ratios := [r[name] / r["plain"] for r in rounds]),
+                  "x_min": min(ratios), "x_max": max(ratios)} for name in names}
     lines = [f"ms per training iteration ({device}, amp={amp}, batch {batch}, {imgsz} px, workers {workers}, {model}, "
-             f"teacher {teacher}, {torch.get_num_threads()} CPU threads):", "| method | ms/iter | x plain |",
-             "|---|---|---|"]
-    lines += [f"| {k} | {v:.1f} | {v / base:.2f} |" if base else f"| {k} | {v:.1f} | – |" for k, v in res.items()]
+             f"teacher {teacher}, {torch.get_num_threads()} CPU threads; {len(rounds)} alternating rounds, medians):",
+             "| method | ms/iter | x plain | x plain range |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['ms']:.1f} | {v['x_plain']:.2f} | {v['x_min']:.2f}-{v['x_max']:.2f} |" for k, v in res.items()]
     console.result("\n".join(lines))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "step.csv").write_text("method,ms_per_iter,x_plain\n" + "".join(
-        f"{k},{v:.3f},{v / base:.4f}\n" if base else f"{k},{v:.3f},\n" for k, v in res.items()))
+    (out_dir / "step.csv").write_text("method,ms_per_iter,x_plain,x_plain_min,x_plain_max\n" + "".join(
+        f"{k},{v['ms']:.3f},{v['x_plain']:.4f},{v['x_min']:.4f},{v['x_max']:.4f}\n" for k, v in res.items()))
     print(f"yolo-fgd: step costs saved to {out_dir / 'step.csv'}")
     return res
+
+
+def _step_ms(name: str, model: str, teacher: str, common: dict) -> float:
+    """One run of method ``name``: the median ms of the last epoch's iterations after its first 3."""
+    extra = STEP_METHODS[name]
+    if name == "distill_model":
+        extra = {"distill_model": teacher}
+    elif extra is not None:
+        extra = {"trainer": trainer_for(YOLO(model).task), "teacher": teacher, **extra}
+    stamps = []
+
+    def tick(trainer):
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        stamps.append((trainer.epoch, time.perf_counter()))
+
+    m = YOLO(model)
+    m.add_callback("on_train_batch_end", tick)
+    m.train(name=name, **common, **(extra or {}))
+    last = [t for e, t in stamps if e == stamps[-1][0]]
+    gaps = sorted(b - a for a, b in zip(last[3:], last[4:])) or sorted(b - a for a, b in zip(last, last[1:]))
+    return 1e3 * gaps[len(gaps) // 2]
 
 
 def soak(steps: int = 200, imgsz: int = 64, batch: int = 4, project: str = "runs/soak") -> dict:

@@ -67,6 +67,10 @@ class Distiller(nn.Module):
         super().__init__()
         model = load_model(teacher, device, "teacher")
         check_pair(student, model, names, teacher)
+        # the teacher's convs in channels_last on CPU: 1.3-1.5x faster forward there (oneDNN), same values
+        self.channels_last = torch.device(device).type == "cpu"
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self._refs = {"teacher": model, "student": student}  # plain dict: not submodules
         self.cfg = cfg
         cs, ct = head_channels(student), head_channels(model)
@@ -120,8 +124,7 @@ class Distiller(nn.Module):
         each present when built.
         A batch with a non-finite feature or term gets exact zeros (a select, no host sync) and is counted."""
         img = batch["img"]
-        with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
-            teacher_feats = neck_features(self.teacher, img.float())
+        teacher_feats = self.teacher_features(img)
         student_feats = student_out["feats"]
         ok = torch.stack([torch.isfinite(f).all() for f in (*student_feats, *teacher_feats)]).all()
         student_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in student_feats]
@@ -136,8 +139,8 @@ class Distiller(nn.Module):
             out = {"fgd": terms["total"] * s, **{k: terms[k].detach() * s for k in TERMS}, "levels": terms["levels"] * s}
             ok = ok & torch.isfinite(out["fgd"])
         if self.response or self.cross is not None or self.task_term:
-            with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
-                teacher_out = head_outputs(self.teacher, teacher_feats)
+            with torch.no_grad():  # one pass of the teacher's head serves the response term, CrossKD and the task's
+                teacher_out = head_outputs(self.teacher, self._teacher_input(teacher_feats))
         if self.response:
             cfg = self.cfg
             weights = focal_weights(boxes, batch_idx, teacher_feats, cfg["temperature"], cfg["bg"] / cfg["fg"]) \
@@ -146,9 +149,9 @@ class Distiller(nn.Module):
                             *self.box_bins, anchor_weight=weights)
             out["kd"] = (cfg["kd_cls"] * t["cls"] + cfg["kd_box"] * t["box"]) * self.scale
             ok = ok & torch.isfinite(out["kd"])
-        if self.cross is not None:
-            with torch.autocast(img.device.type, enabled=False):  # gradients reach the student and the 1x1 convs only
-                crossed = head_outputs(self.teacher, [a(f.float()) for a, f in zip(self.cross, student_feats)])
+        if self.cross is not None:  # under the step's autocast, as the student's own head; gradients reach the
+            # student and the 1x1 convs only (the teacher's parameters are frozen)
+            crossed = head_outputs(self.teacher, self._teacher_input([a(f) for a, f in zip(self.cross, student_feats)]))
             t_reg = self.box_bins[1]
             t = response_kd(crossed["scores"], teacher_out["scores"], crossed["boxes"], teacher_out["boxes"], t_reg)
             out["crosskd"] = self.cfg["crosskd"] * (t["cls"] + t["box"]) * self.scale
@@ -163,6 +166,23 @@ class Distiller(nn.Module):
         self.stats["skipped"] = self.stats["skipped"] + (~ok).int()
         return out
 
+    def teacher_features(self, img: torch.Tensor) -> list[torch.Tensor]:
+        """The teacher's Detect inputs [L x (N,C,H,W)] fp32 for a batch of images (N,3,H,W): no autograd state, under
+        the step's autocast (with AMP the teacher runs in fp16 like the student; the distillation terms are computed
+        in fp32 from its outputs), channels_last on CPU."""
+        with torch.no_grad():
+            feats = neck_features(self.teacher, self._teacher_input(img if torch.is_autocast_enabled(img.device.type)
+                                                                    else img.float()))
+        return [f.float() for f in feats]
+
+    def _teacher_input(self, x):
+        """``x`` (a tensor or a list of them) in the teacher's memory format."""
+        if not self.channels_last:
+            return x
+        if isinstance(x, list):
+            return [t.contiguous(memory_format=torch.channels_last) for t in x]
+        return x.contiguous(memory_format=torch.channels_last)
+
     def task_loss(self, student_out: dict, teacher_out: dict, teacher_feats) -> torch.Tensor:
         """The unweighted term of the task's extra head output: keypoints (pose), angles (OBB) or masks (segment)."""
         scores = teacher_out["scores"]
@@ -170,8 +190,8 @@ class Distiller(nn.Module):
             return keypoint_kd(student_out["kpts"], teacher_out["kpts"], scores, detect_head(self.teacher).kpt_shape[1])
         if self.task_term == "kd_angle":
             return angle_kd(student_out["angle"], teacher_out["angle"], scores)
-        with torch.no_grad(), torch.autocast(scores.device.type, enabled=False):
-            t_proto = detect_head(self.teacher).proto(teacher_feats[0].float())
+        with torch.no_grad():
+            t_proto = detect_head(self.teacher).proto(self._teacher_input(teacher_feats[0])).float()
         return mask_kd(student_out["mask_coefficient"], student_out["proto"], teacher_out["mask_coefficient"], t_proto,
                        scores)
 
