@@ -13,7 +13,7 @@ export YOLO_VERBOSE ?= True
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,openvino]"
 	touch $(STAMP)
 
 install: $(STAMP)

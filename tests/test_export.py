@@ -85,14 +85,64 @@ def test_edge_runner_is_torch_free(exported, tmp_path):
     assert (tmp_path / "out" / "x.jpg").is_file()
 
 
-def test_benchmark_writes_report(student, data, tmp_path):
+def test_benchmark_writes_report(student, data, tmp_path, capsys):
+    """Both runtimes, every precision stated (from the runtime, not the file name), model-only and end-to-end
+    latency, one evaluation for all, the CPU's instruction sets and a recommendation; the table alone on stdout."""
+    from yolo_fgd import console
     from yolo_fgd.deploy.benchmark import benchmark
 
-    rows = benchmark(student, data=data, imgsz=64, runs=3, threads=1, project=str(tmp_path), name="b")
-    assert [r["format"] for r in rows] == ["pytorch-fp32", "onnx-fp32", "onnx-int8"]
+    with console.results_only():
+        rows = benchmark(student, data=data, imgsz=64, runs=3, threads=1, project=str(tmp_path), name="b")
+    out = capsys.readouterr().out
+    fmts = [r["format"] for r in rows]
+    assert fmts[:3] == ["pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8"] and "openvino-f32" in fmts
+    assert "openvino-int8" in fmts
+    precision = {r["format"]: r["precision"] for r in rows}
+    assert precision["onnxruntime-int8"] == "int8" and precision["openvino-f32"] == "fp32"
+    assert precision["openvino-int8"].startswith("int8")
     for f in ("benchmark.csv", "benchmark.md", "benchmark.png"):
         assert (tmp_path / "b" / f).is_file()
-    assert all(r["p50_ms"] > 0 and r["size_mb"] > 0 for r in rows)
+    assert all(r["p50_ms"] > 0 and r["e2e_p50_ms"] >= r["p50_ms"] * 0.5 and r["pre_post_ms"] > 0 for r in rows)
+    assert all(r["size_mb"] > 0 and 0 <= r["map50_95"] <= 1 for r in rows) and rows[0]["d_map50_95"] == 0
+    md = (tmp_path / "b" / "benchmark.md").read_text()
+    assert "Recommended on this machine" in md and "CPU (" in md
+    assert out.startswith("Batch 1, 64 px") and "{" not in out  # the table, no export JSON, on stdout
+
+
+def test_openvino_export_parity_int8_and_the_edge_runner(student, data, tmp_path):
+    """format=openvino through Ultralytics' exporter: the f32 IR checked against PyTorch, an NNCF INT8 IR, both
+    beside the checkpoint; the edge runner runs them with --backend openvino and reports its stages in --json."""
+    import json
+    import shutil
+
+    from yolo_fgd.deploy.edge import EdgeModel
+    from yolo_fgd.deploy.export import export
+
+    pytest.importorskip("openvino")
+    run = tmp_path / "r" / "weights"
+    run.mkdir(parents=True)
+    shutil.copy(student, run / "best.pt")
+    res = export(str(run / "best.pt"), format="openvino", imgsz=64, data=data, int8=True, calib=8)
+    assert res["parity"] is not None and res["parity"] < 1e-3
+    assert Path(res["openvino"]) == run / "best_openvino_model" and Path(res["int8"]).is_dir()
+    assert not list(run.glob(".export-*"))  # the stage is gone
+    f32 = EdgeModel(res["openvino"], precision="f32")
+    assert f32.backend == "openvino" and f32.precision == "fp32" and f32.imgsz == (64, 64) and f32.names
+    img = next((Path(data).parent / "images" / "val").glob("*.jpg"))
+    r = subprocess.run([sys.executable, str(ROOT / "export" / "edge.py"), res["int8"], str(img), "--json",
+                        str(tmp_path / "d.jsonl"), "--save-dir", str(tmp_path / "o")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((tmp_path / "d.jsonl").read_text().splitlines()[0])
+    assert {"pre_ms", "infer_ms", "post_ms"} <= set(rec) and rec["infer_ms"] > 0
+
+
+def test_edge_runner_imports_openvino_only_when_asked(exported):
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import edge; m = edge.EdgeModel(sys.argv[2]); "
+            "print('openvino' in sys.modules, m.backend, m.precision)")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "export"), exported["onnx"]], capture_output=True,
+                       text=True, timeout=120)
+    assert r.stdout.split() == ["False", "onnxruntime", "fp32"], r.stderr[-1000:]
 
 
 def test_benchmark_scores_pytorch_like_the_edge_runner(student, exported, data):

@@ -330,9 +330,13 @@ def _export(words: list[str], kv: dict):
     extra = {k: v for k, v in kv.items() if k not in COMMANDS["export"].defaults}
     if extra:
         check_ultralytics(extra)
+    import json
+
     from .deploy.export import export
 
-    return export(**kv)
+    result = export(**kv)
+    console.result(json.dumps(result))
+    return result
 
 
 def _lazy(module: str, name: str, device: bool = False) -> Callable:
@@ -360,7 +364,7 @@ TRAIN_MORE = f"""    resume                 continue an interrupted run: yolo-fg
 """
 EXPORT_ARGS = (
     ("model", None, "a YOLO .pt or run folder, or a torchvision student .pth (with arch= backbone=) (required)"),
-    ("format", "onnx", "onnx (with parity check and INT8), or any Ultralytics export format"),
+    ("format", "onnx", "onnx or openvino (parity check, INT8), or any other Ultralytics export format"),
     ("imgsz", 640, "input size"),
     ("dynamic", False, "dynamic batch and size"),
     ("half", False, "fp16 ONNX (no parity check)"),
@@ -378,7 +382,8 @@ BENCH_ARGS = (
     ("threads", 0, "CPU threads (0: all)"),
     ("project", "runs/benchmark", "where the report goes"),
     ("name", "bench", "report folder name"),
-    ("int8", True, "add the ONNX Runtime INT8 row"),
+    ("int8", True, "add the INT8 rows (ONNX Runtime QDQ; OpenVINO NNCF)"),
+    ("openvino", None, "add the OpenVINO f32 / bf16 / INT8 rows (default: when OpenVINO is installed)"),
 )
 TV_VAL_ARGS = (("model", None, "a torchvision student .pth (required)"), ("data", "shapes", "data"),
                ("arch", "retinanet", "retinanet | fcos"), ("backbone", "resnet50", "student backbone"),
@@ -422,7 +427,8 @@ COMMANDS = {c.name: c for c in [
                       "a failed export leaves earlier files as they were", EXPORT_ARGS,
             "yolo-fgd export model=runs/detect/distilled imgsz=192 int8=True", _export, required=("model",),
             more="    any other Ultralytics export argument (with format=)\n", ultralytics=True),
-    Command("benchmark", "size, latency and mAP of PyTorch fp32 / ONNX fp32 / ONNX int8 for one or more students",
+    Command("benchmark", "size, model and end-to-end latency, mAP of PyTorch, ONNX Runtime and OpenVINO at every "
+                         "precision, and the format to ship on this machine",
             BENCH_ARGS, "yolo-fgd benchmark model=runs/detect/distilled data=shapes imgsz=192",
             _lazy("deploy.benchmark", "benchmark"), required=("model",)),
     Command("demo", "the whole workflow on the embedded data (what `make demo` runs)",

@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Torch-free edge runner for YOLO ONNX models: numpy + opencv-python + onnxruntime only.
+"""Torch-free edge runner for YOLO models: numpy + opencv-python + ONNX Runtime, or OpenVINO.
 
 Copy this one file to the device. Handles YOLOv8/YOLO11 heads (output (1, 4+nc, A): cx, cy, w, h, class scores;
-NMS here) and YOLO26 end-to-end heads (output (1, 300, 6): x1, y1, x2, y2, score, class; no NMS).
+NMS here) and YOLO26 end-to-end heads (output (1, 300, 6): x1, y1, x2, y2, score, class; no NMS). The model is an
+ONNX file (`yolo-fgd export`) run by ONNX Runtime, or with ``--backend openvino`` an OpenVINO IR (the
+``*_openvino_model`` folder of `yolo-fgd export format=openvino`, or its .xml) or an ONNX file run by OpenVINO, which
+is imported only then; ``--precision f32|bf16|f16`` sets OpenVINO's inference precision (its default on a CPU with
+AMX or AVX512-BF16 is bf16).
 
     python edge.py model.onnx image.jpg|folder|video.mp4 [--conf 0.25] [--iou 0.7] [--save-dir runs/edge] [--exist-ok]
-        [--json detections.jsonl] [--threads 2]
+        [--json detections.jsonl] [--threads 2] [--backend onnxruntime|openvino] [--precision f32]
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
 IMG_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 VID_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
@@ -65,17 +68,59 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     return np.array(keep, dtype=np.int64)
 
 
-class EdgeModel:
-    """An ONNX YOLO detector on ONNX Runtime (CPU by default).
+BACKENDS = ("onnxruntime", "openvino")
 
-    ``model(img_bgr)`` -> (K,6) float32 array of x1, y1, x2, y2 (original image pixels), score, class.
+
+class EdgeModel:
+    """A YOLO detector on ONNX Runtime or OpenVINO (CPU).
+
+    ``model(img_bgr)`` -> (K,6) float32 array of x1, y1, x2, y2 (original image pixels), score, class; the
+    milliseconds of its three stages (letterbox, inference, decode + NMS) are in ``model.times`` afterwards.
+    ``precision``: what the runtime computes in (ONNX Runtime: the file's type; OpenVINO: its inference precision
+    hint, read back from the compiled model).
     """
 
     def __init__(self, path, conf: float = 0.25, iou: float = 0.7, max_det: int = 300, threads: int = 0,
-                 providers=None):
+                 providers=None, backend: str | None = None, precision: str | None = None):
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ONNX model '{path}' not found: export one with `yolo-fgd export format=onnx`")
+        backend = backend or ("openvino" if path.is_dir() or path.suffix == ".xml" else "onnxruntime")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+        if not path.exists():
+            raise FileNotFoundError(f"model '{path}' not found: export one with `yolo-fgd export format=onnx` (or "
+                                    "format=openvino)")
+        if backend == "openvino":
+            meta, shape, out, self.dtype = self._openvino(path, threads, precision)
+        else:
+            meta, shape, out, self.dtype = self._onnxruntime(path, threads, providers)
+        self.backend = backend
+        self.names = self._parse_names(meta.get("names"))
+        h, w = shape[2], shape[3]
+        imgsz = meta["imgsz"] if isinstance(meta.get("imgsz"), list) else \
+            json.loads(meta["imgsz"]) if "imgsz" in meta else [640, 640]
+        self.imgsz = (h if isinstance(h, int) and h > 0 else imgsz[0], w if isinstance(w, int) and w > 0 else imgsz[1])
+        self.conf, self.iou, self.max_det = conf, iou, max_det
+        self.end2end = len(out) == 3 and out[-1] == 6 and str(meta.get("end2end", "")).lower() != "false"
+        self.times = {"pre_ms": 0.0, "infer_ms": 0.0, "post_ms": 0.0}
+        task = meta.get("task", "detect")
+        if len(shape) != 4 or len(out) != 3 or task not in ("detect", None):
+            raise ValueError(f"model '{path}' is not a YOLO detection model this runner handles (task {task}, "
+                             f"input {shape}, output {out}): export a detect model with `yolo-fgd export`")
+
+    @classmethod
+    def wrap(cls, infer, imgsz: tuple[int, int], names: dict, end2end: bool = False, precision: str = "fp32",
+             conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> "EdgeModel":
+        """An EdgeModel around any ``infer`` (NCHW float32 array -> raw output), for example a PyTorch model, so it is
+        measured and scored with the same pre- and post-processing."""
+        self = cls.__new__(cls)
+        self.infer, self.imgsz, self.names, self.end2end, self.precision = infer, tuple(imgsz), names, end2end, precision
+        self.backend, self.dtype, self.conf, self.iou, self.max_det = "python", np.float32, conf, iou, max_det
+        self.times = {"pre_ms": 0.0, "infer_ms": 0.0, "post_ms": 0.0}
+        return self
+
+    def _onnxruntime(self, path: Path, threads: int, providers):
+        import onnxruntime as ort
+
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -84,23 +129,47 @@ class EdgeModel:
         except Exception as e:
             raise ValueError(f"ONNX model '{path}' could not be loaded ({str(e).splitlines()[0][:200]}): re-export it")
         inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.names = self._parse_names(meta.get("names"))
-        h, w = inp.shape[2], inp.shape[3]
-        imgsz = json.loads(meta["imgsz"]) if "imgsz" in meta else [640, 640]
-        self.imgsz = (h if isinstance(h, int) else imgsz[0], w if isinstance(w, int) else imgsz[1])
-        self.dtype = np.float16 if "float16" in inp.type else np.float32
-        self.conf, self.iou, self.max_det = conf, iou, max_det
-        out = self.session.get_outputs()[0].shape
-        self.end2end = len(out) == 3 and out[-1] == 6 and meta.get("end2end", "").lower() != "false"
-        task = meta.get("task", "detect")
-        if len(inp.shape) != 4 or len(out) != 3 or task not in ("detect", None):
-            raise ValueError(f"ONNX model '{path}' is not a YOLO detection model this runner handles (task {task}, "
-                             f"input {inp.shape}, output {out}): export a detect model with `yolo-fgd export`")
+        name = inp.name
+        dtype = np.float16 if "float16" in inp.type else np.float32
+        self.precision = "fp16" if dtype == np.float16 else "int8" if _quantized(self.session) else "fp32"
+        self.infer = lambda x: self.session.run(None, {name: x})[0]
+        return self.session.get_modelmeta().custom_metadata_map, inp.shape, self.session.get_outputs()[0].shape, dtype
+
+    def _openvino(self, path: Path, threads: int, precision: str | None):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise ValueError("--backend openvino needs OpenVINO: pip install openvino") from None
+        xml = path if path.suffix in (".xml", ".onnx") else next(iter(sorted(path.glob("*.xml"))), None)
+        if xml is None:
+            raise FileNotFoundError(f"no OpenVINO IR (.xml) in '{path}': export one with `yolo-fgd export "
+                                    "format=openvino`")
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        try:
+            compiled = ov.Core().compile_model(str(xml), "CPU", config)
+        except Exception as e:
+            raise ValueError(f"OpenVINO model '{xml}' could not be compiled ({str(e).splitlines()[0][:200]})")
+        request = compiled.create_infer_request()
+        hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))  # e.g. "<Type: 'bfloat16'>" or "bf16"
+        self.precision = next((k for k, v in {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.items()
+                               if v in hint or k.replace("fp", "f") in hint), hint)
+        if any(op.get_type_name() == "FakeQuantize" for op in compiled.get_runtime_model().get_ops()) or \
+                "int8" in xml.parent.name:
+            self.precision = f"int8+{self.precision}"  # quantised convs, the rest at the hint's precision
+        out = compiled.output(0)
+        self.infer = lambda x: request.infer({0: x})[out]
+        meta = read_metadata(xml.with_name("metadata.yaml")) if xml.suffix == ".xml" else {}
+        return meta, list(compiled.input(0).get_partial_shape().get_min_shape()), \
+            list(out.get_partial_shape().get_min_shape()), np.float32
 
     @staticmethod
     def _parse_names(text):
+        if isinstance(text, dict):
+            return {int(k): str(v) for k, v in text.items()}
         if not text:
             return {}
         try:
@@ -112,9 +181,6 @@ class EdgeModel:
 
     def preprocess(self, img: np.ndarray):
         return blob(img, self.imgsz, self.dtype)
-
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
 
     def postprocess(self, out: np.ndarray, gain: float, pad, shape) -> np.ndarray:
         out = out[0].astype(np.float32)
@@ -137,8 +203,55 @@ class EdgeModel:
         return det.astype(np.float32)
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
         x, gain, pad = self.preprocess(img)
-        return self.postprocess(self.infer(x), gain, pad, img.shape[:2])
+        t1 = time.perf_counter()
+        y = self.infer(x)
+        t2 = time.perf_counter()
+        det = self.postprocess(y, gain, pad, img.shape[:2])
+        t3 = time.perf_counter()
+        self.times = {"pre_ms": 1e3 * (t1 - t0), "infer_ms": 1e3 * (t2 - t1), "post_ms": 1e3 * (t3 - t2)}
+        return det
+
+
+def _quantized(session) -> bool:
+    """Whether an ONNX Runtime session's model holds quantised (QDQ or integer) nodes."""
+    try:
+        import onnx
+
+        model = onnx.load(session._model_path, load_external_data=False)
+        return any(n.op_type in ("QuantizeLinear", "QLinearConv", "ConvInteger") for n in model.graph.node)
+    except Exception:
+        return "int8" in Path(getattr(session, "_model_path", "")).name
+
+
+def read_metadata(path: Path) -> dict:
+    """Ultralytics' ``metadata.yaml`` beside an OpenVINO IR, for the keys this runner reads (names, imgsz, task,
+    end2end): PyYAML when it is there, else a reader of that file's simple layout (``key: value``, an indented
+    ``k: v`` block, a ``- v`` list)."""
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    try:
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    except ImportError:
+        pass
+    meta, key = {}, None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line.startswith((" ", "-")):
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            meta[key] = value.strip("'\"") if value else None
+        elif line.lstrip().startswith("-") and key:
+            meta[key] = (meta[key] if isinstance(meta[key], list) else []) + [int(line.lstrip()[1:].strip())]
+        elif key:
+            k, _, v = line.strip().partition(":")
+            meta[key] = {**(meta[key] if isinstance(meta[key], dict) else {}), int(k): v.strip().strip("'\"")}
+    return meta
 
 
 def draw(img: np.ndarray, det: np.ndarray, names: dict) -> np.ndarray:
@@ -160,9 +273,11 @@ def sources(src: Path):
         raise FileNotFoundError(f"source '{src}' not found: pass an image, a folder or a video")
 
 
-def record(f: Path, det: np.ndarray, names: dict, ms: float) -> dict:
-    """One image's detections as a JSON-ready record (boxes in original image pixels)."""
-    return {"file": str(f), "latency_ms": round(ms, 3), "detections": [
+def record(f: Path, det: np.ndarray, names: dict, ms: float, times: dict | None = None) -> dict:
+    """One image's detections as a JSON-ready record (boxes in original image pixels), with the latency and, from
+    :attr:`EdgeModel.times`, its stages (letterbox, inference, decode + NMS) in ms."""
+    return {"file": str(f), "latency_ms": round(ms, 3), **{k: round(v, 3) for k, v in (times or {}).items()},
+            "detections": [
         {"box": [round(float(v), 2) for v in d[:4]], "score": round(float(d[4]), 5), "class": int(d[5]),
          "name": names.get(int(d[5]), str(int(d[5])))} for d in det]}
 
@@ -189,9 +304,12 @@ def main(argv=None) -> int:
                     help="where annotated files go; an existing folder is not reused: edge2, edge3... follow")
     ap.add_argument("--exist-ok", action="store_true", help="write into --save-dir even if it exists")
     ap.add_argument("--json", default=None, help="also write the detections here, one JSON record per image (JSONL)")
+    ap.add_argument("--backend", choices=BACKENDS, default=None,
+                    help="runtime (default: openvino for an IR folder or .xml, onnxruntime for an .onnx)")
+    ap.add_argument("--precision", default=None, help="OpenVINO's inference precision: f32, bf16 or f16")
     a = ap.parse_args(argv)
     try:
-        model = EdgeModel(a.model, a.conf, a.iou, threads=a.threads)
+        model = EdgeModel(a.model, a.conf, a.iou, threads=a.threads, backend=a.backend, precision=a.precision)
         files = list(sources(Path(a.source)))
         out = Path(a.save_dir) if a.exist_ok else free_dir(Path(a.save_dir))
         out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +350,7 @@ def main(argv=None) -> int:
             for c in det[:, 5].astype(int):
                 counts[model.names.get(c, c)] = counts.get(model.names.get(c, c), 0) + 1
             print(f"{f}: {len(det)} detections {counts} in {ms:.1f} ms -> {dst.resolve()}")
-            records.append(record(f, det, model.names, ms))
+            records.append(record(f, det, model.names, ms, model.times))
         if a.json:
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)
             Path(a.json).write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -48,10 +48,14 @@ def coco_ap(model_path, data_yaml, imgsz, batch=16, multi_label: bool = True) ->
     return summary(evaluate_detections(gt, dets))
 
 
-def edge_ap(onnx_path, data_yaml, threads: int = 0) -> dict:
-    """The same figures for an ONNX model run by the edge runner (conf 0.001, IoU 0.7, one label per box)."""
+def edge_ap(model, data_yaml, threads: int = 0) -> dict:
+    """The same figures for a model run by the edge runner (an ONNX path, or an :class:`EdgeModel` of any backend;
+    conf 0.001, IoU 0.7, one label per box)."""
     gt, files = yolo_split_to_coco(data_yaml, "val")
-    model = EdgeModel(onnx_path, conf=0.001, iou=0.7, threads=threads)
+    if isinstance(model, EdgeModel):
+        model.conf, model.iou = 0.001, 0.7
+    else:
+        model = EdgeModel(model, conf=0.001, iou=0.7, threads=threads)
     dets = [d for image_id, f in files for d in coco_results(image_id, model(cv2.imread(f)))]
     return summary(evaluate_detections(gt, dets))
 

@@ -3,7 +3,6 @@ of the data, and ONNX Runtime INT8 quantisation (static QDQ per-channel calibrat
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -20,7 +19,6 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from ultralytics import YOLO
 from ultralytics.utils import LOGGER
 
-from .. import console
 from ..data import resolve_data
 from ..errors import FGDError
 from ..yolo.model import checkpoint
@@ -141,7 +139,7 @@ def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = F
            int8: bool | str = False, data: str | None = None, opset: int | None = None, device: str = "cpu",
            calib: int = 64, **kwargs) -> dict:
     """Export, check parity, optionally quantise. Returns {'onnx': path, 'int8': path|None, 'parity': max_abs} (for
-    another ``format``: {'format': path}); the JSON of it is the command's result on stdout.
+    OpenVINO {'openvino': dir, ...}, for another ``format``: {'format': path}); ``yolo-fgd export`` prints it as JSON.
 
     The ONNX route works in a hidden folder beside the checkpoint and moves its files into place only once export,
     parity and quantisation all succeeded: a failed export leaves the files it found as they were."""
@@ -151,6 +149,8 @@ def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = F
         return export_onnx(model, data=data or "shapes", imgsz=imgsz, opset=opset or 17, **kwargs)
     model = checkpoint(model)
     yolo_model = load_yolo(model)
+    if format == "openvino":
+        return export_openvino(model, yolo_model, imgsz, int8, data, calib, **kwargs)
     if format != "onnx":  # Ultralytics' exporter through its Python API (the mode is kept)
         path = yolo_model.export(format=format, imgsz=imgsz, dynamic=dynamic, half=half, int8=bool(int8), data=data,
                                  device=device, **kwargs)
@@ -193,7 +193,66 @@ def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = F
     return result
 
 
+def export_openvino(model: str, yolo_model, imgsz: int, int8, data, calib: int, **kwargs) -> dict:
+    """OpenVINO IR through Ultralytics' exporter (``*_openvino_model/`` beside the checkpoint), the same parity check
+    against PyTorch on the fp32 IR (run at f32 precision), and with ``int8=True`` an INT8 IR quantised by NNCF on
+    ``calib`` training images of ``data`` (``*_int8_openvino_model/``). Staged as the ONNX export: files move into
+    place only once everything succeeded. Returns {'openvino': dir, 'int8': dir|None, 'parity': max_abs}."""
+    try:
+        import openvino  # noqa: F401  (Ultralytics would try to install it)
+        if int8:
+            import nncf  # noqa: F401
+    except ImportError as e:
+        raise FGDError(f"format=openvino needs {e.name}: pip install 'yolo-fgd[openvino]' (openvino, nncf)") from None
+    if str(int8).lower() == "dynamic":
+        raise FGDError("int8=dynamic is ONNX Runtime's: for OpenVINO use int8=True (NNCF, calibrated on data=)")
+    data = data or (getattr(yolo_model, "ckpt", None) or {}).get("train_args", {}).get("data")
+    data = resolve_data(data) if data else None
+    files = calibration_images(data, calib) if int8 else []
+    pt = Path(model).resolve()
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=pt.parent))
+    try:
+        shutil.copy2(pt, stage / pt.name)
+        ir = Path(load_yolo(stage / pt.name).export(format="openvino", imgsz=imgsz, device="cpu", **kwargs))
+        images = sample_images(data, "val")
+        diff = None
+        if images:
+            from .edge import EdgeModel
+
+            edge = EdgeModel(ir, backend="openvino", precision="f32")
+            net = load_yolo(stage / pt.name).model.float().eval()
+
+            def reference(x):
+                with torch.no_grad():
+                    y = net(torch.from_numpy(x))
+                while isinstance(y, (list, tuple)):
+                    y = y[0]
+                return y.numpy()
+
+            diff = max_diff(reference, edge.infer, images, imgsz, rows_unordered=getattr(net, "end2end", False))
+            LOGGER.info(f"parity: max |PyTorch - OpenVINO f32| = {diff:.2e} on {len(images)} images of {data}")
+            check(diff, len(images), data)
+        else:
+            LOGGER.warning("parity check skipped: no data images (pass data=your.yaml)")
+        q = None
+        if int8:
+            n_train = len(sample_images(data, "train", 10**9))
+            q = Path(load_yolo(stage / pt.name).export(format="openvino", imgsz=imgsz, device="cpu", int8=True,
+                                                       data=data, split="train", fraction=min(1.0, len(files) /
+                                                                                              max(n_train, 1)),
+                                                       **kwargs))
+        for d in (ir, q):
+            if d is not None:
+                dest = pt.parent / d.name
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(d, dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    result = {"openvino": str(pt.parent / ir.name), "int8": str(pt.parent / q.name) if q else None, "parity": diff}
+    result_line(result)
+    return result
+
+
 def result_line(result: dict) -> None:
-    """The export's JSON on stdout, and the files it wrote in words on stderr."""
-    console.result(json.dumps(result))
+    """The files an export wrote, in words on stderr (``yolo-fgd export`` prints the JSON of ``result`` on stdout)."""
     print(f"yolo-fgd: exported {', '.join(v for k, v in result.items() if k != 'parity' and v)}", file=sys.stderr)

@@ -11,7 +11,6 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .. import console
 from ..data import resolve_data
 from ..errors import FGDError
 from ..tv.coco_utils import coco_files
@@ -68,9 +67,7 @@ def export_onnx(model: str, data="shapes", arch: str = "retinanet", backbone: st
             det = max(det, detections_diff(full.run(None, {"images": t.numpy()}), net([t])[0]))
     raw.unlink(missing_ok=True)
     check(worst, len(images), data)
-    res = {"onnx": str(out.resolve()), "parity": worst, "detections_max_diff": det}
-    console.result(json.dumps(res))
-    return res
+    return {"onnx": str(out.resolve()), "parity": worst, "detections_max_diff": det}
 
 
 class RawHead(nn.Module):
