@@ -25,7 +25,8 @@ def tv_teacher(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("tv")
     train(data=data, fgd=False, student_backbone="resnet18", epochs=1, batch=4, project=str(root), name="teacher",
           warmup_iters=2, **SMALL)
-    return str(root / "teacher" / "student.pth"), root
+    assert not (root / "teacher" / "student.pth").exists()  # a plain run's weights are not a student's
+    return str(root / "teacher" / "model.pth"), root
 
 
 @pytest.mark.parametrize("arch", ["retinanet", "fcos"])
@@ -123,6 +124,21 @@ def test_distilled_train_eval_and_resume(tv_teacher, data):
     with open(root / "fgd" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[-1]["loss_fgd"]) > 0
+
+
+def test_teacher_below_the_plain_baseline_is_refused_before_training(tv_teacher, data, tmp_path):
+    """FGD from a teacher that scores below the plain student (baseline=) is a one-line error before anything is
+    written: the H100 run distilled from a 0.4-mAP teacher and drove both students to 0.0."""
+    from yolo_fgd.errors import FGDError
+
+    path, _ = tv_teacher
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "results.csv").write_text("epoch,mAP\n1,0.99\n")
+    with pytest.raises(FGDError, match="not above the plain student's 99.0"):
+        train(data=data, teacher=path, teacher_backbone="resnet18", student_backbone="resnet18", batch=4, epochs=1,
+              project=str(tmp_path), name="fgd", baseline=str(plain), warmup_iters=2, **SMALL)
+    assert not (tmp_path / "fgd").exists()
 
 
 def test_fgd_dominating_the_detection_losses_is_flagged():

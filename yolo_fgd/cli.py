@@ -445,7 +445,7 @@ COMMANDS = {c.name: c for c in [
     Command("tv-train", "the paper-faithful torchvision path (RetinaNet/FCOS, FGD on P3-P7)",
             (("recipe", None, "tv_retinanet_r101_r50 | tv_fcos_r101_r50 | tv_retinanet_r34_r18_cpu"),
              *((k, v, "") for k, v in TV_ARGS.items()), *((k, None, "FGD, as for train") for k in TV_FGD_KEYS)),
-            "yolo-fgd tv-train recipe=tv_retinanet_r34_r18_cpu teacher=runs/tv/teacher/teacher.pth name=fgd",
+            "yolo-fgd tv-train recipe=tv_retinanet_r34_r18_cpu teacher=runs/tv/teacher/model.pth name=fgd",
             _lazy("tv.train", "train", device=True), more="    fgd_* keys as for train (FGD only)\n"),
     Command("tv-val", "COCOeval of a torchvision student", TV_VAL_ARGS,
             "yolo-fgd tv-val model=runs/tv/fgd/student.pth arch=retinanet backbone=resnet18",

@@ -4,6 +4,7 @@
     yolo-fgd tv-train recipe=tv_retinanet_r101_r50 [key=value ...]
     torchrun --nproc_per_node 2 -m yolo_fgd.tv recipe=... (DistributedDataParallel, gloo on CPU, nccl on GPU)
     yolo-fgd tv-val model=runs/tv/NAME/student.pth data=... arch=retinanet backbone=resnet50
+    (a plain run, fgd=False, saves model.pth: a teacher or the plain baseline; a distilled one student.pth)
 """
 
 from __future__ import annotations
@@ -67,8 +68,6 @@ def train(**kwargs) -> dict:
     val_set = CocoDataset(files["val_json"], files["val_images"])
     nc = max((c["id"] for c in train_set.gt["categories"]), default=0) + 1
     save = Path(cfg["project"]) / cfg["name"]
-    if rank == 0:
-        save.mkdir(parents=True, exist_ok=True)
     student = build(cfg["arch"], cfg["student_backbone"], nc, cfg["student_weights"], cfg["min_size"], cfg["max_size"])
     teacher, fgd_cfg = None, None
     if cfg["fgd"]:
@@ -81,9 +80,13 @@ def train(**kwargs) -> dict:
             raise FGDError("kd_cls/kd_box are the YOLO adapter's response term; the torchvision path runs the "
                            "paper's FGD only: pick a paper preset (distill_preset=anchor_based, anchor_free or "
                            "two_stage), or leave distill_preset unset for the architecture's own")
+        teacher.to(device)
+        if rank == 0 and cfg["check_teacher"] and not (cfg["resume"] and (save / "last.pth").is_file()):
+            check_teacher(teacher, val_set, device, cfg["baseline"])
         if cfg["inherit"]:
             LOGGER.info(f"inherit: copied {len(inherit(student, teacher))} FPN/head tensors from the teacher")
-        teacher.to(device)
+    if rank == 0:
+        save.mkdir(parents=True, exist_ok=True)
     model = Distiller(student, teacher, fgd_cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg["lr"] * cfg["batch"] * (dist.get_world_size() if ddp else 1) / 16  # linear scaling from 16 images
@@ -130,12 +133,37 @@ def train(**kwargs) -> dict:
         if ddp:
             dist.barrier()
     if rank == 0:
-        torch.save(student.state_dict(), save / "student.pth")
-        LOGGER.info(f"student weights: {(save / 'student.pth').resolve()}\n"
-                    + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        weights = save / ("student.pth" if teacher is not None else "model.pth")  # distilled, or trained plainly
+        torch.save(student.state_dict(), weights)
+        kind = "distilled student" if teacher is not None else "plainly trained model (a teacher or the plain baseline)"
+        LOGGER.info(f"{kind} weights: {weights.resolve()}\n" + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     if ddp:
         dist.destroy_process_group()
     return metrics
+
+
+def check_teacher(teacher: nn.Module, val_set, device, baseline=None) -> float:
+    """The teacher's mAP on the val split, logged before any training; a one-line error when it does not beat the
+    plain student's final mAP in ``baseline`` (a run folder or its results.csv: distilling from a weaker model only
+    teaches noise), a loud warning when it is below 1 mAP without a baseline."""
+    score = evaluate(teacher, val_set, device)["mAP"]
+    LOGGER.info(f"teacher mAP50-95 on the val split: {100 * score:.1f}")
+    if baseline:
+        path = Path(baseline) / "results.csv" if Path(baseline).is_dir() else Path(baseline)
+        try:
+            with open(path) as f:
+                plain = float(list(csv.DictReader(f))[-1]["mAP"])
+        except (OSError, KeyError, ValueError, IndexError):
+            raise FGDError(f"baseline={baseline} has no mAP in a results.csv: pass the folder of a finished plain "
+                           "run (tv-train fgd=False)") from None
+        if score <= plain:
+            raise FGDError(f"the teacher scores {100 * score:.1f} mAP50-95, not above the plain student's "
+                           f"{100 * plain:.1f} (baseline={baseline}): FGD would imitate a weaker model; train the "
+                           "teacher longer or larger, or pass check_teacher=False to distil anyway")
+    elif score < 0.01:
+        LOGGER.warning(f"the teacher scores {100 * score:.1f} mAP50-95 on the val split: it has not learnt, and FGD "
+                       "from it only adds noise; pass baseline=<plain run> to compare it with the plain student")
+    return score
 
 
 def fgd_dominates(means: dict, limit: float = 10.0) -> float:
