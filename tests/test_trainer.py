@@ -391,3 +391,40 @@ def test_amp_teacher_targets_match_fp32(data, teacher):
             t16 = head_outputs(d.teacher, d._teacher_input(feats16))
     for k in ("scores", "boxes"):
         assert ((t16[k].float() - t32[k]).abs().max() / t32[k].abs().max()) < 1e-2, k
+
+
+def test_teacher_prefetch_gives_the_inline_terms(data, teacher):
+    """On CPU the teacher's pass runs in a second thread while the student's forward runs (Ultralytics trains on
+    cpu_count - 1 threads, leaving a core): the terms are those of the inline pass, to the bit."""
+    import os
+    import threading
+
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolo_fgd.cfg.distill import resolve
+    from yolo_fgd.yolo import Distiller
+    from yolo_fgd.yolo.model import train_outputs
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("the prefetch needs a second core")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        names = read_names(teacher)
+        torch.manual_seed(0)
+        student = DetectionModel("yolo11n.yaml", nc=len(names), verbose=False).train()
+        d = Distiller(student, teacher, resolve({}), names, "cpu")
+        img = torch.rand(2, 3, 64, 64)
+        batch = {"img": img, "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]]), "batch_idx": torch.tensor([0.0])}
+        out = train_outputs(student(img))
+        inline = d(out, batch)
+        seen = []
+        d.teacher.model[0].register_forward_hook(lambda *_: seen.append(threading.current_thread().name))
+        d.prefetch(img)
+        assert "pending" in d._refs
+        prefetched = d(out, batch)
+        assert "pending" not in d._refs and seen and seen[-1].startswith("yolo-fgd-teacher")
+        for k in ("kd", "crosskd"):
+            assert torch.equal(prefetched[k], inline[k]), k
+    finally:
+        torch.set_num_threads(threads)

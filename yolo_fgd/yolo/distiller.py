@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -124,7 +127,7 @@ class Distiller(nn.Module):
         each present when built.
         A batch with a non-finite feature or term gets exact zeros (a select, no host sync) and is counted."""
         img = batch["img"]
-        teacher_feats = self.teacher_features(img)
+        teacher_feats, teacher_out = self.teacher_pass(img)
         student_feats = student_out["feats"]
         ok = torch.stack([torch.isfinite(f).all() for f in (*student_feats, *teacher_feats)]).all()
         student_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in student_feats]
@@ -138,9 +141,7 @@ class Distiller(nn.Module):
             s = self.scale * self.mult
             out = {"fgd": terms["total"] * s, **{k: terms[k].detach() * s for k in TERMS}, "levels": terms["levels"] * s}
             ok = ok & torch.isfinite(out["fgd"])
-        if self.response or self.cross is not None or self.task_term:
-            with torch.no_grad():  # one pass of the teacher's head serves the response term, CrossKD and the task's
-                teacher_out = head_outputs(self.teacher, self._teacher_input(teacher_feats))
+
         if self.response:
             cfg = self.cfg
             weights = focal_weights(boxes, batch_idx, teacher_feats, cfg["temperature"], cfg["bg"] / cfg["fg"]) \
@@ -165,6 +166,38 @@ class Distiller(nn.Module):
                 out[k] = torch.where(ok, out[k], torch.zeros_like(out[k]))
         self.stats["skipped"] = self.stats["skipped"] + (~ok).int()
         return out
+
+    @property
+    def needs_head(self) -> bool:
+        """Whether a term reads the teacher's head outputs (the response term, CrossKD, the task's term)."""
+        return bool(self.response or self.cross is not None or self.task_term)
+
+    def prefetch(self, img: torch.Tensor) -> None:
+        """Start the teacher's pass on a batch in a second thread while the student runs (CPU only, where Ultralytics
+        trains on cpu_count - 1 threads: the teacher takes a core the student leaves idle); :meth:`teacher_pass` picks
+        it up. Grad mode and autocast are per thread: the pass sets both itself."""
+        if img.device.type != "cpu" or (os.cpu_count() or 1) <= torch.get_num_threads():
+            return
+        pool = self._refs.get("pool") or self._refs.setdefault("pool", ThreadPoolExecutor(1, "yolo-fgd-teacher"))
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        self._refs["pending"] = (img, pool.submit(self._teacher_pass, img, dtype))
+
+    def teacher_pass(self, img: torch.Tensor) -> tuple[list, dict | None]:
+        """The teacher's Detect inputs [L x (N,C,H,W)] fp32 and, when a term needs them, its head outputs, for the
+        batch ``img`` (N,3,H,W): from :meth:`prefetch` when it ran on this batch, else now."""
+        pending = self._refs.pop("pending", None)
+        if pending is not None and pending[0] is img:
+            return pending[1].result()
+        return self._teacher_pass(img)
+
+    def _teacher_pass(self, img: torch.Tensor, autocast: torch.dtype | None = None) -> tuple[list, dict | None]:
+        """:meth:`teacher_pass` itself: under the calling thread's autocast, or (a prefetch thread) ``autocast``'s."""
+        with torch.autocast(img.device.type, dtype=autocast, enabled=autocast is not None) if autocast else nullcontext():
+            feats = self.teacher_features(img)
+            if not self.needs_head:
+                return feats, None
+            with torch.no_grad():  # one pass of the teacher's head serves the response term, CrossKD and the task's
+                return feats, head_outputs(self.teacher, self._teacher_input(feats))
 
     def teacher_features(self, img: torch.Tensor) -> list[torch.Tensor]:
         """The teacher's Detect inputs [L x (N,C,H,W)] fp32 for a batch of images (N,3,H,W): no autograd state, under

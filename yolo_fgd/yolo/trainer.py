@@ -103,6 +103,7 @@ class DistillMixin:
         batch = super().preprocess_batch(batch)
         self.batch_i += 1
         self.distiller.scale = self.distill_scale()
+        self.distiller.prefetch(batch["img"])  # the teacher's pass overlaps the student's forward (CPU)
         return batch
 
     def distill_scale(self) -> float:
