@@ -353,22 +353,28 @@ def test_benchmark_step_times_every_method(data, teacher, tmp_path):
     assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == set(res)  # one run folder per method, reused
 
 
-def test_amp_teacher_targets_match_fp32(data, teacher):
-    """Under the step's autocast the teacher runs in half precision (its targets then cast to fp32): its Detect inputs
-    and the response / CrossKD terms match the fp32 ones within the half type's rounding (CPU fp16 autocast here; on
-    CUDA the same code runs under Ultralytics' AMP)."""
+def distiller_on_a_batch(teacher):
+    """A YOLO11n student with the teacher's classes, the shipped preset's distiller, and a 2-image batch."""
     from ultralytics.nn.tasks import DetectionModel
 
     from yolo_fgd.cfg.distill import resolve
     from yolo_fgd.yolo import Distiller
-    from yolo_fgd.yolo.model import train_outputs
 
     names = read_names(teacher)
     torch.manual_seed(0)
     student = DetectionModel("yolo11n.yaml", nc=len(names), verbose=False).train()
-    d = Distiller(student, teacher, resolve({}), names, "cpu")
     img = torch.rand(2, 3, 64, 64)
     batch = {"img": img, "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]]), "batch_idx": torch.tensor([0.0])}
+    return student, Distiller(student, teacher, resolve({}), names, "cpu"), img, batch
+
+
+def test_amp_teacher_targets_match_fp32(data, teacher):
+    """Under the step's autocast the teacher runs in half precision (its targets then cast to fp32): its Detect inputs
+    and the response / CrossKD terms match the fp32 ones within the half type's rounding (CPU fp16 autocast here; on
+    CUDA the same code runs under Ultralytics' AMP)."""
+    from yolo_fgd.yolo.model import train_outputs
+
+    student, d, img, batch = distiller_on_a_batch(teacher)
     feats32 = d.teacher_features(img)
     with torch.autocast("cpu", dtype=torch.float16):
         feats16 = d.teacher_features(img)
@@ -399,10 +405,6 @@ def test_teacher_prefetch_gives_the_inline_terms(data, teacher):
     import os
     import threading
 
-    from ultralytics.nn.tasks import DetectionModel
-
-    from yolo_fgd.cfg.distill import resolve
-    from yolo_fgd.yolo import Distiller
     from yolo_fgd.yolo.model import train_outputs
 
     if (os.cpu_count() or 1) < 2:
@@ -410,12 +412,7 @@ def test_teacher_prefetch_gives_the_inline_terms(data, teacher):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        names = read_names(teacher)
-        torch.manual_seed(0)
-        student = DetectionModel("yolo11n.yaml", nc=len(names), verbose=False).train()
-        d = Distiller(student, teacher, resolve({}), names, "cpu")
-        img = torch.rand(2, 3, 64, 64)
-        batch = {"img": img, "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]]), "batch_idx": torch.tensor([0.0])}
+        student, d, img, batch = distiller_on_a_batch(teacher)
         out = train_outputs(student(img))
         inline = d(out, batch)
         seen = []

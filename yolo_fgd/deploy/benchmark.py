@@ -30,7 +30,7 @@ from ..timing import percentile, times_ms
 from ..yolo.model import checkpoint
 from .edge import EdgeModel
 from .evaluate import edge_ap
-from .export import export, export_openvino, load_yolo
+from .export import export, export_openvino, first_output, load_yolo
 
 COLS = ("model", "format", "precision", "size_mb", "params_m", "gflops", "p50_ms", "p95_ms", "e2e_p50_ms",
         "e2e_p95_ms", "pre_post_ms", "fps", "map50_95", "map50", "d_map50_95", "threads")
@@ -60,14 +60,8 @@ def openvino_available() -> bool:
 def torch_model(net, imgsz: int, names: dict) -> EdgeModel:
     """The PyTorch model behind the edge runner's pre- and post-processing (one evaluation and one end-to-end
     pipeline for every format)."""
-    def infer(x):
-        with torch.inference_mode():
-            y = net(torch.from_numpy(x))
-        while isinstance(y, (list, tuple)):
-            y = y[0]
-        return y.numpy()
-
-    return EdgeModel.wrap(infer, (imgsz, imgsz), names, end2end=bool(getattr(net, "end2end", False)), precision="fp32")
+    return EdgeModel.wrap(first_output(net), (imgsz, imgsz), names, end2end=bool(getattr(net, "end2end", False)),
+                          precision="fp32")
 
 
 def end_to_end(model: EdgeModel, files: list, runs: int) -> tuple[float, float, float]:

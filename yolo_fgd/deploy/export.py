@@ -115,24 +115,29 @@ def _copy_metadata(src: Path, dst: Path):
     onnx.save(b, str(dst))
 
 
-def parity(pt_model, onnx_path, images: list[Path], imgsz: int) -> float:
-    """Max |PyTorch - ONNX Runtime| over the first raw output of a YOLO model of any task for ``images`` (the
-    detections; a segmentation model's prototypes are a second output)."""
-    model = pt_model.model.float().eval()
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    inp = session.get_inputs()[0]
-    dtype = np.float16 if "float16" in inp.type else np.float32
-    end2end = getattr(model, "end2end", False)
-
-    def reference(x):
-        with torch.no_grad():
-            y = model(torch.from_numpy(x))
+def first_output(net):
+    """(1,3,H,W) float32 array -> the first raw output of a YOLO network of any task, as an array (the detections; a
+    segmentation model's prototypes are a second output): the PyTorch side of every parity check and benchmark."""
+    def run(x):
+        with torch.inference_mode():
+            y = net(torch.from_numpy(x))
         while isinstance(y, (list, tuple)):  # (y, raw) and, for segmentation, ((y, proto), raw)
             y = y[0]
         return y.numpy()
 
-    return max_diff(reference, lambda x: session.run(None, {inp.name: x.astype(dtype)})[0], images, imgsz,
-                    rows_unordered=end2end)
+    return run
+
+
+def parity(pt_model, candidate, images: list[Path], imgsz: int) -> float:
+    """Max |PyTorch - candidate| over the first raw output of a YOLO model for ``images``; ``candidate``: an ONNX
+    path (run by ONNX Runtime) or a function of the input array (e.g. an OpenVINO model's ``infer``)."""
+    model = pt_model.model.float().eval()
+    if not callable(candidate):
+        session = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
+        inp = session.get_inputs()[0]
+        dtype = np.float16 if "float16" in inp.type else np.float32
+        candidate = lambda x: session.run(None, {inp.name: x.astype(dtype)})[0]  # noqa: E731
+    return max_diff(first_output(model), candidate, images, imgsz, rows_unordered=getattr(model, "end2end", False))
 
 
 def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = False, half: bool = False,
@@ -219,17 +224,8 @@ def export_openvino(model: str, yolo_model, imgsz: int, int8, data, calib: int, 
         if images:
             from .edge import EdgeModel
 
-            edge = EdgeModel(ir, backend="openvino", precision="f32")
-            net = load_yolo(stage / pt.name).model.float().eval()
-
-            def reference(x):
-                with torch.no_grad():
-                    y = net(torch.from_numpy(x))
-                while isinstance(y, (list, tuple)):
-                    y = y[0]
-                return y.numpy()
-
-            diff = max_diff(reference, edge.infer, images, imgsz, rows_unordered=getattr(net, "end2end", False))
+            diff = parity(load_yolo(stage / pt.name), EdgeModel(ir, backend="openvino", precision="f32").infer, images,
+                          imgsz)
             LOGGER.info(f"parity: max |PyTorch - OpenVINO f32| = {diff:.2e} on {len(images)} images of {data}")
             check(diff, len(images), data)
         else:
