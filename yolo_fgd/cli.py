@@ -57,6 +57,9 @@ class Command:
 
     def check(self, words: list[str], kv: dict) -> None:
         """Positional words, keys, required keys and the simple types of the defaults: one line each, no import."""
+        if len(words) > 1 and all(w in self.words for w in words):
+            raise FGDError(f"{self.name} takes one of {' | '.join(self.words)}, not {' and '.join(words)}: see "
+                           f"`yolo-fgd {self.name} help`")
         extra = [w for w in words if w not in self.words] + words[1:]
         if extra:
             takes = f"it takes {' | '.join(self.words)} or key=value" if self.words else "it takes key=value only"
