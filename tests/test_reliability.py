@@ -1,6 +1,7 @@
 """Odd labels, non-finite features, SIGKILL mid-run and resume, atomic checkpoints."""
 
 import csv
+import os
 import shutil
 import signal
 import subprocess
@@ -133,3 +134,29 @@ def test_cuda_check_answers_help_and_refuses_arguments_in_one_line():
     assert r.returncode == 0 and "python -m yolo_fgd.lab.cuda_check" in r.stdout
     r = subprocess.run([*cmd, "batch=4"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "takes no arguments" in r.stderr
+
+
+def test_a_last_checkpoint_never_exists_without_its_sidecar(data, runs, teacher, monkeypatch):
+    """A kill right after last.pt lands (the SIGKILL test's moment) finds the distiller's fgd_last.pt already in place:
+    the sidecar is renamed first. Simulated: the rename of last.pt is the process' last act."""
+    from ultralytics import YOLO
+
+    from yolo_fgd import DistillTrainer
+    from yolo_fgd.yolo import trainer as trainer_module
+
+    real = os.replace
+
+    class Killed(BaseException):
+        pass
+
+    def replace(src, dst):
+        real(src, dst)
+        if Path(dst).name == "last.pt":
+            raise Killed
+
+    monkeypatch.setattr(trainer_module.os, "replace", replace)
+    with pytest.raises(Killed):
+        YOLO("yolo11n.yaml").train(trainer=DistillTrainer, teacher=teacher, data=data, epochs=1, project=str(runs),
+                                   name="killed_at_rename", **TINY)
+    wdir = Path(runs) / "killed_at_rename" / "weights"
+    assert (wdir / "last.pt").is_file() and (wdir / "fgd_last.pt").is_file()

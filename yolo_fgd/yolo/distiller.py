@@ -127,9 +127,9 @@ class Distiller(nn.Module):
         each present when built.
         A batch with a non-finite feature or term gets exact zeros (a select, no host sync) and is counted."""
         img = batch["img"]
-        teacher_feats, teacher_out = self.teacher_pass(img)
+        teacher_feats, teacher_out, ok = self.teacher_pass(img)
         student_feats = student_out["feats"]
-        ok = torch.stack([torch.isfinite(f).all() for f in (*student_feats, *teacher_feats)]).all()
+        ok = ok & torch.stack([torch.isfinite(f).all() for f in student_feats]).all()
         student_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in student_feats]
         teacher_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in teacher_feats]
         out = {}
@@ -182,22 +182,25 @@ class Distiller(nn.Module):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
         self._refs["pending"] = (img, pool.submit(self._teacher_pass, img, dtype))
 
-    def teacher_pass(self, img: torch.Tensor) -> tuple[list, dict | None]:
-        """The teacher's Detect inputs [L x (N,C,H,W)] fp32 and, when a term needs them, its head outputs, for the
-        batch ``img`` (N,3,H,W): from :meth:`prefetch` when it ran on this batch, else now."""
+    def teacher_pass(self, img: torch.Tensor) -> tuple[list, dict | None, torch.Tensor]:
+        """The teacher's Detect inputs [L x (N,C,H,W)] fp32, its head outputs when a term needs them, and whether its
+        features were finite (0-d bool; non-finite ones are zeroed before the head, so no NaN reaches a gradient),
+        for the batch ``img`` (N,3,H,W): from :meth:`prefetch` when it ran on this batch, else now."""
         pending = self._refs.pop("pending", None)
         if pending is not None and pending[0] is img:
             return pending[1].result()
         return self._teacher_pass(img)
 
-    def _teacher_pass(self, img: torch.Tensor, autocast: torch.dtype | None = None) -> tuple[list, dict | None]:
+    def _teacher_pass(self, img: torch.Tensor, autocast: torch.dtype | None = None) -> tuple:
         """:meth:`teacher_pass` itself: under the calling thread's autocast, or (a prefetch thread) ``autocast``'s."""
         with torch.autocast(img.device.type, dtype=autocast, enabled=autocast is not None) if autocast else nullcontext():
             feats = self.teacher_features(img)
+            ok = torch.stack([torch.isfinite(f).all() for f in feats]).all()
+            feats = [torch.where(ok, f, torch.zeros_like(f)) for f in feats]
             if not self.needs_head:
-                return feats, None
+                return feats, None, ok
             with torch.no_grad():  # one pass of the teacher's head serves the response term, CrossKD and the task's
-                return feats, head_outputs(self.teacher, self._teacher_input(feats))
+                return feats, head_outputs(self.teacher, self._teacher_input(feats)), ok
 
     def teacher_features(self, img: torch.Tensor) -> list[torch.Tensor]:
         """The teacher's Detect inputs [L x (N,C,H,W)] fp32 for a batch of images (N,3,H,W): no autograd state, under

@@ -160,21 +160,27 @@ class DistillMixin:
 
     def save_model(self):
         """Ultralytics' checkpoints (student only) plus the distiller's state in ``fgd_last.pt`` (when it has any),
-        every file written to a temporary name and renamed, so a kill never leaves a half-written checkpoint."""
+        every file written to a temporary name and renamed, so a kill never leaves a half-written checkpoint, and the
+        sidecar renamed first: a ``last.pt`` never exists without the distiller state of its epoch."""
         final = {"last": self.last, "best": self.best}
         self.last, self.best = (p.with_name(f".{p.name}.tmp") for p in (final["last"], final["best"]))
+        sidecar = self.wdir / f".{SIDECAR}.tmp"
+        if self.distiller is not None and list(self.distiller.parameters()):
+            self.wdir.mkdir(parents=True, exist_ok=True)
+            torch.save(self.distiller.sidecar(self.epoch), sidecar)
         try:
             saved = super().save_model()
         finally:
+            if sidecar.exists():
+                if self.last.exists():  # the student's checkpoint was written: its sidecar goes into place first
+                    os.replace(sidecar, self.wdir / SIDECAR)
+                else:
+                    sidecar.unlink()
             for key, path in final.items():
                 tmp = getattr(self, key)
                 if tmp.exists():
                     os.replace(tmp, path)
             self.last, self.best = final["last"], final["best"]
-        if saved and self.distiller is not None and list(self.distiller.parameters()):
-            tmp = self.wdir / f".{SIDECAR}.tmp"
-            torch.save(self.distiller.sidecar(self.epoch), tmp)
-            os.replace(tmp, self.wdir / SIDECAR)
         return saved
 
 
