@@ -133,6 +133,8 @@ BAD = [  # (arguments, the line's text); every case leaves the working folder as
     (["data", "shapes", "Settings"], "'Settings' is not an argument of data"),
     (["val", "helpful", "model={teacher}"], "'helpful' is not an argument of val"),
     (["predict", "model={teacher}"], "predict needs source="),
+    (["benchmark", "model={teacher},{tmp}/nope.pt", "project={tmp}/bench"], "model '{tmp}/nope.pt' not found"),
+    (["benchmark", "model={teacher}", "openvino=maybe"], "openvino=maybe is not one of True, False"),
 ]
 
 

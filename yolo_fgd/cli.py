@@ -83,7 +83,7 @@ def _show(default) -> str:
 
 POSITIVE = {"imgsz", "epochs", "runs", "repeat", "steps", "images", "calib", "lanes", "boxes", "batch", "n_train",
             "n_val", "size", "tile", "teacher_epochs", "warmup_iters", "max_size"}
-CHOICES = {"int8": (True, False, "dynamic")}  # values other than the default's type that a key takes
+CHOICES = {"int8": (True, False, "dynamic"), "openvino": (True, False)}  # the values a key takes beyond its default's
 
 
 def check_types(kv: dict, defaults: dict) -> None:
@@ -93,7 +93,7 @@ def check_types(kv: dict, defaults: dict) -> None:
         default = defaults.get(k)
         if k in CHOICES:
             if not any(v is c or (isinstance(c, str) and str(v).lower() == c) for c in CHOICES[k]):
-                raise FGDError(f"{k}={v} is not one of {', '.join(map(str, CHOICES[k]))}: e.g. {k}={default}")
+                raise FGDError(f"{k}={v} is not one of {', '.join(map(str, CHOICES[k]))}: e.g. {k}={CHOICES[k][0]}")
         elif isinstance(default, bool):
             if not isinstance(v, bool):
                 raise FGDError(f"{k}={v} is not True/False: pass {k}=True or {k}=False")

@@ -90,17 +90,18 @@ def benchmark(model: str, data: str | None = None, imgsz: int = 640, runs: int =
     threads = int(threads) or torch.get_num_threads()
     torch.set_num_threads(threads)
     cv2.setNumThreads(1)  # pre/post-processing on one core, the same for every format
+    models = [checkpoint(m) for m in str(model).split(",") if m]
+    missing = [m for m in models if not Path(m).is_file()]
+    if missing:  # every model checked before anything is written
+        raise FGDError(f"model '{missing[0]}' not found: pass model=path/to/best.pt or a run folder (comma-separate "
+                       "several)")
     out_dir = Path(project) / name
     out_dir.mkdir(parents=True, exist_ok=True)
     files, _ = split_images(data, "val")
     rows = []
-    models = [m for m in str(model).split(",") if m]
     per_model = 3 + (1 if int8 else 0) + (3 if openvino else 0)
     steps = TQDM(total=len(models) * per_model, desc="benchmark")
     for m in models:
-        m = checkpoint(m)
-        if not Path(m).is_file():
-            raise FGDError(f"model '{m}' not found: pass model=path/to/best.pt (comma-separate several)")
         label = Path(m).parent.parent.name if Path(m).stem in {"best", "last"} and Path(m).parent.name == "weights" \
             else Path(m).stem  # runs/NAME/weights/best.pt -> NAME
         yolo = load_yolo(m)
