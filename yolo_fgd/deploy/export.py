@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -162,40 +163,59 @@ def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = F
         result = {format: str(Path(path).resolve())}
         result_line(result)
         return result
-    data = data or (getattr(yolo_model, "ckpt", None) or {}).get("train_args", {}).get("data")
-    if data:
-        data = resolve_data(data)  # shapes / deepforest -> their YAML; a path passes through
+    data = run_data(yolo_model, data)
     mode = "dynamic" if str(int8).lower() == "dynamic" else "static"
     if int8 and mode == "static":
         calibration_images(data, calib)  # before anything is written
     if half:  # Ultralytics' name for fp16 export is quantize=16 (half= is deprecated there)
         kwargs["quantize"] = 16
     pt = Path(model).resolve()
-    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=pt.parent))
-    try:
-        shutil.copy2(pt, stage / pt.name)
-        staged = load_yolo(stage / pt.name)
-        path = Path(staged.export(format="onnx", imgsz=imgsz, dynamic=dynamic, simplify=True, opset=opset,
-                                  device=device, **kwargs))
+    with staged(pt) as (copy, place):
+        path = Path(load_yolo(copy).export(format="onnx", imgsz=imgsz, dynamic=dynamic, simplify=True, opset=opset,
+                                           device=device, **kwargs))
         images = sample_images(data, "val")
         diff = None
         if images and not half:
-            diff = parity(load_yolo(stage / pt.name), path, images, imgsz)
+            diff = parity(load_yolo(copy), path, images, imgsz)
             LOGGER.info(f"parity: max |PyTorch - ONNX Runtime| = {diff:.2e} on {len(images)} images of {data}")
             check(diff, len(images), data)
         elif not images:
             LOGGER.warning("parity check skipped: no data images (pass data=your.yaml)")
         q = quantize(path, data, imgsz, mode, calib) if int8 else None
-        made = [f for f in (path, q) if f is not None]
-        for f in made:  # all succeeded: into place beside the checkpoint
-            os.replace(f, pt.parent / f.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        place((path, q))
     result = {"onnx": str(pt.parent / path.name), "int8": str(pt.parent / q.name) if q else None, "parity": diff}
     if q:
         LOGGER.info(f"INT8 ({mode}) model: {result['int8']}")
     result_line(result)
     return result
+
+
+def run_data(yolo_model, data):
+    """``data`` as a data YAML path, or by default the data the checkpoint was trained on (None without either)."""
+    data = data or (getattr(yolo_model, "ckpt", None) or {}).get("train_args", {}).get("data")
+    return resolve_data(data) if data else None  # shapes / deepforest -> their YAML; a path passes through
+
+
+@contextmanager
+def staged(pt: Path):
+    """A copy of checkpoint ``pt`` in a hidden folder beside it, to export from; yields (the copy, ``place``):
+    ``place(made)`` moves the files or folders it made into ``pt``'s folder, over earlier ones of the same name, once
+    everything succeeded. The folder is removed whatever happens, so a failed export leaves what it found as it was."""
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=pt.parent))
+
+    def place(made):
+        for f in made:
+            if f is not None:
+                dest = pt.parent / f.name
+                if dest.is_dir():
+                    shutil.rmtree(dest)
+                os.replace(f, dest)
+
+    try:
+        shutil.copy2(pt, stage / pt.name)
+        yield stage / pt.name, place
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def export_openvino(model: str, yolo_model, imgsz: int, int8, data, calib: int, **kwargs) -> dict:
@@ -211,21 +231,17 @@ def export_openvino(model: str, yolo_model, imgsz: int, int8, data, calib: int, 
         raise FGDError(f"format=openvino needs {e.name}: pip install 'yolo-fgd[openvino]' (openvino, nncf)") from None
     if str(int8).lower() == "dynamic":
         raise FGDError("int8=dynamic is ONNX Runtime's: for OpenVINO use int8=True (NNCF, calibrated on data=)")
-    data = data or (getattr(yolo_model, "ckpt", None) or {}).get("train_args", {}).get("data")
-    data = resolve_data(data) if data else None
+    data = run_data(yolo_model, data)
     files = calibration_images(data, calib) if int8 else []
     pt = Path(model).resolve()
-    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=pt.parent))
-    try:
-        shutil.copy2(pt, stage / pt.name)
-        ir = Path(load_yolo(stage / pt.name).export(format="openvino", imgsz=imgsz, device="cpu", **kwargs))
+    with staged(pt) as (copy, place):
+        ir = Path(load_yolo(copy).export(format="openvino", imgsz=imgsz, device="cpu", **kwargs))
         images = sample_images(data, "val")
         diff = None
         if images:
             from .edge import EdgeModel
 
-            diff = parity(load_yolo(stage / pt.name), EdgeModel(ir, backend="openvino", precision="f32").infer, images,
-                          imgsz)
+            diff = parity(load_yolo(copy), EdgeModel(ir, backend="openvino", precision="f32").infer, images, imgsz)
             LOGGER.info(f"parity: max |PyTorch - OpenVINO f32| = {diff:.2e} on {len(images)} images of {data}")
             check(diff, len(images), data)
         else:
@@ -233,17 +249,9 @@ def export_openvino(model: str, yolo_model, imgsz: int, int8, data, calib: int, 
         q = None
         if int8:
             n_train = len(sample_images(data, "train", 10**9))
-            q = Path(load_yolo(stage / pt.name).export(format="openvino", imgsz=imgsz, device="cpu", int8=True,
-                                                       data=data, split="train", fraction=min(1.0, len(files) /
-                                                                                              max(n_train, 1)),
-                                                       **kwargs))
-        for d in (ir, q):
-            if d is not None:
-                dest = pt.parent / d.name
-                shutil.rmtree(dest, ignore_errors=True)
-                os.replace(d, dest)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+            q = Path(load_yolo(copy).export(format="openvino", imgsz=imgsz, device="cpu", int8=True, data=data,
+                                            split="train", fraction=min(1.0, len(files) / max(n_train, 1)), **kwargs))
+        place((ir, q))
     result = {"openvino": str(pt.parent / ir.name), "int8": str(pt.parent / q.name) if q else None, "parity": diff}
     result_line(result)
     return result

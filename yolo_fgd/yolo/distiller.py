@@ -141,7 +141,6 @@ class Distiller(nn.Module):
             s = self.scale * self.mult
             out = {"fgd": terms["total"] * s, **{k: terms[k].detach() * s for k in TERMS}, "levels": terms["levels"] * s}
             ok = ok & torch.isfinite(out["fgd"])
-
         if self.response:
             cfg = self.cfg
             weights = focal_weights(boxes, batch_idx, teacher_feats, cfg["temperature"], cfg["bg"] / cfg["fg"]) \
@@ -193,7 +192,7 @@ class Distiller(nn.Module):
 
     def _teacher_pass(self, img: torch.Tensor, autocast: torch.dtype | None = None) -> tuple:
         """:meth:`teacher_pass` itself: under the calling thread's autocast, or (a prefetch thread) ``autocast``'s."""
-        with torch.autocast(img.device.type, dtype=autocast, enabled=autocast is not None) if autocast else nullcontext():
+        with torch.autocast(img.device.type, dtype=autocast) if autocast else nullcontext():
             feats = self.teacher_features(img)
             ok = torch.stack([torch.isfinite(f).all() for f in feats]).all()
             feats = [torch.where(ok, f, torch.zeros_like(f)) for f in feats]
