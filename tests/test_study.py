@@ -213,3 +213,44 @@ def test_summary_sums_wall_time_over_resumed_segments(tmp_path, monkeypatch):
     monkeypatch.setattr(st, "coco_ap", lambda *a: {"map": 0.3})
     s = st.summarise({"dir": str(run), "method": "m", "seed": 0, "data": "d", "train": {"imgsz": 64}})
     assert s["wall_s"] == 37 and s["epoch_s"] == 37 / 4 and s["ul_map"] == 0.4
+
+
+def tiny_tv_recipe(root):
+    return {
+        "kind": "tv",
+        "datasets": {"tiny": {"kind": "shapes", "root": str(root / "data"), "n_train": 8, "n_val": 4, "size": 96}},
+        "train": {"arch": "retinanet", "student_backbone": "resnet18", "width": 32, "anchor": 8, "min_size": [64],
+                  "max_size": 64, "epochs": 1, "batch": 4, "warmup_iters": 2},
+        "teacher": {"student_backbone": "resnet34", "epochs": 2},
+        "seeds": [0],
+        "methods": {"plain": {}, "fgd": {"distill": True, "baseline": "plain", "args": {"check_teacher": False}}},
+    }
+
+
+@pytest.mark.slow
+def test_tv_study_plans_runs_resumes_and_reports_the_paper_columns(tmp_path):
+    """A torchvision recipe: the teacher (its own arguments on top), plain and FGD students; FGD waits for the teacher
+    and the plain run of its seed (its baseline); the report has COCO's columns; a second start retrains nothing."""
+    from yolo_fgd.lab.study import plan, study
+
+    rec = tiny_tv_recipe(tmp_path)
+    root = tmp_path / "runs" / "tv"
+    specs = {s["method"]: s for s in plan(rec, root)}
+    assert specs["teacher"]["train"]["student_backbone"] == "resnet34" and specs["teacher"]["train"]["epochs"] == 2
+    fgd = specs["fgd"]
+    assert fgd["args"]["teacher"] == str(root / "tiny" / "teacher" / "model.pth")
+    assert fgd["args"]["baseline"] == str(root / "tiny" / "plain-s0")
+    assert fgd["needs"] == [fgd["args"]["teacher"], str(root / "tiny" / "plain-s0" / "summary.json")]
+    text = study(rec, project=str(tmp_path / "runs"), name="tv", lanes=2)
+    assert text.splitlines()[0].startswith("| dataset | method | seeds | mAP | per seed | AP50 | AP75 | APs | APm | APl "
+                                           "| AR100 | s/epoch |")
+    for method, epochs in (("teacher", 2), ("plain", 1), ("fgd", 1)):
+        assert f"| tiny | {method} | 1 |" in text
+        s = json.loads((root / "tiny" / (method if method == "teacher" else f"{method}-s0") / "summary.json")
+                       .read_text())
+        assert s["epochs"] == epochs and 0 <= s["map"] <= 1 and set(s) >= {"ap75", "ar100"}
+    fgd_args = json.loads((root / "tiny" / "fgd-s0" / "args.json").read_text())
+    assert fgd_args["fgd"] and fgd_args["teacher"].endswith("teacher/model.pth")
+    stamp = {p: p.stat().st_mtime for p in root.rglob("summary.json")}
+    study(rec, project=str(tmp_path / "runs"), name="tv", lanes=2)
+    assert {p: p.stat().st_mtime for p in root.rglob("summary.json")} == stamp

@@ -1,9 +1,10 @@
 """The distillation arguments a trainer adds to Ultralytics' and their resolution against the loss presets
 (``presets.yaml``); pure configuration, so the CLI checks them before it imports torch.
 
-One name per idea: a preset key ``k`` is the train argument ``fgd_k`` (FGD's terms and schedule) or ``k`` itself
-(``kd_cls``, ``kd_box``...: the head-response family, which is not FGD). The FGD term weights are named after the
-terms they weigh: ``fg``, ``bg``, ``at``, ``gl`` (the paper's alpha, beta, gamma, lambda of Eq. 13).
+One name per idea: a preset key ``k`` is the train argument ``<prefix>k`` of its row of :data:`TERM_TABLE`:
+``fgd_fg`` (FGD's own), ``kd_cls`` (the head-response family, which is not FGD), ``distill_warmup`` (the schedule of
+every term). The FGD term weights are named after the terms they weigh: ``fg``, ``bg``, ``at``, ``gl`` (the paper's
+alpha, beta, gamma, lambda of Eq. 13).
 """
 
 from __future__ import annotations
@@ -18,30 +19,93 @@ from ..errors import FGDError
 from . import PRESETS
 
 TERMS = ("fg", "bg", "at", "gl")  # Eq. 9 foreground, Eq. 9 background, Eq. 10 attention, Eq. 11 global
-FLOAT_KEYS = (*TERMS, "temperature", "gain", "warmup", "decay", "share", "mgd_ratio", "kd_cls", "kd_box", "crosskd",
-              "kd_kpt", "kd_angle", "kd_mask")
-BOOL_KEYS = ("norm", "split", "spatial", "channel", "mse", "mgd", "level_norm", "kd_focal")
-KEYS = FLOAT_KEYS + BOOL_KEYS
+
+# --- the table of terms -------------------------------------------------------------------------------------------
+# One row per distillation term, and everything else is read from it: the train arguments and their checks, the
+# preset defaults, the CLI's help, the docs' argument table (written by the docs build) and, through ``impl``, what
+# the YOLO distiller builds and runs.
+#   name     the term's loss item and results.csv column (train/NAME)
+#   impl     its implementation, "module:Class" under yolo_fgd.yolo (or a full dotted module path); None: no term of
+#            its own (the schedule)
+#   prefix   of its train arguments: fgd_ (FGD and its feature-loss variants), none (the head-response family, which
+#            is not FGD), distill_ (the schedule of every term)
+#   keys     preset key -> (default, kind, help); default None: every preset sets it; kind: weight (>= 0), positive
+#            (> 0), fraction (in [0, 1)) or bool
+#   task     only for students of this task;  modules: its trainable parts (optimised, saved in weights/fgd_last.pt)
+TERM_TABLE = (
+    {"name": "fgd", "impl": "terms:Feature", "prefix": "fgd_",
+     "keys": {"fg": (None, "weight", "weight of the foreground term (alpha of Eq. 13)"),
+              "bg": (None, "weight", "weight of the background term (beta)"),
+              "at": (None, "weight", "weight of the attention term (gamma)"),
+              "gl": (None, "weight", "weight of the global term (lambda)"),
+              "temperature": (None, "positive", "T of Eq. 5-6 (the paper uses 0.5)"),
+              "gain": (None, "weight", "multiplies the four FGD weights; 0 turns FGD off, 0.05 is the calibrated scale"),
+              "norm": (None, "bool", "standardise teacher and aligned student features per image and channel first"),
+              "level_norm": (False, "bool", "weigh the levels equally (each level's term over its running mean; the "
+                                            "sum keeps its scale)"),
+              "share": (0.0, "weight", "instead of a fixed weight, hold |grad FGD| / |grad detection| on the student "
+                                       "at this value (one process only)"),
+              "split": (True, "bool", "ablation: separate foreground / background masks (paper Table 1)"),
+              "spatial": (True, "bool", "ablation: spatial attention A_S in Eq. 9 (paper Table 5)"),
+              "channel": (True, "bool", "ablation: channel attention A_C in Eq. 9 (paper Table 5)")},
+     "what": "FGD (Eq. 2-13) on the Detect inputs: focal (fg, bg), attention (at) and global (gl) terms",
+     "modules": "per level: 1x1 align conv, two GcBlocks", "columns": "fgd, fgd_fg, fgd_bg, fgd_at, fgd_gl, fgd/P3..."},
+    {"name": "mse", "impl": "terms:Feature", "prefix": "fgd_",
+     "keys": {"mse": (False, "bool", "plain feature MSE (paper Eq. 1) instead of FGD (distill_preset=mse sets it)")},
+     "what": "plain feature MSE (Eq. 1) with the align conv, instead of FGD",
+     "modules": "per level: 1x1 align conv", "columns": "mse"},
+    {"name": "mgd", "impl": "terms:Feature", "prefix": "fgd_",
+     "keys": {"mgd": (False, "bool", "MGD instead of FGD's feature loss (distill_preset=mgd sets it with the response "
+                                     "term)"),
+              "mgd_ratio": (0.65, "fraction", "share of positions MGD masks out")},
+     "what": "masked generative distillation (MGD, ECCV 2022) instead of FGD: random spatial mask, generator",
+     "modules": "per level: align conv, Conv3x3-ReLU-Conv3x3 generator", "columns": "mgd"},
+    {"name": "kd", "impl": "terms:Response", "prefix": "",
+     "keys": {"kd_cls": (0.0, "weight", "weight of the head response's class term"),
+              "kd_box": (0.0, "weight", "weight of the head response's box term (L1 of decoded distances when the "
+                                        "heads' bins differ)"),
+              "kd_focal": (False, "bool", "weigh the response term per anchor by FGD's (M_fg + beta/alpha M_bg) A_S "
+                                          "(Eq. 2-5; needs fgd_fg > 0)")},
+     "what": "head response: teacher class scores as soft labels (KL), box-side bins (KL, weighted by the teacher's "
+             "top score)", "modules": "none", "columns": "kd"},
+    {"name": "crosskd", "impl": "terms:CrossKD", "prefix": "",
+     "keys": {"crosskd": (0.0, "weight", "weight of CrossKD (crosskd=0 leaves the head response alone)")},
+     "what": "CrossKD: the student's Detect inputs through 1x1 convs and the frozen teacher head, its outputs to the "
+             "teacher's", "modules": "per level: 1x1 conv to the teacher's width", "columns": "crosskd"},
+    {"name": "kd_kpt", "impl": "terms:Keypoints", "prefix": "", "task": "pose",
+     "keys": {"kd_kpt": (0.0, "weight", "weight of the pose keypoint term")},
+     "what": "pose: L1 of the raw keypoints + visibility KL", "modules": "none", "columns": "kd_kpt"},
+    {"name": "kd_angle", "impl": "terms:Angle", "prefix": "", "task": "obb",
+     "keys": {"kd_angle": (0.0, "weight", "weight of the OBB angle term")},
+     "what": "OBB: wrapped |angle difference|", "modules": "none", "columns": "kd_angle"},
+    {"name": "kd_mask", "impl": "terms:Masks", "prefix": "", "task": "segment",
+     "keys": {"kd_mask": (0.0, "weight", "weight of the segmentation mask term")},
+     "what": "segment: KL of the mask logits at the teacher's top anchors", "modules": "none", "columns": "kd_mask"},
+    {"name": "schedule", "impl": None, "prefix": "distill_",
+     "keys": {"warmup": (None, "weight", "epochs of linear ramp of every distillation term from 0"),
+              "decay": (0.0, "weight", "last epochs over which every distillation term falls to 0 (cosine; 0: off)")},
+     "what": "every term's weight over training", "modules": "none", "columns": "distill/scale"},
+)
+KEY_SPEC = {k: spec for term in TERM_TABLE for k, spec in term["keys"].items()}  # preset key -> (default, kind, help)
+PREFIX = {k: term["prefix"] for term in TERM_TABLE for k in term["keys"]}
+KEY_HELP = {k: spec[2] for k, spec in KEY_SPEC.items()}
+KEYS = tuple(KEY_SPEC)
+BOOL_KEYS = tuple(k for k in KEYS if KEY_SPEC[k][1] == "bool")
+FLOAT_KEYS = tuple(k for k in KEYS if k not in BOOL_KEYS)
+PRESET_DEFAULTS = {k: spec[0] for k, spec in KEY_SPEC.items() if spec[0] is not None}  # what presets may leave out
 # the head-response family (not FGD, so no fgd_ prefix): weights of the term, its FGD-style anchor weighting, CrossKD
-RESPONSE_KEYS = ("kd_cls", "kd_box", "kd_focal", "crosskd", "kd_kpt", "kd_angle", "kd_mask")
-TASK_KEYS = {"pose": "kd_kpt", "obb": "kd_angle", "segment": "kd_mask"}  # the extra head output each distils
-PRESET_DEFAULTS = {"kd_cls": 0.0, "kd_box": 0.0, "kd_focal": False, "crosskd": 0.0, "kd_kpt": 0.0, "kd_angle": 0.0,
-                   "kd_mask": 0.0, "decay": 0.0, "share": 0.0,
-                   "split": True, "spatial": True, "channel": True, "mse": False, "mgd": False, "mgd_ratio": 0.65,
-                   "level_norm": False}
+RESPONSE_KEYS = tuple(k for k in KEYS if PREFIX[k] == "")
+TASK_KEYS = {term["task"]: term["name"] for term in TERM_TABLE if "task" in term}  # the extra head output each distils
 # Names of earlier releases, accepted with a warning.
 RENAMED = {"fgd_alpha": "fgd_fg", "fgd_beta": "fgd_bg", "fgd_gamma": "fgd_at", "fgd_lambda": "fgd_gl",
            "fgd_kd_cls": "kd_cls", "fgd_kd_box": "kd_box", "fgd_preset": "distill_preset",
            "fgd_warmup": "distill_warmup", "fgd_decay": "distill_decay"}
 
 
-SCHEDULE_KEYS = ("warmup", "decay")  # govern every distillation term, not FGD's alone: distill_warmup, distill_decay
-
-
 def arg_name(key: str) -> str:
-    """The train argument of preset key ``key``: ``kd_*``/``crosskd`` as they are, ``distill_warmup`` and
-    ``distill_decay`` for the schedule of every term, ``fgd_*`` for FGD's own."""
-    return key if key in RESPONSE_KEYS else f"distill_{key}" if key in SCHEDULE_KEYS else f"fgd_{key}"
+    """The train argument of preset key ``key``: its term's prefix + the key (``fgd_fg``, ``kd_cls``,
+    ``distill_warmup``)."""
+    return PREFIX[key] + key
 
 
 # Extra train args (merged into Ultralytics' cfg). None means "take it from the preset".
@@ -89,6 +153,17 @@ def _as_float(key, v) -> float:
         raise FGDError(f"{arg_name(key)}={v} is not a number: pass e.g. {arg_name(key)}=0.5") from None
 
 
+def check(key: str, v: float) -> None:
+    """A one-line FGDError when ``v`` is outside the range of ``key``'s kind (:data:`TERM_TABLE`)."""
+    kind, arg = KEY_SPEC[key][1], arg_name(key)
+    if kind == "weight" and v < 0:
+        raise FGDError(f"{arg}={v} is negative: distillation weights, warm-up and decay must be >= 0")
+    if kind == "positive" and v <= 0:
+        raise FGDError(f"{arg}={v} must be > 0: {KEY_HELP[key]}")
+    if kind == "fraction" and not 0 <= v < 1:
+        raise FGDError(f"{arg}={v} must be in [0, 1): {KEY_HELP[key]}")
+
+
 def resolve(args) -> dict:
     """Preset values overridden by any distillation argument given (``args``: namespace or dict; names of earlier
     releases are read too) -> dict of preset keys. Every value a run could not use is a one-line FGDError here."""
@@ -105,75 +180,12 @@ def resolve(args) -> dict:
         v = raw.get(arg_name(k))
         if v is not None:
             cfg[k] = _as_bool(k, v) if k in BOOL_KEYS else _as_float(k, v)
-    for k in (*TERMS, "gain", "warmup", "decay", "share", "kd_cls", "kd_box", "crosskd", *TASK_KEYS.values()):
-        if float(cfg[k]) < 0:
-            raise FGDError(f"{arg_name(k)}={cfg[k]} is negative: distillation weights, warm-up and decay must be >= 0")
-    if not 0 <= float(cfg["mgd_ratio"]) < 1:
-        raise FGDError(f"fgd_mgd_ratio={cfg['mgd_ratio']} must be in [0, 1) (the share of positions MGD masks out)")
-    if float(cfg["temperature"]) <= 0:
-        raise FGDError(f"fgd_temperature={cfg['temperature']} must be > 0 (the paper uses 0.5)")
+    for k in FLOAT_KEYS:
+        check(k, float(cfg[k]))
     if cfg["kd_focal"] and cfg["fg"] <= 0:
         raise FGDError(f"kd_focal=True weighs background anchors by fgd_bg / fgd_fg, but fgd_fg={cfg['fg']}: pass "
                        "fgd_fg > 0 (e.g. fgd_fg=2e-3) or kd_focal=False")
     return cfg
-
-
-# --- the table of terms -------------------------------------------------------------------------------------------
-# One row per distillation term: its name (the loss item and the results.csv column train/NAME), the preset keys it
-# reads, what it builds and whether that has trainable modules (optimised and saved in weights/fgd_last.pt). The CLI's
-# help, the docs' argument table (docs/arguments.md, written by the docs build) and the loss items read it.
-TERM_TABLE = (
-    {"name": "fgd", "keys": ("fg", "bg", "at", "gl", "temperature", "gain", "norm", "level_norm", "share", "split",
-                             "spatial", "channel"),
-     "what": "FGD (Eq. 2-13) on the Detect inputs: focal (fg, bg), attention (at) and global (gl) terms",
-     "modules": "per level: 1x1 align conv, two GcBlocks", "columns": "fgd, fgd_fg, fgd_bg, fgd_at, fgd_gl, fgd/P3..."},
-    {"name": "mse", "keys": ("mse",), "what": "plain feature MSE (Eq. 1) with the align conv, instead of FGD",
-     "modules": "per level: 1x1 align conv", "columns": "mse"},
-    {"name": "mgd", "keys": ("mgd", "mgd_ratio"),
-     "what": "masked generative distillation (MGD, ECCV 2022) instead of FGD: random spatial mask, generator",
-     "modules": "per level: align conv, Conv3x3-ReLU-Conv3x3 generator", "columns": "mgd"},
-    {"name": "kd", "keys": ("kd_cls", "kd_box", "kd_focal"),
-     "what": "head response: teacher class scores as soft labels (KL), box-side bins (KL, weighted by the teacher's "
-             "top score)", "modules": "none", "columns": "kd"},
-    {"name": "crosskd", "keys": ("crosskd",),
-     "what": "CrossKD: the student's Detect inputs through 1x1 convs and the frozen teacher head, its outputs to the "
-             "teacher's", "modules": "per level: 1x1 conv to the teacher's width", "columns": "crosskd"},
-    {"name": "kd_kpt", "keys": ("kd_kpt",), "what": "pose: L1 of the raw keypoints + visibility KL",
-     "modules": "none", "columns": "kd_kpt"},
-    {"name": "kd_angle", "keys": ("kd_angle",), "what": "OBB: wrapped |angle difference|", "modules": "none",
-     "columns": "kd_angle"},
-    {"name": "kd_mask", "keys": ("kd_mask",), "what": "segment: KL of the mask logits at the teacher's top anchors",
-     "modules": "none", "columns": "kd_mask"},
-    {"name": "schedule", "keys": ("warmup", "decay"), "what": "every term's weight over training",
-     "modules": "none", "columns": "distill/scale"},
-)
-KEY_HELP = {  # one line per preset key: what its argument does
-    "fg": "weight of the foreground term (alpha of Eq. 13)",
-    "bg": "weight of the background term (beta)",
-    "at": "weight of the attention term (gamma)",
-    "gl": "weight of the global term (lambda)",
-    "temperature": "T of Eq. 5-6",
-    "gain": "multiplies the four FGD weights; 0 turns FGD off, 0.05 is the calibrated scale",
-    "norm": "standardise teacher and aligned student features per image and channel first",
-    "level_norm": "weigh the levels equally (each level's term over its running mean; the sum keeps its scale)",
-    "share": "instead of a fixed weight, hold |grad FGD| / |grad detection| on the student at this value (one "
-             "process only)",
-    "split": "ablation: separate foreground / background masks (paper Table 1)",
-    "spatial": "ablation: spatial attention A_S in Eq. 9 (paper Table 5)",
-    "channel": "ablation: channel attention A_C in Eq. 9 (paper Table 5)",
-    "mse": "plain feature MSE (paper Eq. 1) instead of FGD (distill_preset=mse sets it)",
-    "mgd": "MGD instead of FGD's feature loss (distill_preset=mgd sets it with the response term)",
-    "mgd_ratio": "share of positions MGD masks out",
-    "kd_cls": "weight of the head response's class term",
-    "kd_box": "weight of the head response's box term (L1 of decoded distances when the heads' bins differ)",
-    "kd_focal": "weigh the response term per anchor by FGD's (M_fg + beta/alpha M_bg) A_S (Eq. 2-5; needs fgd_fg > 0)",
-    "crosskd": "weight of CrossKD (crosskd=0 leaves the head response alone)",
-    "kd_kpt": "weight of the pose keypoint term",
-    "kd_angle": "weight of the OBB angle term",
-    "kd_mask": "weight of the segmentation mask term",
-    "warmup": "epochs of linear ramp of every distillation term from 0",
-    "decay": "last epochs over which every distillation term falls to 0 (cosine; 0: off)",
-}
 
 
 def argument_rows() -> list[tuple[str, str, str, str]]:

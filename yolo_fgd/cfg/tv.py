@@ -9,9 +9,12 @@ ARGS = {
     "weight_decay": 1e-4, "warmup_iters": 500, "warmup_factor": 1e-3, "clip": 35.0, "min_size": [800],
     "max_size": 1333, "inherit": False, "hflip": 0.5, "workers": 0, "device": "cpu", "project": "runs/tv",
     "name": "train", "seed": 0, "resume": False, "fgd": True, "distill_preset": None, "eval_every": 1, "amp": False,
-    "baseline": None, "check_teacher": True,
+    "baseline": None, "check_teacher": True, "norm": None, "width": 256, "anchor": 32,
 }
 # baseline: a plain student run (its folder or results.csv) the teacher must beat before FGD starts;
-# check_teacher: score the teacher on the val split first (False skips it)
+# check_teacher: score the teacher on the val split first (False skips it);
+# norm: the student's backbone normalisation, gn | bn | frozen_bn (default: frozen_bn with student_weights, gn from
+# scratch); width: FPN and head channels (the paper's 256); anchor: RetinaNet's anchor size on P3 (torchvision's
+# 32; 8 for objects of 8-60 px). A teacher's checkpoint brings its own.
 FGD_KEYS = tuple(arg_name(k) for k in ("fg", "bg", "at", "gl", "temperature", "gain", "norm", "split", "spatial",
                                        "channel", "mse"))

@@ -33,7 +33,11 @@ from ..deploy.evaluate import coco_ap
 from ..errors import FGDError
 from ..yolo import trainer_for
 
-METRICS = ("map", "map50", "aps", "apm", "apl", "ul_map", "task_map", "epoch_s", "wall_s")
+# report columns (header -> summary key) of a YOLO study and of a torchvision one (the paper's COCO columns)
+YOLO_REPORT = {"mAP50-95": "map", "mAP50": "map50", "APs": "aps", "APm": "apm", "APl": "apl",
+               "Ultralytics val": "ul_map", "task mAP50-95": "task_map"}
+TV_COLUMNS = {"mAP": "map", "AP50": "map50", "AP75": "ap75", "APs": "aps", "APm": "apm", "APl": "apl",
+              "AR100": "ar100"}  # header (tv-train's results.csv column) -> summary key
 # the task's own metric in Ultralytics' results.csv (masks, keypoints; OBB's box metric uses rotated IoU)
 TASK_METRIC = {"detect": "metrics/mAP50-95(B)", "segment": "metrics/mAP50-95(M)", "pose": "metrics/mAP50-95(P)",
                "obb": "metrics/mAP50-95(B)"}
@@ -77,6 +81,8 @@ def run_one(spec: dict) -> dict:
 
 
 def _train_one(spec: dict, out: Path) -> dict:
+    if spec.get("tv"):
+        return _train_tv(spec, out)
     kwargs = dict(spec["train"])
     kwargs.update(project=str(out.parent), name=out.name, exist_ok=True, seed=spec["seed"], data=spec["data"])
     kwargs.update(spec.get("args") or {})
@@ -90,6 +96,20 @@ def _train_one(spec: dict, out: Path) -> dict:
     else:
         YOLO(spec["model"]).train(trainer=trainer, **kwargs)
     return summarise(spec, fallback_s=time.time() - t0)
+
+
+def _train_tv(spec: dict, out: Path) -> dict:
+    """One torchvision run (``tv-train`` with ``resume=True``: an interrupted one continues from its last.pth)."""
+    from ..tv.train import train as tv_train
+
+    tv_train(**spec["train"], **(spec.get("args") or {}), data=spec["data"], seed=spec["seed"],
+             project=str(out.parent), name=out.name, resume=True)
+    rows = _results(out / "results.csv")
+    wall = sum(float(r["time"]) for r in rows)
+    summary = {"method": spec["method"], "seed": spec["seed"], "epochs": len(rows), "wall_s": wall,
+               "epoch_s": wall / max(len(rows), 1), **{k: float(rows[-1][c]) for c, k in TV_COLUMNS.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def summarise(spec: dict, fallback_s: float = 0.0) -> dict:
@@ -134,8 +154,37 @@ def _results(csv_path):
         return [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
 
 
+def plan_tv(recipe: dict, root: Path) -> list[dict]:
+    """Run specs of a torchvision recipe (``kind: tv``): the teacher (a plain tv-train run, seed 0, ``teacher:``
+    arguments on top of ``train:``), then each method and seed at the student's budget. A distilled method gets
+    ``teacher=`` and, as ``baseline=``, the plain run of its seed (``baseline: <method>``), which it waits for."""
+    specs = []
+    for ds_name, data in recipe["datasets"].items():
+        data, tdir = resolve_data(data), root / ds_name / "teacher"
+        specs.append({"dir": str(tdir), "method": "teacher", "seed": 0, "data": data, "tv": True,
+                      "train": {**recipe["train"], **(recipe.get("teacher") or {}), "fgd": False}, "dataset": ds_name})
+        for method, m in recipe["methods"].items():
+            m = dict(m or {})
+            for seed in m.get("seeds", recipe["seeds"]):
+                args, needs = dict(m.get("args") or {}), []
+                if m.get("distill"):
+                    args.update(fgd=True, teacher=str(tdir / "model.pth"))
+                    needs.append(args["teacher"])
+                    if m.get("baseline"):
+                        args["baseline"] = str(root / ds_name / f"{m['baseline']}-s{seed}")
+                        needs.append(str(Path(args["baseline"]) / "summary.json"))
+                else:
+                    args["fgd"] = False
+                specs.append({"dir": str(root / ds_name / f"{method}-s{seed}"), "method": method, "seed": seed,
+                              "data": data, "tv": True, "train": dict(recipe["train"]), "args": args,
+                              "dataset": ds_name, "needs": needs})
+    return specs
+
+
 def plan(recipe: dict, root: Path) -> list[dict]:
     """All run specs of a recipe, teachers first (a teacher is trained once per dataset, seed 0)."""
+    if recipe.get("kind") == "tv":
+        return plan_tv(recipe, root)
     specs = []
     for ds_name, ds in recipe["datasets"].items():
         train = dict(recipe["train"])
@@ -171,7 +220,7 @@ def plan(recipe: dict, root: Path) -> list[dict]:
 def check_models(specs: list[dict]) -> None:
     """Fail before any training when a run's model is a YAML that Ultralytics cannot find (e.g. yolo11n-segment.yaml
     for yolo11n-seg.yaml); checkpoints (.pt) are checked by the run that loads them."""
-    for name in sorted({str(s["model"]) for s in specs if str(s["model"]).endswith((".yaml", ".yml"))}):
+    for name in sorted({str(s["model"]) for s in specs if str(s.get("model", "")).endswith((".yaml", ".yml"))}):
         try:
             yaml_model_load(name)
         except FileNotFoundError:
@@ -186,20 +235,23 @@ def report(root: Path, specs: list[dict]) -> str:
         f = Path(s["dir"]) / "summary.json"
         if f.is_file():
             rows.setdefault((s["dataset"], s["method"]), []).append(json.loads(f.read_text()))
-    lines_csv = ["dataset,method,seeds," + ",".join(f"{m}_mean,{m}_std" for m in METRICS)]
-    md = ["| dataset | method | seeds | mAP50-95 | per seed | mAP50 | APs | APm | APl | Ultralytics val | task mAP50-95 "
-          "| s/epoch |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = TV_COLUMNS if any(s.get("tv") for s in specs) else YOLO_REPORT
+    metrics = (*columns.values(), "epoch_s", "wall_s")
+    lines_csv = ["dataset,method,seeds," + ",".join(f"{m}_mean,{m}_std" for m in metrics)]
+    heads = list(columns)
+    md = ["| dataset | method | seeds | " + " | ".join([heads[0], "per seed", *heads[1:], "s/epoch"]) + " |",
+          "|---" * (len(heads) + 5) + "|"]
     for (ds, method), runs in rows.items():
-        vals = {m: np.array([r.get(m, np.nan) for r in runs], float) for m in METRICS}
+        vals = {m: np.array([r.get(m, np.nan) for r in runs], float) for m in metrics}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a metric absent in every run (e.g. no large objects)
             stat = {m: (np.nanmean(v), np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else 0.0)
                     for m, v in vals.items()}
-        lines_csv.append(f"{ds},{method},{len(runs)}," + ",".join(f"{stat[m][0]:.5f},{stat[m][1]:.5f}" for m in METRICS))
+        lines_csv.append(f"{ds},{method},{len(runs)}," + ",".join(f"{stat[m][0]:.5f},{stat[m][1]:.5f}" for m in metrics))
         pm = lambda m, k=100: "–" if np.isnan(stat[m][0]) else f"{stat[m][0] * k:.1f} ± {stat[m][1] * k:.1f}"
         seeds = " / ".join(f"{r['map'] * 100:.1f}" for r in sorted(runs, key=lambda r: r["seed"]))
-        md.append(f"| {ds} | {method} | {len(runs)} | {pm('map')} | {seeds} | {pm('map50')} | {pm('aps')} | "
-                  f"{pm('apm')} | {pm('apl')} | {pm('ul_map')} | {pm('task_map')} | {stat['epoch_s'][0]:.1f} |")
+        cells = [pm("map"), seeds, *(pm(m) for m in list(columns.values())[1:]), f"{stat['epoch_s'][0]:.1f}"]
+        md.append(f"| {ds} | {method} | {len(runs)} | " + " | ".join(cells) + " |")
     (root / "results.csv").write_text("\n".join(lines_csv) + "\n")
     text = "\n".join(md) + "\n"
     (root / "results.md").write_text(text)
@@ -259,7 +311,7 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
     todo = [] if report_only else [s for s in specs if not (Path(s["dir"]) / "summary.json").is_file()]
     todo.sort(key=lambda s: (s["method"] != "teacher", s["seed"]))  # teachers first, then seed by seed
     LOGGER.info(f"study {root}: {len(specs)} runs, {len(todo)} to do, {lanes} lanes")
-    for data in {s["data"] for s in todo}:
+    for data in {s["data"] for s in todo if not s.get("tv")}:
         warm_label_cache(data)  # parallel lanes would otherwise race to write the same labels/*.cache
     threads = max(1, (os.cpu_count() or 2) // max(lanes, 1))
     running: list[tuple[subprocess.Popen, dict]] = []
@@ -293,11 +345,18 @@ def progress(spec: dict) -> str | None:
     last = rows[-1]
     total = int((spec.get("args") or {}).get("epochs") or spec["train"].get("epochs") or len(rows))
     done = int(float(last.get("epoch", len(rows))))
-    per_epoch = float(last.get("time", 0)) / max(len(rows), 1)
-    losses = "  ".join(f"{k[6:-5]} {float(v):.3f}" for k, v in last.items() if k.startswith("train/") and v)
+    per_epoch = float(last.get("time", 0)) / max(len(rows), 1)  # Ultralytics' time is cumulative
+    if spec.get("tv"):  # tv-train's columns: epoch, time (of the epoch), lr, the losses, then the COCO columns
+        per_epoch = sum(float(r["time"]) for r in rows) / len(rows)
+        losses = "  ".join(f"{k.removeprefix('loss_')} {float(v):.3f}" for k, v in last.items()
+                           if k not in ("epoch", "time", "lr", *TV_COLUMNS, "ARs", "ARm", "ARl") and v)
+        score = float(last.get("mAP") or "nan")
+    else:
+        losses = "  ".join(f"{k[6:-5]} {float(v):.3f}" for k, v in last.items() if k.startswith("train/") and v)
+        score = float(last.get("metrics/mAP50-95(B)", 0))
     eta = per_epoch * max(total - done, 0)
     name = "/".join(Path(spec["dir"]).parts[-2:])
-    return (f"study: {name}  {done}/{total} epochs  {losses}  mAP50-95 {float(last.get('metrics/mAP50-95(B)', 0)):.3f}"
+    return (f"study: {name}  {done}/{total} epochs  {losses}  mAP50-95 {score:.3f}"
             f"  ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 

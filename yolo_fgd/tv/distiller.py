@@ -21,7 +21,7 @@ class Distiller(nn.Module):
         self._teacher = [teacher]  # a list: not a submodule (not in state_dict, DDP or the optimiser)
         self.fgd = None
         if teacher is not None and fgd_cfg and fgd_on(fgd_cfg):
-            self.fgd = build_pyramid([256] * 5, [256] * 5, fgd_cfg)
+            self.fgd = build_pyramid([student.backbone.out_channels] * 5, [teacher.backbone.out_channels] * 5, fgd_cfg)
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)

@@ -1,51 +1,121 @@
-"""torchvision RetinaNet/FCOS with ResNet FPN backbones (P3-P7, 256 channels), as the paper distils them."""
+"""torchvision RetinaNet/FCOS with ResNet FPN backbones (P3-P7), as the paper distils them.
+
+A checkpoint this path saves is ``{"model": state_dict, "build": {arch, backbone, norm, width, anchor}}``, so a teacher is
+rebuilt as it was trained; a bare state dict (a converted or downloaded model) is read with the arguments given.
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models import resnet
 from torchvision.models.detection import FCOS, RetinaNet
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..errors import FGDError
 
 ARCH_PRESET = {"retinanet": "anchor_based", "fcos": "anchor_free"}  # the paper's preset of each architecture
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d")
+GROUPS = 32  # GroupNorm groups (Wu & He, 2018); at least two channels per group where a layer has fewer than 64
+NORMS = {
+    "frozen_bn": misc_nn_ops.FrozenBatchNorm2d,  # the paper's fine-tuning of an ImageNet backbone
+    "bn": nn.BatchNorm2d,
+    "gn": lambda c: nn.GroupNorm(min(GROUPS, c // 2), c),  # training from scratch (He et al., 2019)
+}
 
 
-def build(arch: str, backbone: str, num_classes: int, weights: str | None = None, min_size=(800,), max_size=1333):
-    """torchvision RetinaNet/FCOS with a ResNet FPN (P3-P7, 256 ch), random init or a local checkpoint file.
+def norm_for(weights, norm: str | None) -> str:
+    """The backbone's normalisation: ``norm`` if given, else frozen BN with a checkpoint (the paper's setting) and
+    GroupNorm from scratch."""
+    if norm is None:
+        return "frozen_bn" if weights else "gn"
+    if norm not in NORMS:
+        raise FGDError(f"norm={norm} is not supported: use gn (from scratch), bn, or frozen_bn (a pretrained backbone)")
+    return norm
 
-    From scratch the backbone's BatchNorm trains; from a checkpoint it is frozen, as in the paper's setting.
+
+def read_checkpoint(weights) -> tuple[dict, dict]:
+    """(state dict, build arguments saved with it, or {}) of a local checkpoint; one-line errors otherwise."""
+    p = Path(weights)
+    if not p.is_file():
+        raise FGDError(f"checkpoint '{weights}' not found: pass a local .pth (no downloads at run time)")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FGDError(f"checkpoint '{weights}' could not be loaded ({str(e).splitlines()[0][:120]})") from None
+    if isinstance(state, dict) and "model" in state:
+        return state["model"], dict(state.get("build") or {})
+    return state, {}
+
+
+def backbone_fpn(name: str, norm: str, width: int, trainable: int) -> BackboneWithFPN:
+    """ResNet C3-C5 -> FPN P3-P5 + P6/P7 from P5 (RetinaNet's), ``width`` channels on every level."""
+    if name not in BACKBONES:
+        raise FGDError(f"backbone '{name}' unknown: use {', '.join(BACKBONES)}")
+    body = getattr(resnet, name)(weights=None, norm_layer=NORMS[norm])
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable] + (["bn1"] if trainable == 5 else [])
+    for k, p in body.named_parameters():
+        if not any(k.startswith(layer) for layer in train):
+            p.requires_grad_(False)
+    c3 = body.inplanes // 4  # C3's channels: 128 (basic blocks) or 512 (bottlenecks)
+    return BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, [c3, 2 * c3, 4 * c3], width,
+                           extra_blocks=LastLevelP6P7(width, width))
+
+
+def anchors(size: int) -> AnchorGenerator:
+    """RetinaNet's anchors with ``size`` on P3 (torchvision's and the paper's: 32), doubling per level to P7; three
+    scales 2^(0, 1/3, 2/3) and three aspect ratios per position. On small images (objects of 8-60 px) a P3 anchor of
+    8 lets every object match an anchor at IoU >= 0.5; with 32 most match none and learn from their single best."""
+    sizes = tuple((s, round(s * 2 ** (1 / 3)), round(s * 2 ** (2 / 3))) for s in (size * 2 ** i for i in range(5)))
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+
+
+def build(arch: str, backbone: str, num_classes: int, weights: str | None = None, min_size=(800,), max_size=1333,
+          norm: str | None = None, width: int = 256, anchor: int = 32) -> nn.Module:
+    """torchvision RetinaNet/FCOS with a ResNet FPN (P3-P7, ``width`` channels; the paper's 256), random init or a
+    local checkpoint. A checkpoint saved by this path brings its own arch/backbone/norm/width/anchor.
+
+    ``anchor``: RetinaNet's anchor size on P3 (:func:`anchors`); FCOS's anchors are its strides.
+
+    ``norm``: the backbone's normalisation (:func:`norm_for`); with ``gn`` RetinaNet's head has GroupNorm too, as
+    torchvision's ``retinanet_resnet50_fpn_v2`` (FCOS's head always has it). A frozen-BN backbone trains its top
+    three stages, as in the paper; any other trains all of them.
     """
+    state, saved = read_checkpoint(weights) if weights else (None, {})
+    arch, backbone = saved.get("arch", arch), saved.get("backbone", backbone)
+    norm, width = norm_for(weights, saved.get("norm", norm)), int(saved.get("width", width))
+    anchor = int(saved.get("anchor", anchor))
     if arch not in ARCH_PRESET:
         raise FGDError(f"arch '{arch}' is not supported: use retinanet or fcos")
-    norm = misc_nn_ops.FrozenBatchNorm2d if weights else nn.BatchNorm2d
-    try:
-        bb = resnet_fpn_backbone(backbone_name=backbone, weights=None, norm_layer=norm,
-                                 trainable_layers=3 if weights else 5, returned_layers=[2, 3, 4],
-                                 extra_blocks=LastLevelP6P7(256, 256))
-    except KeyError:
-        raise FGDError(f"backbone '{backbone}' unknown: use resnet18/34/50/101/152 or resnext101_32x8d") from None
-    cls = RetinaNet if arch == "retinanet" else FCOS
+    bb = backbone_fpn(backbone, norm, width, trainable=3 if norm == "frozen_bn" else 5)
     min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
-    model = cls(bb, num_classes=num_classes, min_size=min_size, max_size=int(max_size))
-    if weights:
-        p = Path(weights)
-        if not p.is_file():
-            raise FGDError(f"checkpoint '{weights}' not found: pass a local .pth (no downloads at run time)")
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise FGDError(f"checkpoint '{weights}' could not be loaded ({str(e).splitlines()[0][:120]})") from None
-        state = state.get("model", state) if isinstance(state, dict) else state
-        missing, unexpected = model.load_state_dict(state, strict=False)
+    if arch == "retinanet":
+        head_norm = partial(nn.GroupNorm, min(GROUPS, width // 2)) if norm == "gn" else None
+        head = RetinaNetHead(width, 9, num_classes, norm_layer=head_norm)
+        model = RetinaNet(bb, num_classes=num_classes, head=head, anchor_generator=anchors(anchor), min_size=min_size,
+                          max_size=int(max_size))
+    else:
+        model = FCOS(bb, num_classes=num_classes, min_size=min_size, max_size=int(max_size))
+    model.build_args = {"arch": arch, "backbone": backbone, "norm": norm, "width": width,
+                        **({"anchor": anchor} if arch == "retinanet" else {})}
+    if state is not None:
+        missing, _ = model.load_state_dict(state, strict=False)
         if len(missing) > len(model.state_dict()) // 2:
-            raise FGDError(f"checkpoint '{weights}' does not match {arch}/{backbone} ({len(missing)} missing keys)")
+            raise FGDError(f"checkpoint '{weights}' does not match {arch}/{backbone} norm={norm} width={width} "
+                           f"({len(missing)} missing keys)")
     return model
+
+
+def save(model: nn.Module, path: Path) -> None:
+    """A model's weights with the arguments that rebuild it (:func:`build` reads them back)."""
+    torch.save({"model": model.state_dict(), "build": getattr(model, "build_args", {})}, path)
 
 
 def inherit(student: nn.Module, teacher: nn.Module) -> list[str]:

@@ -31,6 +31,7 @@ from .coco_utils import CocoDataset, coco_files, collate
 from .distiller import Distiller
 from .engine import evaluate, train_one_epoch
 from .models import ARCH_PRESET, build, inherit
+from .models import save as save_model
 
 def config(**kwargs) -> dict:
     """tv-train arguments: ``ARGS`` < recipe (``recipe=``) < ``kwargs``; unknown keys are a one-line error."""
@@ -68,12 +69,15 @@ def train(**kwargs) -> dict:
     val_set = CocoDataset(files["val_json"], files["val_images"])
     nc = max((c["id"] for c in train_set.gt["categories"]), default=0) + 1
     save = Path(cfg["project"]) / cfg["name"]
-    student = build(cfg["arch"], cfg["student_backbone"], nc, cfg["student_weights"], cfg["min_size"], cfg["max_size"])
+    student = build(cfg["arch"], cfg["student_backbone"], nc, cfg["student_weights"], cfg["min_size"], cfg["max_size"],
+                    cfg["norm"], cfg["width"], cfg["anchor"])
     teacher, fgd_cfg = None, None
     if cfg["fgd"]:
         if not cfg["teacher"]:
             raise FGDError("tv-train with fgd=True needs teacher=path/to/teacher.pth (or fgd=False for the baseline)")
         teacher = build(cfg["arch"], cfg["teacher_backbone"], nc, cfg["teacher"], cfg["min_size"], cfg["max_size"])
+        if rank == 0:
+            LOGGER.info("teacher: " + ", ".join(f"{k} {v}" for k, v in teacher.build_args.items()))
         fgd_cfg = resolve({"distill_preset": cfg["distill_preset"] or ARCH_PRESET[cfg["arch"]],
                            **{k: cfg[k] for k in FGD_KEYS if k in cfg}})
         if any(fgd_cfg[k] for k in RESPONSE_KEYS):
@@ -134,7 +138,7 @@ def train(**kwargs) -> dict:
             dist.barrier()
     if rank == 0:
         weights = save / ("student.pth" if teacher is not None else "model.pth")  # distilled, or trained plainly
-        torch.save(student.state_dict(), weights)
+        save_model(student, weights)
         kind = "distilled student" if teacher is not None else "plainly trained model (a teacher or the plain baseline)"
         LOGGER.info(f"{kind} weights: {weights.resolve()}\n" + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     if ddp:

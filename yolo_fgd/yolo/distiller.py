@@ -8,6 +8,7 @@ without a response weight, and neither appears in the loss items or ``results.cs
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core import TERMS, angle_kd, focal_weights, keypoint_kd, mask_kd, response_kd
-from ..core.presets import TASK_KEYS, build_pyramid, cross_on, fgd_on, response_on
+from ..cfg.distill import TERM_TABLE
+from ..errors import FGDError
 from .model import (
     batch_boxes,
     check_pair,
@@ -30,29 +31,30 @@ from .model import (
     neck_features,
     train_outputs,
 )
+from .terms import Batch, Term
 
-SCALED = ("fgd", "kd", "crosskd", *TASK_KEYS.values())  # terms that enter the loss (times the batch size), in order
-MODULES = ("fgd", "cross")  # the distiller's trainable parts: optimised, all-reduced, saved in the sidecar
-
-
-def feature_term(cfg: dict) -> str:
-    """The name of the feature term a resolved preset builds: ``mse``, ``mgd`` or ``fgd``."""
-    return "mse" if cfg["mse"] else "mgd" if cfg["mgd"] else "fgd"
+ITEM_WIDTH = 10  # Ultralytics prints loss items in 11-character columns: a longer name runs into its neighbour
 
 
-def item_name(key: str, cfg: dict) -> str:
-    """The loss item (and ``results.csv`` column ``train/NAME``) of an entry of :meth:`Distiller.forward`'s output:
-    the term's own name, which is its weight's argument where it has one (``crosskd``, ``kd_kpt``), FGD's four terms
-    ``fgd_fg``... as their weights; at most 10 characters, so Ultralytics' 11-character header keeps them apart."""
-    return feature_term(cfg) if key == "fgd" else f"fgd_{key}" if key in TERMS else key
+def term_class(impl: str) -> type[Term]:
+    """The :class:`~yolo_fgd.yolo.terms.Term` subclass a row's ``impl`` names: ``"module:Class"`` under
+    ``yolo_fgd.yolo``, or a full dotted module path."""
+    module, _, name = impl.partition(":")
+    return getattr(importlib.import_module(module if "." in module else f"{__package__}.{module}"), name)
+
+
+def term_rows() -> list[tuple[dict, type[Term]]]:
+    """The rows of :data:`~yolo_fgd.cfg.distill.TERM_TABLE` that are terms, with their classes, in table order."""
+    return [(row, term_class(row["impl"])) for row in TERM_TABLE if row.get("impl")]
 
 
 class Distiller(nn.Module):
-    """Teacher + FGD pyramid + head-response, CrossKD and task terms for one YOLO student.
+    """Teacher + the distillation terms with weight (one :class:`~yolo_fgd.yolo.terms.Term` per row of
+    :data:`~yolo_fgd.cfg.distill.TERM_TABLE` that is on) for one YOLO student.
 
     The teacher is held outside the module tree (not in ``state_dict``, the optimiser or DDP) and the student only by
-    reference; the module's own parameters are those of :data:`MODULES` that have weight (the FGD pyramid, CrossKD's
-    1x1 convs), none otherwise.
+    reference; the module's own parameters are the terms' trainable parts, registered under their ``state`` names
+    (``fgd``: the FGD pyramid, ``cross``: CrossKD's 1x1 convs), none otherwise.
 
     Args:
         student: the student model (unwrapped), for channel/stride/box-bin checks and the gradient-share probe.
@@ -61,7 +63,7 @@ class Distiller(nn.Module):
         names: the data's class names.
 
     ``scale`` (the schedule factor, set per batch by the trainer) multiplies every term; ``mult`` (gradient-share
-    balancing, ``fgd_share``) multiplies FGD's.
+    balancing, ``fgd_share``) multiplies the feature term's.
     """
 
     MEASURE_EVERY = 25  # batches between gradient-norm measurements (two extra backward passes each)
@@ -76,19 +78,23 @@ class Distiller(nn.Module):
             model = model.to(memory_format=torch.channels_last)
         self._refs = {"teacher": model, "student": student}  # plain dict: not submodules
         self.cfg = cfg
-        cs, ct = head_channels(student), head_channels(model)
-        self.fgd = build_pyramid(cs, ct, cfg) if fgd_on(cfg) else None
-        self.response = response_on(cfg)
-        # CrossKD: 1x1 convs taking the student's Detect inputs to the teacher's widths, for the teacher's head
-        self.cross = nn.ModuleList(nn.Conv2d(a, b, 1) if a != b else nn.Identity() for a, b in zip(cs, ct)) \
-            if cross_on(cfg) else None
+        self.student_channels, self.teacher_channels = head_channels(student), head_channels(model)
         self.box_bins = (int(detect_head(student).reg_max), int(detect_head(model).reg_max))
         self.level_names = [f"P{round(math.log2(float(s)))}" for s in model.stride]  # stride 8 -> P3, 4 -> P2
-        # the task's extra head output (keypoints, angle, masks), distilled when its weight is > 0
-        task = model_task(student)
-        self.task_term = TASK_KEYS[task] if task in TASK_KEYS and cfg[TASK_KEYS[task]] > 0 else None
         self.scale, self.mult, self.world_size = 1.0, 1.0, 1
         self.steps = 0  # batches seen in this process (measurement cadence)
+        task, rows = model_task(student), term_rows()
+        for cls in {cls for _, cls in rows if cls.state}:
+            setattr(self, cls.state, None)  # e.g. self.fgd is None without FGD weight
+        self.built = [cls(self, row["name"]) for row, cls in rows if cls.on(cfg, row["name"], task)]
+        for term in self.built:
+            if term.module is not None:
+                setattr(self, term.state, term.module)
+        self.feature = next((t for t in self.built if t.state == "fgd"), None)  # the FGD pyramid's term
+        long = [n for n in self.terms if len(n) > ITEM_WIDTH]
+        if long:
+            raise FGDError(f"loss item(s) {long} are longer than {ITEM_WIDTH} characters: Ultralytics' header would "
+                           "run them together; give the term a shorter name in TERM_TABLE")
         self.stats = self.new_stats()
 
     @property
@@ -96,80 +102,54 @@ class Distiller(nn.Module):
         return self._refs["teacher"]
 
     @property
-    def feature_term(self) -> str | None:
-        """The feature term's name (:func:`feature_term`), None when it has no weight."""
-        return None if self.fgd is None else feature_term(self.cfg)
-
-    def item_name(self, key: str) -> str:
-        """The loss item of an entry of :meth:`forward`'s output (:func:`item_name`)."""
-        return item_name(key, self.cfg)
+    def modules_by_state(self) -> dict[str, nn.Module]:
+        """The trainable parts of the built terms under their sidecar names (``fgd``, ``cross``)."""
+        return {t.state: t.module for t in self.built if t.module is not None}
 
     @property
     def terms(self) -> tuple[str, ...]:
-        """Loss items this distiller adds, in order (fixed at construction: identical on every batch)."""
-        keys = [k for k, on in (("fgd", self.fgd is not None), ("kd", self.response), ("crosskd", self.cross is not None),
-                                (self.task_term, bool(self.task_term))) if on]
-        if self.feature_term == "fgd":
-            keys[1:1] = TERMS
-        return tuple(self.item_name(k) for k in keys)
+        """Loss items this distiller adds, in table order (fixed at construction: identical on every batch): each
+        built term's name, then what it logs beside it (FGD: ``fgd_fg``...)."""
+        return tuple(n for t in self.built for n in (t.name, *t.logs(t.name)))
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.parameters())
-        on = [t for t, v in (("FGD", self.fgd is not None), ("head response", self.response),
-                             ("CrossKD", self.cross is not None), (self.task_term, self.task_term)) if v]
-        return (f"teacher strides {[int(s) for s in self.teacher.stride]}, {' + '.join(on) or 'no term with weight'}, "
-                f"{n:,} trainable distiller parameters")
+        on = " + ".join(t.name for t in self.built) or "no term with weight"
+        return f"teacher strides {[int(s) for s in self.teacher.stride]}, {on}, {n:,} trainable distiller parameters"
 
     # --- the forward of one batch -----------------------------------------------------------------------------
     def forward(self, student_out: dict, batch: dict) -> dict:
-        """Distillation terms of one batch (0-d fp32 tensors): ``fgd`` (scaled FGD total), ``fg``/``bg``/``at``/``gl``
-        (its terms, detached), ``levels`` (L,), ``kd`` (scaled response term), ``crosskd`` (scaled CrossKD term),
-        each present when built.
-        A batch with a non-finite feature or term gets exact zeros (a select, no host sync) and is counted."""
+        """Distillation terms of one batch (0-d fp32 tensors, times the schedule ``scale``): each built term's loss
+        under its name (``fgd``, ``kd``, ``crosskd``...), what it logs beside it (detached) and, with FGD, ``levels``
+        (L,). A batch with a non-finite feature or term gets exact zeros (a select, no host sync) and is counted."""
         img = batch["img"]
         teacher_feats, teacher_out, ok = self.teacher_pass(img)
         student_feats = student_out["feats"]
         ok = ok & torch.stack([torch.isfinite(f).all() for f in student_feats]).all()
         student_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in student_feats]
         teacher_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in teacher_feats]
-        out = {}
-        if self.fgd is not None or self.cfg["kd_focal"]:  # the boxes feed FGD's masks and the focal weights only
+        boxes = batch_idx = None
+        if any(t.needs_boxes for t in self.built):
             boxes = batch_boxes(batch["bboxes"].to(img.device).float(), img.shape[-2:])
             batch_idx = batch["batch_idx"].to(img.device).view(-1)
-        if self.fgd is not None:
-            terms = self.fgd(student_feats, teacher_feats, boxes, batch_idx)
-            s = self.scale * self.mult
-            out = {"fgd": terms["total"] * s, **{k: terms[k].detach() * s for k in TERMS}, "levels": terms["levels"] * s}
-            ok = ok & torch.isfinite(out["fgd"])
-        if self.response:
-            cfg = self.cfg
-            weights = focal_weights(boxes, batch_idx, teacher_feats, cfg["temperature"], cfg["bg"] / cfg["fg"]) \
-                if cfg["kd_focal"] else None
-            t = response_kd(student_out["scores"], teacher_out["scores"], student_out["boxes"], teacher_out["boxes"],
-                            *self.box_bins, anchor_weight=weights)
-            out["kd"] = (cfg["kd_cls"] * t["cls"] + cfg["kd_box"] * t["box"]) * self.scale
-            ok = ok & torch.isfinite(out["kd"])
-        if self.cross is not None:  # under the step's autocast, as the student's own head; gradients reach the
-            # student and the 1x1 convs only (the teacher's parameters are frozen)
-            crossed = head_outputs(self.teacher, self._teacher_input([a(f) for a, f in zip(self.cross, student_feats)]))
-            t_reg = self.box_bins[1]
-            t = response_kd(crossed["scores"], teacher_out["scores"], crossed["boxes"], teacher_out["boxes"], t_reg)
-            out["crosskd"] = self.cfg["crosskd"] * (t["cls"] + t["box"]) * self.scale
-            ok = ok & torch.isfinite(out["crosskd"])
-        if self.task_term:
-            out[self.task_term] = self.cfg[self.task_term] * self.task_loss(student_out, teacher_out, teacher_feats) \
-                * self.scale
-            ok = ok & torch.isfinite(out[self.task_term])
-        for k in SCALED:
-            if k in out:
-                out[k] = torch.where(ok, out[k], torch.zeros_like(out[k]))
+        b = Batch(student_out, student_feats, teacher_feats, teacher_out, boxes, batch_idx)
+        out = {}
+        for term in self.built:
+            loss, logs = term(b)
+            out[term.name] = loss * self.scale
+            out.update({k: v * self.scale for k, v in logs.items()})
+            ok = ok & torch.isfinite(out[term.name])
+        if self.feature is not None:
+            out["levels"] = self.feature.levels * self.scale
+        for term in self.built:
+            out[term.name] = torch.where(ok, out[term.name], torch.zeros_like(out[term.name]))
         self.stats["skipped"] = self.stats["skipped"] + (~ok).int()
         return out
 
     @property
     def needs_head(self) -> bool:
         """Whether a term reads the teacher's head outputs (the response term, CrossKD, the task's term)."""
-        return bool(self.response or self.cross is not None or self.task_term)
+        return any(t.needs_head for t in self.built)
 
     def prefetch(self, img: torch.Tensor) -> None:
         """Start the teacher's pass on a batch in a second thread while the student runs (CPU only, where Ultralytics
@@ -199,36 +179,24 @@ class Distiller(nn.Module):
             if not self.needs_head:
                 return feats, None, ok
             with torch.no_grad():  # one pass of the teacher's head serves the response term, CrossKD and the task's
-                return feats, head_outputs(self.teacher, self._teacher_input(feats)), ok
+                return feats, head_outputs(self.teacher, self.teacher_input(feats)), ok
 
     def teacher_features(self, img: torch.Tensor) -> list[torch.Tensor]:
         """The teacher's Detect inputs [L x (N,C,H,W)] fp32 for a batch of images (N,3,H,W): no autograd state, under
         the step's autocast (with AMP the teacher runs in fp16 like the student; the distillation terms are computed
         in fp32 from its outputs), channels_last on CPU."""
         with torch.no_grad():
-            feats = neck_features(self.teacher, self._teacher_input(img if torch.is_autocast_enabled(img.device.type)
-                                                                    else img.float()))
+            feats = neck_features(self.teacher, self.teacher_input(img if torch.is_autocast_enabled(img.device.type)
+                                                                   else img.float()))
         return [f.float() for f in feats]
 
-    def _teacher_input(self, x):
+    def teacher_input(self, x):
         """``x`` (a tensor or a list of them) in the teacher's memory format."""
         if not self.channels_last:
             return x
         if isinstance(x, list):
             return [t.contiguous(memory_format=torch.channels_last) for t in x]
         return x.contiguous(memory_format=torch.channels_last)
-
-    def task_loss(self, student_out: dict, teacher_out: dict, teacher_feats) -> torch.Tensor:
-        """The unweighted term of the task's extra head output: keypoints (pose), angles (OBB) or masks (segment)."""
-        scores = teacher_out["scores"]
-        if self.task_term == "kd_kpt":
-            return keypoint_kd(student_out["kpts"], teacher_out["kpts"], scores, detect_head(self.teacher).kpt_shape[1])
-        if self.task_term == "kd_angle":
-            return angle_kd(student_out["angle"], teacher_out["angle"], scores)
-        with torch.no_grad():
-            t_proto = detect_head(self.teacher).proto(self._teacher_input(teacher_feats[0])).float()
-        return mask_kd(student_out["mask_coefficient"], student_out["proto"], teacher_out["mask_coefficient"], t_proto,
-                       scores)
 
     # --- instrumentation ----------------------------------------------------------------------------------------
     def new_stats(self) -> dict:
@@ -237,13 +205,13 @@ class Distiller(nn.Module):
     def observe(self, det_loss: torch.Tensor, out: dict, bs: int) -> None:
         """Per-level sums every batch (no host sync); every MEASURE_EVERY batches the FGD/detection gradient-norm ratio
         on the student's parameters, which also drives ``fgd_share`` balancing."""
-        if self.fgd is None or not det_loss.requires_grad:
+        if self.feature is None or not det_loss.requires_grad:
             return
         st = self.stats
         st["levels"] = st["levels"] + out["levels"]
         st["n"] += 1
         self.steps += 1
-        fgd = out["fgd"] * bs
+        fgd = out[self.feature.name] * bs
         if (self.steps - 1) % self.MEASURE_EVERY or self.world_size > 1 or not fgd.requires_grad:
             return
         params = [p for p in self._refs["student"].parameters() if p.requires_grad]
@@ -289,27 +257,25 @@ class Distiller(nn.Module):
     def sidecar(self, epoch: int) -> dict:
         """What ``fgd_last.pt`` holds (the student's checkpoints hold no distiller state): the modules of every term
         with weight, under their names (``fgd``, ``cross``)."""
-        state = {name: getattr(self, name).state_dict() for name in MODULES if getattr(self, name) is not None}
+        state = {name: module.state_dict() for name, module in self.modules_by_state.items()}
         return {**state, "mult": self.mult, "epoch": epoch}
 
     def load_sidecar(self, state: dict) -> list[str]:
         """Restore from :meth:`sidecar` output; returns the names of built modules the sidecar did not hold."""
         self.mult = float(state.get("mult", 1.0))
         missing = []
-        for name in MODULES:
-            module = getattr(self, name)
-            if module is not None:
-                if state.get(name):
-                    module.load_state_dict(state[name])
-                else:
-                    missing.append(name)
+        for name, module in self.modules_by_state.items():
+            if state.get(name):
+                module.load_state_dict(state[name])
+            else:
+                missing.append(name)
         return missing
 
 
 class DistillCriterion:
     """The student's training criterion: its own loss + the distiller's terms as extra loss items
     (:attr:`Distiller.terms`: ``fgd`` or ``mse`` or ``mgd``, ``fgd_fg``..., ``kd``, ``crosskd``, ``kd_kpt``...: those the
-    distiller has).
+    distiller built).
 
     Not an ``nn.Module`` and dropped on deepcopy/pickle (becomes its base criterion), so the teacher never travels
     with the student (EMA, checkpoints, DDP state).
@@ -323,13 +289,10 @@ class DistillCriterion:
         out = self.distiller(train_outputs(preds), batch)
         bs = batch["img"].shape[0]
         self.distiller.observe(loss.sum(), out, bs)
-        parts, items, d = [loss.view(-1)], dict(items), self.distiller
-        for k in SCALED:
-            if k in out:
-                parts.append((out[k] * bs).view(1).to(loss.dtype))
-                items[d.item_name(k)] = out[k].detach()
-                if k == "fgd" and d.feature_term == "fgd":  # FGD's own terms, logged beside its total
-                    items.update({d.item_name(t): out[t] for t in TERMS})
+        parts, items = [loss.view(-1)], dict(items)
+        for term in self.distiller.built:
+            parts.append((out[term.name] * bs).view(1).to(loss.dtype))
+            items.update({n: out[n].detach() for n in (term.name, *term.logs(term.name))})
         return torch.cat(parts), items
 
     def update(self):

@@ -1,0 +1,182 @@
+"""The distillation terms of the YOLO distiller, one class per row of :data:`~yolo_fgd.cfg.distill.TERM_TABLE`
+(its ``impl``). A term is built when :meth:`Term.on` says its weight is non-zero and returns, per batch, its loss
+(0-d fp32, before the schedule factor) and any values it logs beside it.
+
+A new term is a subclass of :class:`Term` in a module under ``yolo_fgd/yolo/`` (or anywhere importable) and a row of
+the table naming it; the distiller, the loss items, the CLI's help and the docs read the rest from the row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core import TERMS, angle_kd, focal_weights, keypoint_kd, mask_kd, response_kd
+from ..core.presets import build_pyramid, cross_on, fgd_on, response_on
+from .model import detect_head, head_outputs
+
+
+@dataclass
+class Batch:
+    """What a term sees of one batch. Features are the Detect inputs [L x (N,C,H,W)] fp32, zeroed on a non-finite
+    batch; head outputs are raw ``{'boxes' (N,4*reg_max,A), 'scores' (N,nc,A), ...}``; ``boxes`` (M,4) are
+    normalised xyxy of the letterboxed images with their image index ``batch_idx`` (M,), when a built term asked."""
+
+    student_out: dict
+    student_feats: list
+    teacher_feats: list
+    teacher_out: dict | None
+    boxes: torch.Tensor | None
+    batch_idx: torch.Tensor | None
+
+
+class Term:
+    """One distillation term of a :class:`~yolo_fgd.yolo.distiller.Distiller` (``d``; its ``cfg`` is the resolved
+    preset).
+
+    ``module``: its trainable part, or None; optimised, all-reduced and saved in ``fgd_last.pt`` under ``state``.
+    ``needs_head``: it reads the teacher's head outputs; ``needs_boxes``: the ground-truth boxes.
+    """
+
+    name = ""
+    state: str | None = None
+    needs_head = False
+    needs_boxes = False
+
+    def __init__(self, d, name: str):
+        self.d, self.cfg, self.name = d, d.cfg, name
+        self.module: nn.Module | None = None
+
+    @classmethod
+    def on(cls, cfg: dict, name: str, task: str) -> bool:
+        """Whether the row ``name`` of this class has weight in ``cfg`` for a student of ``task``."""
+        raise NotImplementedError
+
+    @classmethod
+    def logs(cls, name: str) -> tuple[str, ...]:
+        """Loss items the row ``name`` logs beside its own."""
+        return ()
+
+    def __call__(self, b: Batch) -> tuple[torch.Tensor, dict]:
+        """(loss 0-d fp32, {log item: 0-d detached}) of one batch."""
+        raise NotImplementedError
+
+
+class Feature(Term):
+    """FGD (Eq. 2-13), or plain feature MSE (Eq. 1) or MGD in its place: one :class:`~yolo_fgd.core.FGDPyramid` on
+    the Detect inputs. Its per-level values are kept in ``levels`` for the distiller's per-level columns, and its
+    total is multiplied by the distiller's ``mult`` (``fgd_share`` balancing)."""
+
+    state = "fgd"
+    needs_boxes = True
+
+    @classmethod
+    def on(cls, cfg, name, task):
+        return fgd_on(cfg) and name == ("mse" if cfg["mse"] else "mgd" if cfg["mgd"] else "fgd")
+
+    def __init__(self, d, name):
+        super().__init__(d, name)
+        self.module = build_pyramid(d.student_channels, d.teacher_channels, self.cfg)
+        self.levels = None
+
+    @classmethod
+    def logs(cls, name):
+        return tuple(f"fgd_{k}" for k in TERMS) if name == "fgd" else ()
+
+    def __call__(self, b):
+        t = self.module(b.student_feats, b.teacher_feats, b.boxes, b.batch_idx)
+        m = self.d.mult
+        self.levels = t["levels"] * m
+        return t["total"] * m, ({f"fgd_{k}": t[k].detach() * m for k in TERMS} if self.name == "fgd" else {})
+
+
+class Response(Term):
+    """The head response: teacher class scores as soft labels, box-side bins (KL), optionally weighted per anchor
+    by FGD's focal weights (``kd_focal``)."""
+
+    needs_head = True
+
+    @classmethod
+    def on(cls, cfg, name, task):
+        return response_on(cfg)
+
+    def __init__(self, d, name):
+        super().__init__(d, name)
+        self.needs_boxes = bool(self.cfg["kd_focal"])
+
+    def __call__(self, b):
+        cfg = self.cfg
+        weights = focal_weights(b.boxes, b.batch_idx, b.teacher_feats, cfg["temperature"], cfg["bg"] / cfg["fg"]) \
+            if cfg["kd_focal"] else None
+        t = response_kd(b.student_out["scores"], b.teacher_out["scores"], b.student_out["boxes"],
+                        b.teacher_out["boxes"], *self.d.box_bins, anchor_weight=weights)
+        return cfg["kd_cls"] * t["cls"] + cfg["kd_box"] * t["box"], {}
+
+
+class CrossKD(Term):
+    """CrossKD: the student's Detect inputs through 1x1 convs (to the teacher's widths) and the frozen teacher head,
+    its outputs to the teacher's; under the step's autocast, as the student's own head. Gradients reach the student
+    and the 1x1 convs only."""
+
+    state = "cross"
+    needs_head = True
+
+    @classmethod
+    def on(cls, cfg, name, task):
+        return cross_on(cfg)
+
+    def __init__(self, d, name):
+        super().__init__(d, name)
+        self.module = nn.ModuleList(nn.Conv2d(a, b, 1) if a != b else nn.Identity()
+                                    for a, b in zip(d.student_channels, d.teacher_channels))
+
+    def __call__(self, b):
+        d = self.d
+        crossed = head_outputs(d.teacher, d.teacher_input([a(f) for a, f in zip(self.module, b.student_feats)]))
+        t = response_kd(crossed["scores"], b.teacher_out["scores"], crossed["boxes"], b.teacher_out["boxes"],
+                        d.box_bins[1])
+        return self.cfg["crosskd"] * (t["cls"] + t["box"]), {}
+
+
+class TaskTerm(Term):
+    """The task's extra head output (keypoints, angles, masks), for a student of the row's ``task``; the row's
+    name is its weight."""
+
+    needs_head = True
+    task = ""
+
+    @classmethod
+    def on(cls, cfg, name, task):
+        return task == cls.task and cfg[name] > 0
+
+    def __call__(self, b):
+        return self.cfg[self.name] * self.loss(b), {}
+
+
+class Keypoints(TaskTerm):
+    task = "pose"
+
+    def loss(self, b):
+        teacher = self.d.teacher
+        return keypoint_kd(b.student_out["kpts"], b.teacher_out["kpts"], b.teacher_out["scores"],
+                           detect_head(teacher).kpt_shape[1])
+
+
+class Angle(TaskTerm):
+    task = "obb"
+
+    def loss(self, b):
+        return angle_kd(b.student_out["angle"], b.teacher_out["angle"], b.teacher_out["scores"])
+
+
+class Masks(TaskTerm):
+    task = "segment"
+
+    def loss(self, b):
+        d = self.d
+        with torch.no_grad():
+            t_proto = detect_head(d.teacher).proto(d.teacher_input(b.teacher_feats[0])).float()
+        return mask_kd(b.student_out["mask_coefficient"], b.student_out["proto"], b.teacher_out["mask_coefficient"],
+                       t_proto, b.teacher_out["scores"])
