@@ -12,7 +12,7 @@ import torch
 
 from yolo_fgd.core import fgd_masks
 from yolo_fgd.core.presets import resolve as resolve_fgd
-from yolo_fgd.tv.coco_utils import coco_files
+from yolo_fgd.tv.coco_utils import coco_files, collate
 from yolo_fgd.tv.distiller import Distiller
 from yolo_fgd.tv.models import build, inherit
 from yolo_fgd.tv.train import train
@@ -224,3 +224,35 @@ def test_the_cpu_recipe_anchors_match_the_most_objects(tmp_path):
     matched = {a: float((box_iou(boxes, anchors(a)(images, feats)[0]).max(1).values >= 0.5).float().mean())
                for a in (32, 16, 8)}
     assert max(matched, key=matched.get) == rec["anchor"] == 16 and matched[16] > matched[32] + 0.15, matched
+
+
+def test_auto_gain_makes_fgd_equal_the_detection_losses_and_survives_a_resume(tv_teacher, data, monkeypatch):
+    """fgd_gain=auto: at the measured gain FGD's loss equals the detection losses on the batch it was measured on;
+    the run records the gain (args.json, last.pth) and a resumed run reads it back instead of measuring again."""
+    import yolo_fgd.tv.train as tv_train
+    from yolo_fgd.tv.coco_utils import CocoDataset
+
+    path, root = tv_teacher
+    files = coco_files(data)
+    ds = CocoDataset(files["train_json"], files["train_images"], train=True, hflip=0.0)
+    torch.manual_seed(0)
+    s = build("retinanet", "resnet18", 6, **SMALL)
+    t = build("retinanet", "resnet18", 6, path, **SMALL)
+    cfg = resolve_fgd({"distill_preset": "anchor_based"})
+    monkeypatch.setattr(tv_train, "AUTO_BATCHES", 1)
+    gain = tv_train.calibrated_gain(s, t, cfg, ds, {"batch": 4, "resume": False}, torch.device("cpu"), Path("-"))
+    imgs, tgts = collate([ds[i] for i in range(4)])
+    with torch.no_grad():
+        losses = Distiller(s, t, {**cfg, "gain": gain}).train()(list(imgs), list(tgts))
+    det = float(losses["classification"] + losses["bbox_regression"])
+    assert gain != 1.0 and abs(float(losses["loss_fgd"]) / det - 1) < 1e-4, (gain, losses)
+
+    kw = dict(data=data, teacher=path, teacher_backbone="resnet18", student_backbone="resnet18", batch=4,
+              project=str(root), name="auto", warmup_iters=2, fgd_gain="auto", **SMALL)
+    train(epochs=1, **kw)
+    saved = json.loads((root / "auto" / "args.json").read_text())["fgd_gain"]
+    assert isinstance(saved, float) and saved > 0
+    assert torch.load(root / "auto" / "last.pth", weights_only=True)["fgd_gain"] == saved
+    monkeypatch.setattr(tv_train, "AUTO_BATCHES", 0)  # measuring again would find no batch and fail
+    train(epochs=2, resume=True, **kw)
+    assert json.loads((root / "auto" / "args.json").read_text())["fgd_gain"] == saved

@@ -25,6 +25,7 @@ from .cfg.distill import ARGS as DISTILL_ARGS
 from .cfg.distill import RENAMED, argument_rows, renamed, resolve
 from .cfg.tv import ARGS as TV_ARGS
 from .cfg.tv import FGD_KEYS as TV_FGD_KEYS
+from .cfg.tv import HELP as TV_HELP
 from .errors import FGDError
 
 HELP_WORDS = {"help", "-h", "--help"}
@@ -447,9 +448,10 @@ COMMANDS = {c.name: c for c in [
             "yolo-fgd study recipe=study lanes=2", _lazy("lab.study", "study")),
     Command("tv-train", "the paper-faithful torchvision path (RetinaNet/FCOS, FGD on P3-P7)",
             (("recipe", None, "tv_retinanet_r101_r50 | tv_fcos_r101_r50 | tv_retinanet_r34_r18_cpu"),
-             *((k, v, "") for k, v in TV_ARGS.items()), *((k, None, "FGD, as for train") for k in TV_FGD_KEYS)),
+             *((k, v, TV_HELP.get(k, "")) for k, v in TV_ARGS.items()), *((k, None, "FGD, as for train") for k in TV_FGD_KEYS)),
             "yolo-fgd tv-train recipe=tv_retinanet_r34_r18_cpu teacher=runs/tv/teacher/model.pth name=fgd",
-            _lazy("tv.train", "train", device=True), more="    fgd_* keys as for train (FGD only)\n"),
+            _lazy("tv.train", "train", device=True), more="    fgd_* keys as for train (FGD only); fgd_gain=auto: the gain at which FGD's loss equals the "
+                 "detection losses at the start (measured on the first batches)\n"),
     Command("tv-val", "COCOeval of a torchvision student", TV_VAL_ARGS,
             "yolo-fgd tv-val model=runs/tv/fgd/student.pth arch=retinanet backbone=resnet18",
             _lazy("tv.train", "val", device=True), required=("model",)),

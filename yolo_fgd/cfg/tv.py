@@ -11,10 +11,20 @@ ARGS = {
     "name": "train", "seed": 0, "resume": False, "fgd": True, "distill_preset": None, "eval_every": 1, "amp": False,
     "baseline": None, "check_teacher": True, "norm": None, "width": 256, "anchor": 32,
 }
-# baseline: a plain student run (its folder or results.csv) the teacher must beat before FGD starts;
-# check_teacher: score the teacher on the val split first (False skips it);
-# norm: the student's backbone normalisation, gn | bn | frozen_bn (default: frozen_bn with student_weights, gn from
-# scratch); width: FPN and head channels (the paper's 256); anchor: RetinaNet's anchor size on P3 (torchvision's
-# 32; 8 for objects of 8-60 px). A teacher's checkpoint brings its own.
+HELP = {  # what `yolo-fgd tv-train help` says of an argument (the rest are torchvision's references/detection ones)
+    "arch": "retinanet | fcos", "teacher_backbone": "teacher's ResNet (a checkpoint saved here brings its own)",
+    "student_backbone": "student's ResNet", "teacher": "teacher checkpoint .pth (a plain tv-train run's model.pth)",
+    "student_weights": "a local checkpoint to start the student from (frozen BN: the paper's ImageNet setting)",
+    "min_size": "shorter side(s); several: multi-scale training, evaluation at the last",
+    "inherit": "copy the teacher's FPN and head into the student (paper 4.2)",
+    "fgd": "False: plain training (a teacher or the baseline; saves model.pth)",
+    "distill_preset": "default: the architecture's paper preset (anchor_based, anchor_free)",
+    "eval_every": "epochs between COCO evaluations (and the last)",
+    "baseline": "a plain student run (its folder or results.csv) the teacher must beat before FGD starts",
+    "check_teacher": "score the teacher on the val split first (False skips it)",
+    "norm": "backbone normalisation gn | bn | frozen_bn (default: frozen_bn with student_weights, gn from scratch)",
+    "width": "FPN and head channels (the paper's 256)",
+    "anchor": "RetinaNet's anchor size on P3 (torchvision's 32; 16 for objects of 8-60 px)",
+}
 FGD_KEYS = tuple(arg_name(k) for k in ("fg", "bg", "at", "gl", "temperature", "gain", "norm", "split", "spatial",
                                        "channel", "mse"))

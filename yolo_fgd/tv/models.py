@@ -94,6 +94,11 @@ def build(arch: str, backbone: str, num_classes: int, weights: str | None = None
     anchor = int(saved.get("anchor", anchor))
     if arch not in ARCH_PRESET:
         raise FGDError(f"arch '{arch}' is not supported: use retinanet or fcos")
+    if width < 2 or width % 2 or (norm == "gn" and width % min(GROUPS, width // 2)):
+        raise FGDError(f"width={width}: pass an even number of FPN channels (a multiple of {GROUPS} from 64 on with "
+                       "norm=gn), e.g. 128 or the paper's 256")
+    if anchor < 1:
+        raise FGDError(f"anchor={anchor}: pass RetinaNet's anchor size on P3 in pixels, e.g. 16 or 32")
     bb = backbone_fpn(backbone, norm, width, trainable=3 if norm == "frozen_bn" else 5)
     min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
     if arch == "retinanet":
@@ -106,7 +111,12 @@ def build(arch: str, backbone: str, num_classes: int, weights: str | None = None
     model.build_args = {"arch": arch, "backbone": backbone, "norm": norm, "width": width,
                         **({"anchor": anchor} if arch == "retinanet" else {})}
     if state is not None:
-        missing, _ = model.load_state_dict(state, strict=False)
+        try:
+            missing, _ = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes differ: another number of classes, width or backbone
+            first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            raise FGDError(f"checkpoint '{weights}' does not fit {arch}/{backbone} with {num_classes} classes "
+                           f"({first[:160]}): pass the data it was trained on, or its own arch/backbone") from None
         if len(missing) > len(model.state_dict()) // 2:
             raise FGDError(f"checkpoint '{weights}' does not match {arch}/{backbone} norm={norm} width={width} "
                            f"({len(missing)} missing keys)")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -71,15 +72,16 @@ def train(**kwargs) -> dict:
     save = Path(cfg["project"]) / cfg["name"]
     student = build(cfg["arch"], cfg["student_backbone"], nc, cfg["student_weights"], cfg["min_size"], cfg["max_size"],
                     cfg["norm"], cfg["width"], cfg["anchor"])
-    teacher, fgd_cfg = None, None
+    teacher, fgd_cfg, auto = None, None, False
     if cfg["fgd"]:
         if not cfg["teacher"]:
             raise FGDError("tv-train with fgd=True needs teacher=path/to/teacher.pth (or fgd=False for the baseline)")
         teacher = build(cfg["arch"], cfg["teacher_backbone"], nc, cfg["teacher"], cfg["min_size"], cfg["max_size"])
         if rank == 0:
             LOGGER.info("teacher: " + ", ".join(f"{k} {v}" for k, v in teacher.build_args.items()))
+        auto = str(cfg.get("fgd_gain")).lower() == "auto"
         fgd_cfg = resolve({"distill_preset": cfg["distill_preset"] or ARCH_PRESET[cfg["arch"]],
-                           **{k: cfg[k] for k in FGD_KEYS if k in cfg}})
+                           **{k: cfg[k] for k in FGD_KEYS if k in cfg and not (auto and k == "fgd_gain")}})
         if any(fgd_cfg[k] for k in RESPONSE_KEYS):
             raise FGDError("kd_cls/kd_box are the YOLO adapter's response term; the torchvision path runs the "
                            "paper's FGD only: pick a paper preset (distill_preset=anchor_based, anchor_free or "
@@ -89,6 +91,12 @@ def train(**kwargs) -> dict:
             check_teacher(teacher, val_set, device, cfg["baseline"])
         if cfg["inherit"]:
             LOGGER.info(f"inherit: copied {len(inherit(student, teacher))} FPN/head tensors from the teacher")
+    if teacher is not None and auto:
+        gain = torch.tensor([calibrated_gain(student, teacher, fgd_cfg, train_set, cfg, device, save / "last.pth")])
+        if ddp:  # every rank trains with rank 0's gain
+            dist.broadcast(gain, 0)
+        fgd_cfg["gain"] = float(gain)
+        cfg["fgd_gain"] = fgd_cfg["gain"]  # args.json records the gain the run used
     if rank == 0:
         save.mkdir(parents=True, exist_ok=True)
     model = Distiller(student, teacher, fgd_cfg).to(device)
@@ -126,7 +134,7 @@ def train(**kwargs) -> dict:
             LOGGER.warning(f"FGD's loss is {ratio:.0f}x the detection losses in epoch {epoch + 1}: check "
                            "the teacher (`yolo-fgd tv-val model=...`; a weak one teaches noise) or lower fgd_gain=")
         if rank == 0:
-            save_checkpoint(last, model, opt, scaler, epoch)
+            save_checkpoint(last, model, opt, scaler, epoch, fgd_cfg["gain"] if fgd_cfg else None)
             if epoch + 1 == cfg["epochs"] or (cfg["eval_every"] and (epoch + 1) % cfg["eval_every"] == 0):
                 metrics = evaluate(student, val_set, device)
                 LOGGER.info("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
@@ -170,6 +178,38 @@ def check_teacher(teacher: nn.Module, val_set, device, baseline=None) -> float:
     return score
 
 
+AUTO_BATCHES = 5  # batches fgd_gain=auto measures
+
+
+def calibrated_gain(student: nn.Module, teacher: nn.Module, fgd_cfg: dict, train_set, cfg: dict, device,
+                    last: Path) -> float:
+    """``fgd_gain=auto``: the gain at which FGD's loss equals the sum of the detection losses at the start, i.e.
+    1 / the median over the first :data:`AUTO_BATCHES` training batches of loss_fgd / detection losses at gain 1,
+    with the student as it starts (a copy, no update). The paper's weights were set for ImageNet-initialised
+    features; from scratch the features' scale differs by orders of magnitude. A resumed run keeps the gain its
+    ``last.pth`` was trained with."""
+    if cfg["resume"] and last.is_file():
+        gain = torch.load(last, map_location="cpu", weights_only=True).get("fgd_gain")
+        if gain is not None:
+            return float(gain)
+    probe = Distiller(copy.deepcopy(student), teacher, {**fgd_cfg, "gain": 1.0}).to(device).train()
+    teacher.eval()
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch"], collate_fn=collate)
+    ratios = []
+    with torch.no_grad():
+        for (imgs, tgts), _ in zip(loader, range(AUTO_BATCHES)):
+            imgs = [im.to(device) for im in imgs]
+            tgts = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in tgts]
+            losses = probe(imgs, tgts)
+            det = sum(float(v) for k, v in losses.items() if k != "loss_fgd")
+            ratios.append(float(losses["loss_fgd"]) / max(det, 1e-12))
+    ratio = sorted(ratios)[len(ratios) // 2]
+    gain = 1.0 / max(ratio, 1e-12)
+    LOGGER.info(f"fgd_gain=auto: at gain 1 FGD's loss is {ratio:.3g}x the detection losses (median of "
+                f"{len(ratios)} batches); gain {gain:.3g}")
+    return gain
+
+
 def fgd_dominates(means: dict, limit: float = 10.0) -> float:
     """``loss_fgd`` / the sum of the detection losses of an epoch's means when above ``limit``, else 0. In the paper's
     runs FGD's loss is of the order of the detection losses; 70-160x was seen here with a teacher that had not learnt."""
@@ -178,10 +218,11 @@ def fgd_dominates(means: dict, limit: float = 10.0) -> float:
     return ratio if ratio > limit else 0.0
 
 
-def save_checkpoint(path: Path, model: nn.Module, opt, scaler, epoch: int) -> None:
-    """``last.pth`` (distiller state, optimiser, scaler, epoch), written to a temporary name and renamed."""
+def save_checkpoint(path: Path, model: nn.Module, opt, scaler, epoch: int, gain: float | None = None) -> None:
+    """``last.pth`` (distiller state, optimiser, scaler, epoch, FGD's gain), written to a temporary name and
+    renamed."""
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-             "scaler": scaler.state_dict() if scaler is not None else None}
+             "scaler": scaler.state_dict() if scaler is not None else None, "fgd_gain": gain}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
