@@ -392,9 +392,9 @@ def test_amp_teacher_targets_match_fp32(data, teacher):
     from yolo_fgd.yolo.model import head_outputs
 
     with torch.no_grad():  # the head's targets (class scores, box bins) from the AMP and the fp32 features
-        t32 = head_outputs(d.teacher, d._teacher_input(feats32))
+        t32 = head_outputs(d.teacher, d.teacher_input(feats32))
         with torch.autocast("cpu", dtype=torch.float16):
-            t16 = head_outputs(d.teacher, d._teacher_input(feats16))
+            t16 = head_outputs(d.teacher, d.teacher_input(feats16))
     for k in ("scores", "boxes"):
         assert ((t16[k].float() - t32[k]).abs().max() / t32[k].abs().max()) < 1e-2, k
 

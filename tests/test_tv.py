@@ -68,7 +68,7 @@ def test_one_fgd_step_trains_student_and_gcblocks_not_teacher(tv_teacher):
     path, _ = tv_teacher
     s = build("retinanet", "resnet18", 6, **SMALL)
     t = build("retinanet", "resnet18", 6, path, **SMALL)
-    d = Distiller(s, t, resolve_fgd({"distill_preset": "anchor_based", "fgd_gain": 100.0}))
+    d = Distiller(s, t, resolve_fgd({"distill_preset": "anchor_based"}))  # (a gain of 100 saturates the attention)
     before = {k: v.clone() for k, v in d.state_dict().items()}
     t_before = {k: v.clone() for k, v in t.state_dict().items()}
     opt = torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
