@@ -256,3 +256,14 @@ def test_auto_gain_makes_fgd_equal_the_detection_losses_and_survives_a_resume(tv
     monkeypatch.setattr(tv_train, "AUTO_BATCHES", 0)  # measuring again would find no batch and fail
     train(epochs=2, resume=True, **kw)
     assert json.loads((root / "auto" / "args.json").read_text())["fgd_gain"] == saved
+
+
+@pytest.mark.slow
+def test_an_epoch_not_evaluated_has_no_figures_in_results_csv(data, tmp_path):
+    """eval_every=2 over 4 epochs: epochs 2 and 4 are scored; epochs 1 and 3 have empty (nan) COCO columns, not the
+    figures of the last evaluation carried over."""
+    train(data=data, fgd=False, student_backbone="resnet18", epochs=4, batch=4, project=str(tmp_path), name="p",
+          warmup_iters=2, eval_every=2, **SMALL)
+    with open(tmp_path / "p" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [all(r[k] == "nan" for k in ("mAP", "AP50", "AR100")) for r in rows] == [True, False, True, False], rows

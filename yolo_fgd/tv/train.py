@@ -135,12 +135,13 @@ def train(**kwargs) -> dict:
                            "the teacher (`yolo-fgd tv-val model=...`; a weak one teaches noise) or lower fgd_gain=")
         if rank == 0:
             save_checkpoint(last, model, opt, scaler, epoch, fgd_cfg["gain"] if fgd_cfg else None)
+            scored = {}  # this epoch's COCO figures, when it was evaluated (nan in results.csv otherwise)
             if epoch + 1 == cfg["epochs"] or (cfg["eval_every"] and (epoch + 1) % cfg["eval_every"] == 0):
-                metrics = evaluate(student, val_set, device)
+                scored = metrics = evaluate(student, val_set, device)
                 LOGGER.info("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             row = {"epoch": epoch + 1, "time": round(time.time() - t0, 2),
                    "lr": opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in means.items()},
-                   **{k: round(metrics.get(k, float("nan")), 5) for k in COLUMNS}}
+                   **{k: round(scored.get(k, float("nan")), 5) for k in COLUMNS}}
             append_row(save / "results.csv", row)
         if ddp:
             dist.barrier()
