@@ -99,10 +99,7 @@ def _gc_forward(flat, w_k, b_k, w_1, b_1, ln_w, ln_b, w_2, b_2, eps):
     n, c, _ = flat.shape
     h = b_1.shape[0]
     w_k, w_1, w_2 = w_k.view(1, 1, c), w_1.view(h, c), w_2.view(c, h)
-    # the logits w_k F (N,1,P) through matmul's broadcast of a (1,C) matrix: on CPU its abs. error to fp64 is about
-    # half a bmm of the expanded w_k's (1.4e-5 vs 2.7e-5 at 80x80, C=256), which the softmax over P and the pooling
-    # amplify 3-9x in the GcBlock's gradients (`yolo-fgd benchmark-accuracy`)
-    attn = F.softmax(torch.matmul(w_k.view(1, c), flat), dim=2)  # (N,1,P)
+    attn = F.softmax(torch.bmm(w_k.expand(n, 1, c), flat), dim=2)  # (N,1,P)
     pooled = torch.bmm(flat, attn.transpose(1, 2)).view(n, c)  # (N,C)
     x = F.linear(pooled, w_1, b_1)  # (N,H)
     normed, stats = layer_norm(x, ln_w.view(h), ln_b.view(h), eps)
