@@ -267,3 +267,38 @@ def test_an_epoch_not_evaluated_has_no_figures_in_results_csv(data, tmp_path):
     with open(tmp_path / "p" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [all(r[k] == "nan" for k in ("mAP", "AP50", "AR100")) for r in rows] == [True, False, True, False], rows
+
+
+def test_two_runs_converting_the_same_data_at_once_both_succeed(tmp_path, monkeypatch):
+    """Two study lanes (teacher and plain student) convert a YOLO data set to COCO files at the same moment: both
+    have written their temporary file before either moves it into place (a barrier forces it); both must succeed
+    (with one shared temporary name, the second move found its file gone: FileNotFoundError in a fresh-clone run)."""
+    import threading
+
+    from yolo_fgd.data import shapes
+
+    data = str(shapes(tmp_path, n_train=4, n_val=2, size=64))
+    barrier, replace = threading.Barrier(2, timeout=30), Path.replace
+
+    def synchronised(self, target):
+        if self.suffix == ".tmp":
+            barrier.wait()
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", synchronised)
+    out, errors = [], []
+
+    def convert():
+        try:
+            out.append(coco_files(data))
+        except Exception as e:  # noqa: BLE001 (the test reports it)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=convert) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(out) == 2 and out[0] == out[1], errors
+    assert json.loads(Path(out[0]["train_json"]).read_text())["images"]
+    assert not list(Path(out[0]["train_json"]).parent.glob("*.tmp"))

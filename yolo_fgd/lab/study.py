@@ -31,6 +31,7 @@ from ..cfg import load_recipe
 from ..data import resolve_data
 from ..deploy.evaluate import coco_ap
 from ..errors import FGDError
+from ..tv.coco_utils import coco_files
 from ..yolo import trainer_for
 
 # report columns (header -> summary key) of a YOLO study and of a torchvision one (the paper's COCO columns)
@@ -313,6 +314,8 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
     LOGGER.info(f"study {root}: {len(specs)} runs, {len(todo)} to do, {lanes} lanes")
     for data in {s["data"] for s in todo if not s.get("tv")}:
         warm_label_cache(data)  # parallel lanes would otherwise race to write the same labels/*.cache
+    for data in {s["data"] for s in todo if s.get("tv")}:
+        coco_files(data)  # the COCO files of a YOLO data set, converted once here rather than by every lane
     threads = max(1, (os.cpu_count() or 2) // max(lanes, 1))
     running: list[tuple[subprocess.Popen, dict]] = []
     pending = list(todo)

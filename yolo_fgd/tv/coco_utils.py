@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
 from pathlib import Path
 
 import cv2
@@ -63,7 +64,7 @@ def coco_files(data) -> dict:
             for img, (_, f) in zip(gt["images"], index):
                 img["file_name"] = str(Path(f).resolve())
             ann.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ann.with_suffix(".tmp")
+            tmp = ann.with_suffix(f".{uuid.uuid4().hex}.tmp")  # its own name: runs converting at once all finish
             tmp.write_text(json.dumps(gt))
             tmp.replace(ann)
         out[f"{split}_json"], out[f"{split}_images"] = str(ann), "/"
