@@ -240,7 +240,7 @@ def test_auto_gain_makes_fgd_equal_the_detection_losses_and_survives_a_resume(tv
     t = build("retinanet", "resnet18", 6, path, **SMALL)
     cfg = resolve_fgd({"distill_preset": "anchor_based"})
     monkeypatch.setattr(tv_train, "AUTO_BATCHES", 1)
-    gain = tv_train.calibrated_gain(s, t, cfg, ds, {"batch": 4, "resume": False}, torch.device("cpu"), Path("-"))
+    gain = tv_train.calibrated_gain(s, t, cfg, ds, 4, torch.device("cpu"))
     imgs, tgts = collate([ds[i] for i in range(4)])
     with torch.no_grad():
         losses = Distiller(s, t, {**cfg, "gain": gain}).train()(list(imgs), list(tgts))

@@ -21,6 +21,12 @@ def lr_factor(it: int, epoch: float, cfg: dict) -> float:
     return warm * 0.1 ** sum(epoch >= s for s in steps)
 
 
+def to_device(imgs, tgts, device) -> tuple[list, list]:
+    """A collated batch (images, target dicts) on ``device``."""
+    return [im.to(device) for im in imgs], [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
+                                            for t in tgts]
+
+
 def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, loader, device, epoch: int, cfg: dict, base_lr: float,
                     scaler: torch.amp.GradScaler | None = None, show: bool = True) -> dict:
     """One epoch of SGD on ``net`` (a :class:`~yolo_fgd.tv.distiller.Distiller`, maybe DDP-wrapped) -> the mean of
@@ -33,8 +39,7 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, loader, device, 
         it = epoch * nb + i
         for g in opt.param_groups:
             g["lr"] = base_lr * lr_factor(it, epoch, cfg)
-        imgs = [im.to(device) for im in imgs]
-        tgts = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in tgts]
+        imgs, tgts = to_device(imgs, tgts, device)
         with torch.autocast(device.type, enabled=scaler is not None):
             losses = net(imgs, tgts)
         loss = sum(v.float() for v in losses.values())

@@ -30,7 +30,7 @@ from ..data.coco import COLUMNS
 from ..errors import FGDError
 from .coco_utils import CocoDataset, coco_files, collate
 from .distiller import Distiller
-from .engine import evaluate, train_one_epoch
+from .engine import evaluate, to_device, train_one_epoch
 from .models import ARCH_PRESET, build, inherit
 from .models import save as save_model
 
@@ -70,6 +70,8 @@ def train(**kwargs) -> dict:
     val_set = CocoDataset(files["val_json"], files["val_images"])
     nc = max((c["id"] for c in train_set.gt["categories"]), default=0) + 1
     save = Path(cfg["project"]) / cfg["name"]
+    last = save / "last.pth"
+    ck = torch.load(last, map_location="cpu", weights_only=True) if cfg["resume"] and last.is_file() else None
     student = build(cfg["arch"], cfg["student_backbone"], nc, cfg["student_weights"], cfg["min_size"], cfg["max_size"],
                     cfg["norm"], cfg["width"], cfg["anchor"])
     teacher, fgd_cfg, auto = None, None, False
@@ -87,12 +89,14 @@ def train(**kwargs) -> dict:
                            "paper's FGD only: pick a paper preset (distill_preset=anchor_based, anchor_free or "
                            "two_stage), or leave distill_preset unset for the architecture's own")
         teacher.to(device)
-        if rank == 0 and cfg["check_teacher"] and not (cfg["resume"] and (save / "last.pth").is_file()):
+        if rank == 0 and cfg["check_teacher"] and ck is None:
             check_teacher(teacher, val_set, device, cfg["baseline"])
         if cfg["inherit"]:
             LOGGER.info(f"inherit: copied {len(inherit(student, teacher))} FPN/head tensors from the teacher")
     if teacher is not None and auto:
-        gain = torch.tensor([calibrated_gain(student, teacher, fgd_cfg, train_set, cfg, device, save / "last.pth")])
+        saved = ck.get("fgd_gain") if ck else None  # a resumed run keeps the gain it was trained with
+        gain = torch.tensor([saved if saved is not None else calibrated_gain(student, teacher, fgd_cfg, train_set,
+                                                                             cfg["batch"], device)])
         if ddp:  # every rank trains with rank 0's gain
             dist.broadcast(gain, 0)
         fgd_cfg["gain"] = float(gain)
@@ -104,15 +108,15 @@ def train(**kwargs) -> dict:
     lr = cfg["lr"] * cfg["batch"] * (dist.get_world_size() if ddp else 1) / 16  # linear scaling from 16 images
     opt = torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     scaler = torch.amp.GradScaler(device.type) if cfg["amp"] else None
-    start_epoch, last = 0, save / "last.pth"
-    if cfg["resume"] and last.is_file():
-        ck = torch.load(last, map_location="cpu", weights_only=True)
+    start_epoch = 0
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         start_epoch = ck["epoch"] + 1
         LOGGER.info(f"resumed {last} at epoch {start_epoch + 1}")
+        del ck  # its tensors are in the model and optimiser now
     net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
     sampler = torch.utils.data.distributed.DistributedSampler(train_set, seed=cfg["seed"]) if ddp else None
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch"], shuffle=sampler is None, sampler=sampler,
@@ -182,28 +186,19 @@ def check_teacher(teacher: nn.Module, val_set, device, baseline=None) -> float:
 AUTO_BATCHES = 5  # batches fgd_gain=auto measures
 
 
-def calibrated_gain(student: nn.Module, teacher: nn.Module, fgd_cfg: dict, train_set, cfg: dict, device,
-                    last: Path) -> float:
+def calibrated_gain(student: nn.Module, teacher: nn.Module, fgd_cfg: dict, train_set, batch: int, device) -> float:
     """``fgd_gain=auto``: the gain at which FGD's loss equals the sum of the detection losses at the start, i.e.
-    1 / the median over the first :data:`AUTO_BATCHES` training batches of loss_fgd / detection losses at gain 1,
-    with the student as it starts (a copy, no update). The paper's weights were set for ImageNet-initialised
-    features; from scratch the features' scale differs by orders of magnitude. A resumed run keeps the gain its
-    ``last.pth`` was trained with."""
-    if cfg["resume"] and last.is_file():
-        gain = torch.load(last, map_location="cpu", weights_only=True).get("fgd_gain")
-        if gain is not None:
-            return float(gain)
+    1 / the median over the first :data:`AUTO_BATCHES` training batches of :func:`fgd_ratio` at gain 1, with the
+    student as it starts (a copy, no update). The paper's weights were set for ImageNet-initialised features; from
+    scratch the features' scale differs by orders of magnitude."""
     probe = Distiller(copy.deepcopy(student), teacher, {**fgd_cfg, "gain": 1.0}).to(device).train()
     teacher.eval()
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch"], collate_fn=collate)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch, collate_fn=collate)
     ratios = []
     with torch.no_grad():
         for (imgs, tgts), _ in zip(loader, range(AUTO_BATCHES)):
-            imgs = [im.to(device) for im in imgs]
-            tgts = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in tgts]
-            losses = probe(imgs, tgts)
-            det = sum(float(v) for k, v in losses.items() if k != "loss_fgd")
-            ratios.append(float(losses["loss_fgd"]) / max(det, 1e-12))
+            losses = probe(*to_device(imgs, tgts, device))
+            ratios.append(fgd_ratio({k: float(v) for k, v in losses.items()}))
     ratio = sorted(ratios)[len(ratios) // 2]
     gain = 1.0 / max(ratio, 1e-12)
     LOGGER.info(f"fgd_gain=auto: at gain 1 FGD's loss is {ratio:.3g}x the detection losses (median of "
@@ -211,11 +206,16 @@ def calibrated_gain(student: nn.Module, teacher: nn.Module, fgd_cfg: dict, train
     return gain
 
 
+def fgd_ratio(losses: dict) -> float:
+    """``loss_fgd`` / the sum of the other (detection) losses of a loss dict of floats."""
+    det = sum(v for k, v in losses.items() if k != "loss_fgd")
+    return losses.get("loss_fgd", 0.0) / max(det, 1e-12)
+
+
 def fgd_dominates(means: dict, limit: float = 10.0) -> float:
     """``loss_fgd`` / the sum of the detection losses of an epoch's means when above ``limit``, else 0. In the paper's
     runs FGD's loss is of the order of the detection losses; 70-160x was seen here with a teacher that had not learnt."""
-    det = sum(v for k, v in means.items() if k != "loss_fgd")
-    ratio = means.get("loss_fgd", 0.0) / max(det, 1e-12)
+    ratio = fgd_ratio(means)
     return ratio if ratio > limit else 0.0
 
 
