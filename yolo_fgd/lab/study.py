@@ -207,7 +207,9 @@ def plan(recipe: dict, root: Path) -> list[dict]:
                 continue
             args = {k: (teacher_pt if v == "TEACHER" else v) for k, v in (m.get("args") or {}).items()}
             for seed in m.get("seeds", recipe["seeds"]):
-                model, needs = m.get("model", recipe["student"]), [] if tcfg.get("weights") else [teacher_pt]
+                uses_teacher = m.get("distill") or "TEACHER" in (m.get("args") or {}).values()
+                model = m.get("model", recipe["student"])
+                needs = [teacher_pt] if uses_teacher and not tcfg.get("weights") else []  # plain runs start at once
                 if str(model).startswith("RUN:"):  # fine-tuning: start from another method's student, same seed
                     model = str(root / ds_name / f"{model[4:]}-s{seed}" / "weights" / "best.pt")
                     needs.append(model)
