@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .fgd import attention
 from .masks import fgd_masks_levels
 
-__all__ = ["angle_kd", "focal_weights", "keypoint_kd", "mask_kd", "response_kd", "side_distances"]
+__all__ = ["angle_kd", "box_kd", "focal_weights", "keypoint_kd", "mask_kd", "response_kd", "side_distances"]
 
 
 def side_distances(dist: torch.Tensor, reg_max: int) -> torch.Tensor:
@@ -55,17 +55,30 @@ def response_kd(s_scores, t_scores, s_dist, t_dist, s_reg: int, t_reg: int | Non
         kl = F.binary_cross_entropy_with_logits(s, p, reduction="none") - entropy  # (N,K,A)
         aw = None if anchor_weight is None else anchor_weight.detach().float()
         cls = (kl.sum() if aw is None else (kl.sum(1) * aw).sum()) / p.sum().clamp(min=1.0)
-        weight = p.amax(1)  # (N,A)
+        box = box_kd(s_dist, t_dist, s_reg, t_reg, p.amax(1), temperature, aw)
+    return {"cls": cls, "box": box}
+
+
+def box_kd(s_dist, t_dist, s_reg: int, t_reg: int, weight: torch.Tensor, temperature: float = 1.0,
+           anchor_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The box side of :func:`response_kd` (LD, Zheng et al. CVPR 2022, when both heads have the same bins > 1):
+
+        sum_a w_a u_a T^2 sum_{side} KL(softmax(t/T) || softmax(s/T)) / sum_a w_a
+
+    with w (N,A) the anchors' weights (the teacher's top class score) and u (N,A) ``anchor_weight`` (1 when None);
+    with other bins, the L1 distance of the decoded side distances (stride units) in place of the KL.
+    s_dist, t_dist: (N,4*reg,A) logits. Returns a 0-d fp32 tensor."""
+    with torch.autocast(device_type=s_dist.device.type, enabled=False):
         sd, td = s_dist.float(), t_dist.detach().float()
-        a = sd.shape[-1]
+        n, a = sd.shape[0], sd.shape[-1]
         if s_reg == t_reg > 1:
             sd, td = sd.view(n, 4, s_reg, a), td.view(n, 4, t_reg, a)
             log_s, log_t = F.log_softmax(sd / temperature, 2), F.log_softmax(td / temperature, 2)
             per_anchor = (log_t.exp() * (log_t - log_s)).sum((1, 2)) * temperature**2  # (N,A)
         else:
             per_anchor = (side_distances(td, t_reg) - side_distances(sd, s_reg)).abs().sum(1)
-        box = (per_anchor * (weight if aw is None else weight * aw)).sum() / weight.sum().clamp(min=1e-6)
-    return {"cls": cls, "box": box}
+        w = weight.detach().float()
+        return (per_anchor * (w if anchor_weight is None else w * anchor_weight)).sum() / w.sum().clamp(min=1e-6)
 
 
 def focal_weights(boxes: torch.Tensor, batch_idx: torch.Tensor, teacher_feats, temperature: float = 0.5,

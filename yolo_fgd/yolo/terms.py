@@ -13,7 +13,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core import TERMS, angle_kd, focal_weights, keypoint_kd, mask_kd, response_kd
+from ..core import (
+    TERMS,
+    angle_kd,
+    bckd_cls,
+    box_kd,
+    cwd_loss,
+    focal_weights,
+    keypoint_kd,
+    ltrb_giou_kd,
+    mask_kd,
+    pkd_loss,
+    response_kd,
+    side_distances,
+)
 from ..core.presets import build_pyramid, cross_on, fgd_on, response_on
 from .model import detect_head, head_outputs
 
@@ -138,6 +151,82 @@ class CrossKD(Term):
         t = response_kd(crossed["scores"], b.teacher_out["scores"], crossed["boxes"], b.teacher_out["boxes"],
                         d.box_bins[1])
         return self.cfg["crosskd"] * (t["cls"] + t["box"]), {}
+
+
+class Aligned(Term):
+    """A feature-imitation term on the Detect inputs: per level a 1x1 conv from the student's width to the teacher's
+    (an identity where they match), then :meth:`level` of the aligned student and the teacher, summed over levels
+    and multiplied by the row's weight (its name)."""
+
+    @classmethod
+    def on(cls, cfg, name, task):
+        return cfg[name] > 0
+
+    def __init__(self, d, name):
+        super().__init__(d, name)
+        self.module = nn.ModuleList(nn.Conv2d(a, b, 1) if a != b else nn.Identity()
+                                    for a, b in zip(d.student_channels, d.teacher_channels))
+
+    def level(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, b):
+        loss = sum(self.level(a(s), t) for a, s, t in zip(self.module, b.student_feats, b.teacher_feats))
+        return self.cfg[self.name] * loss, {}
+
+
+class CWD(Aligned):
+    """Channel-wise distillation (CWD) of each level at temperature ``cwd_tau``."""
+
+    state = "cwd"
+
+    def level(self, s, t):
+        return cwd_loss(s, t, self.cfg["cwd_tau"])
+
+
+class PKD(Aligned):
+    """Pearson-normalised feature imitation (PKD) of each level."""
+
+    state = "pkd"
+
+    def level(self, s, t):
+        return pkd_loss(s, t)
+
+
+class LD(Term):
+    """Localisation distillation on the DFL bins at temperature ``ld_temperature`` (the head-response box term is
+    the same KL at T = 1), weighted per anchor by the teacher's top class score."""
+
+    needs_head = True
+
+    @classmethod
+    def on(cls, cfg, name, task):
+        return cfg["ld"] > 0
+
+    def __call__(self, b):
+        t_out = b.teacher_out
+        w = t_out["scores"].detach().float().sigmoid().amax(1)
+        return self.cfg["ld"] * box_kd(b.student_out["boxes"], t_out["boxes"], *self.d.box_bins, w,
+                                       self.cfg["ld_temperature"]), {}
+
+
+class BCKD(Term):
+    """BCKD: the class scores as binary soft labels with a quality-focal modulation (``bckd_beta``) plus 1 - GIoU of
+    the decoded boxes, both at every anchor."""
+
+    needs_head = True
+
+    @classmethod
+    def on(cls, cfg, name, task):
+        return cfg["bckd"] > 0
+
+    def __call__(self, b):
+        s, t = b.student_out, b.teacher_out
+        (s_reg, t_reg), cfg = self.d.box_bins, self.cfg
+        cls_term = bckd_cls(s["scores"], t["scores"], cfg["bckd_beta"])
+        box_term = ltrb_giou_kd(side_distances(s["boxes"].float(), s_reg), side_distances(t["boxes"].float(), t_reg),
+                                t["scores"])
+        return cfg["bckd"] * (cls_term + box_term), {}
 
 
 class TaskTerm(Term):
