@@ -11,6 +11,8 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 os.environ.setdefault("YOLO_CONFIG_DIR", str(ROOT / ".yolo_config"))
 os.environ.setdefault("YOLO_VERBOSE", "False")
+# the eager definition of the FGD loss (compiling it takes a minute here); tests/test_compile.py tests the compiler
+os.environ.setdefault("YOLO_FGD_KERNEL", "eager")
 
 TINY = dict(imgsz=64, batch=4, workers=0, plots=False, exist_ok=True, amp=False, device="cpu", seed=0)
 

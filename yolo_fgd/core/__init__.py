@@ -1,9 +1,9 @@
-"""The loss core: pure PyTorch (no Ultralytics, torchvision or ONNX import; Triton, which ships with PyTorch, for the
-fused kernels on CUDA).
+"""The loss core: pure PyTorch (no Ultralytics, torchvision or ONNX import).
 
-``masks`` (Eq. 2-4), ``fgd`` (Eq. 5-13: :class:`FGDLoss` per level, :class:`FGDPyramid`), ``kernels`` (the Triton
-kernels of one level), ``response`` (the YOLO adapter's head-response term), ``imitation`` (CWD, PKD, BCKD: the
-terms of the anchors FGD is compared with), ``presets`` (named weights and the train arguments that override them).
+``masks`` (Eq. 2-4), ``reference`` (Eq. 5-13 of one level, the one definition), ``compiled`` (it through
+``torch.compile``), ``fgd`` (:class:`FGDLoss` per level, :class:`FGDPyramid`), ``response`` (the YOLO adapter's
+head-response term), ``imitation`` (CWD, PKD, BCKD: the terms of the anchors FGD is compared with), ``presets``
+(named weights and the train arguments that override them).
 """
 
 from .fgd import TERMS, FGDLoss, FGDPyramid, GcBlock, attention, feature_mse, standardise

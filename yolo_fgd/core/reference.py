@@ -1,7 +1,7 @@
-"""The FGD loss of one level in plain autograd, written to be read next to the paper (Yang et al., CVPR 2022) and the
-official ``FeatureLoss`` (yzd-v/FGD): the reference the fast path (:class:`~yolo_fgd.core.fgd.FGDLoss`, its
-hand-written backward and the Triton kernels) is tested against, and the loss itself under
-``YOLO_FGD_KERNEL=reference``.
+"""The FGD loss of one level (Eq. 5-13) in plain autograd, written to be read next to the paper (Yang et al., CVPR
+2022) and the official ``FeatureLoss`` (yzd-v/FGD). This is the one definition of the loss: every path trains on it
+(:class:`~yolo_fgd.core.fgd.FGDLoss`, the YOLO and torchvision distillers), eagerly or compiled by ``torch.compile``
+(:mod:`.compiled`); nothing else computes Eq. 9-12.
 
 Notation: F_t teacher feature, F_s' aligned student feature (N,C,H,W); M_fg / M_bg the masks of Eq. 2-4
 (:func:`~yolo_fgd.core.masks.fgd_masks`); T the temperature. Every term is summed over the level and divided by N, as

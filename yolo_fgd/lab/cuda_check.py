@@ -1,16 +1,16 @@
 """CUDA check of the FGD loss (needs a GPU): FGDPyramid on CUDA in fp32 and under fp16 / bf16 autocast against the
-same module on CPU fp32 (terms and input gradients, relative errors), the fused Triton kernels against the PyTorch
-fallback on CUDA (same three precisions; then time and dispatched ops of one fwd+bwd each), and the masks on CUDA
-against CPU.
+same module on CPU fp32 (terms and input gradients, relative errors), the compiled loss (Inductor's Triton kernels)
+against the eager definition on CUDA (same three precisions; then time and dispatched ops of one fwd+bwd each), and
+the masks on CUDA against CPU.
 
     python -m yolo_fgd.lab.cuda_check      (the inputs of ``yolo-fgd benchmark-loss``: b16, 640 px, 50 boxes/image)
 """
 
-import os
 import sys
 
 import torch
 
+from ..core import compiled
 from ..core.fgd import TERMS, FGDPyramid
 from ..core.masks import fgd_masks_levels
 from .cost import CS, CT, dispatch_counts, median_s, synthetic_inputs
@@ -63,15 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     print("masks CUDA vs CPU max diff:",
           max(float((a.cpu() - b).abs().max()) for p, q in zip(on_gpu, on_cpu) for a, b in zip(p, q)))
 
-    # the fused kernels (the default on CUDA) against the PyTorch fallback (YOLO_FGD_KERNEL=torch)
+    # the compiled loss (the default) against the eager definition (YOLO_FGD_KERNEL=eager)
     m = FGDPyramid(CS, CT).to(dev)
     m.load_state_dict(ref.state_dict())
     for name, ac in (("fp32", None), ("fp16 autocast", torch.float16), ("bf16 autocast", torch.bfloat16)):
         (o_k, g_k), (o_t, g_t) = (kernel_mode(mode, run, m, bx, bi, fs, ft, dev, ac or torch.float32, ac)
-                                  for mode in ("triton", "torch"))
+                                  for mode in ("compile", "eager"))
         rel = {k: abs(o_k[k] - o_t[k]) / max(abs(o_t[k]), 1e-12) for k in o_k}
         g_rel = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(g_k, g_t))
-        print(f"{name:14s} kernels vs fallback: " + " ".join(f"{k} {v:.1e}" for k, v in rel.items())
+        print(f"{name:14s} compiled vs eager: " + " ".join(f"{k} {v:.1e}" for k, v in rel.items())
               + f"  grad {g_rel:.1e}")
     s = [f.to(dev).requires_grad_() for f in fs]
     t = [f.to(dev) for f in ft]
@@ -82,22 +82,15 @@ def main(argv: list[str] | None = None) -> None:
             x.grad = None
         m(s, t, b2, i2)["total"].backward()
 
-    for mode in ("triton", "torch"):
+    for mode in ("compile", "eager"):
         ms = 1e3 * kernel_mode(mode, median_s, step, dev, 20, warmup=3)
-        print(f"{mode:6s} fwd+bwd {ms:.2f} ms  {kernel_mode(mode, dispatch_counts, step, dev)}")
+        print(f"{mode:7s} fwd+bwd {ms:.2f} ms  {kernel_mode(mode, dispatch_counts, step, dev)}")
 
 
 def kernel_mode(mode: str, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` with ``YOLO_FGD_KERNEL=mode``."""
-    old = os.environ.get("YOLO_FGD_KERNEL")
-    os.environ["YOLO_FGD_KERNEL"] = mode
-    try:
+    with compiled.using(mode):
         return fn(*args, **kwargs)
-    finally:
-        if old is None:
-            os.environ.pop("YOLO_FGD_KERNEL")
-        else:
-            os.environ["YOLO_FGD_KERNEL"] = old
 
 
 if __name__ == "__main__":
