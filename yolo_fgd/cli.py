@@ -469,9 +469,11 @@ COMMANDS = {c.name: c for c in [
     Command("benchmark-loss", "cost of the FGD loss against a plain feature MSE (prints figures)",
             _rows("batch=16 images; imgsz=640 image size; boxes=50 boxes per image; device=cpu device; repeat=5 timed "
                   "runs; step=True also a YOLO11n training step; amp=False fp16 autocast features; threads=0 CPU "
-                  "threads (0: all); pyramid= another version's FGDPyramid file (e.g. an old checkout's loss)"),
+                  "threads (0: all); pyramid= another version's FGDPyramid file (e.g. an old checkout's loss); "
+                  "compile=True also the compiled loss (its first call is the compile)"),
             "yolo-fgd benchmark-loss device=0 amp=True", _lazy("lab.cost", "benchmark_loss", device=True),
-            more="    prints ms, the FGD/MSE ratio and the aten ops / compute ops (and CUDA kernels) per fwd+bwd\n"),
+            more="    prints the first call's seconds (the compile), ms of the compiled and the eager loss, the FGD/MSE "
+                 "ratio and the aten ops / compute ops (and CUDA kernels) per fwd+bwd\n"),
     Command("benchmark-step", "ms per training iteration of each distillation method and its ratio to plain",
             _rows("teacher= teacher .pt (required); data=shapes data; model=yolo11n.yaml student; imgsz=192 image "
                   "size; batch=16 batch; fraction=0.5 share of the data; device=cpu device; amp=False AMP; workers=0 "
@@ -480,8 +482,8 @@ COMMANDS = {c.name: c for c in [
                   "method; project=runs/benchmark-step where runs go"),
             "yolo-fgd benchmark-step teacher=runs/detect/teacher/weights/best.pt",
             _lazy("lab.cost", "benchmark_step", device=True), required=("teacher",)),
-    Command("benchmark-accuracy", "error of the FGD loss's fast path and of the official code's fp32 against the fp64 "
-                                  "reference at 80x80 (prints figures)",
+    Command("benchmark-accuracy", "error of the compiled FGD loss and of the official code's fp32 against the fp64 "
+                                  "definition at 80x80 (prints figures)",
             _rows("size=80 map size; seed=0 random seed; threads=0 CPU threads (0: all)"),
             "yolo-fgd benchmark-accuracy", _lazy("lab.accuracy", "loss_accuracy")),
     Command("benchmark-startup", "how fast help, COMMAND help and a typo answer, beside `yolo help` (prints figures)",

@@ -124,11 +124,13 @@ def pyramid_class(path: str | None) -> type:
 
 
 def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: str = "cpu", repeat: int = 5,
-                   step: bool = True, amp: bool = False, threads: int = 0, pyramid: str | None = None) -> dict:
+                   step: bool = True, amp: bool = False, threads: int = 0, pyramid: str | None = None,
+                   compile: bool = True) -> dict:
     """Print and return timings (ms), ratios and dispatch counts for the shapes in the module docstring; ``amp``: the
     features come in under fp16 autocast as in AMP training (FGD computes in fp32 either way); ``threads``: CPU
     threads (0: all cores); ``pyramid``: measure the FGDPyramid of another version's loss file instead
-    (:func:`pyramid_class`)."""
+    (:func:`pyramid_class`); ``compile=False``: the eager definition only (no compile: seconds instead of a
+    minute)."""
     pyramid_cls = pyramid_class(pyramid)  # a bad file fails before any work
     torch.set_num_threads(int(threads) or os.cpu_count() or 1)
     dev = torch.device(device if device not in ("", None) else "cpu")
@@ -168,20 +170,23 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
 
     t_mse = median_s(mse_step, dev, repeat)
     n_mse = dispatch_counts(mse_step, dev)
-    with compiled.using("compile"):  # the first call compiles (Inductor), later ones reuse the compiled code
-        t0 = time.perf_counter()
-        fgd_step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t_first = time.perf_counter() - t0
-        t_fgd = median_s(fgd_step, dev, repeat)
-        n_fgd = dispatch_counts(fgd_step, dev)
     with compiled.using("eager"):
         t_eager = median_s(fgd_step, dev, repeat)
         n_eager = dispatch_counts(fgd_step, dev)
+    t_first, t_fgd, n_fgd = float("nan"), t_eager, n_eager
+    if compile:
+        with compiled.using("compile"):  # the first call compiles (Inductor), later ones reuse the compiled code
+            t0 = time.perf_counter()
+            fgd_step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t_first = time.perf_counter() - t0
+            t_fgd = median_s(fgd_step, dev, repeat)
+            n_fgd = dispatch_counts(fgd_step, dev)
+    path = "eager" if not compile else "eager (the compiler failed)" if compiled._failed else "compiled"
     res = {
         "device": str(dev), "batch": batch, "imgsz": imgsz, "boxes_per_image": boxes, "threads": torch.get_num_threads(),
-        "amp": amp, "fgd_path": pyramid or ("eager (the compiler failed)" if compiled._failed else "compiled"),
+        "amp": amp, "fgd_path": pyramid or path,
         "masks_vectorised_ms": 1e3 * t_vec, "masks_loop_ms": 1e3 * t_loop, "masks_speedup": t_loop / t_vec,
         "fgd_first_call_s": t_first, "fgd_fwd_bwd_ms": 1e3 * t_fgd, "fgd_eager_fwd_bwd_ms": 1e3 * t_eager,
         "eager_over_compiled": t_eager / t_fgd, "mse_fwd_bwd_ms": 1e3 * t_mse, "fgd_over_mse": t_fgd / t_mse,
