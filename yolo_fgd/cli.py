@@ -224,6 +224,7 @@ def _train(words: list[str], kv: dict):
         model = checkpoint(model, "last")
         if not os.path.isfile(str(model)):
             raise FGDError(f"resume checkpoint '{model}' not found: pass model=runs/detect/NAME/weights/last.pt")
+        _check_resumable(str(model))
     else:
         model = model or "yolo11n.yaml"
         if str(model).endswith(".pt") and not os.path.isfile(str(model)) and os.sep in str(model):
@@ -252,6 +253,38 @@ def _train(words: list[str], kv: dict):
     student = YOLO(model)
     kv.setdefault("project", str(Path("runs", student.task).resolve()))  # ./runs/TASK/NAME, wherever yolo-fgd lives
     return _fit(student, kv)
+
+
+def _check_resumable(last: str) -> None:
+    """A one-line error when ``last`` is not an unfinished training checkpoint (Ultralytics would start a new default
+    training from it instead: coco8.yaml, 100 epochs)."""
+    try:
+        ckpt = _torch_load(last)
+    except Exception as e:
+        raise FGDError(f"resume checkpoint '{last}' cannot be read ({type(e).__name__}): pass the last.pt of an "
+                       "unfinished run") from None
+    if not isinstance(ckpt, dict) or ckpt.get("optimizer") is None or ckpt.get("epoch", -1) < 0:
+        run = Path(last).resolve().parent.parent
+        args = _yaml(run / "args.yaml")  # the finished checkpoint keeps Ultralytics' own arguments only
+        teacher = f" teacher={args['teacher']}" if args.get("teacher") else " teacher=..."
+        raise FGDError(f"run {run} has finished its training ({Path(last).name} holds no optimizer state): nothing to "
+                       f"resume; to train it further start a new run from it: yolo-fgd train model={run}/weights/"
+                       f"best.pt{teacher} epochs=N")
+
+
+def _yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _torch_load(path: str):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _planned_dir(yolo, kv: dict) -> Path | None:

@@ -19,10 +19,10 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.models.yolo.obb import OBBTrainer
 from ultralytics.models.yolo.pose import PoseTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
-from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK, colorstr
+from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK, YAML, colorstr
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ..core.presets import ARGS, renamed, resolve
+from ..core.presets import ARGS, KEYS, arg_name, renamed, resolve
 from ..errors import FGDError
 from .distiller import DistillCriterion, Distiller
 from .model import checkpoint, require_file
@@ -45,8 +45,13 @@ class DistillMixin:
         if repoint:
             self.args.teacher = repoint  # a resumed run may re-point its teacher
         self._check(vars(self.args))
-        self.args.teacher = checkpoint(self.args.teacher)
+        # absolute: a resume from another folder finds the teacher the run was trained with
+        self.args.teacher = str(Path(checkpoint(self.args.teacher)).resolve())
         self.distill_cfg = resolve(self.args)
+        for k in KEYS:  # the values in force, not the nulls of "from the preset": the run reproduces from args.yaml
+            setattr(self.args, arg_name(k), self.distill_cfg[k])
+        if RANK in {-1, 0} and (self.save_dir / "args.yaml").is_file():
+            YAML.save(self.save_dir / "args.yaml", vars(self.args))
         self.distiller = None
         self.batch_i = 0  # batches seen this epoch (schedule position)
         self.add_callback("on_train_epoch_start", DistillMixin._epoch_start)
@@ -59,6 +64,9 @@ class DistillMixin:
                 "teacher= and distill_model= both given: use yolo-fgd's teacher= for FGD, or plain `yolo train "
                 "distill_model=` for Ultralytics' own distillation, not both"
             )
+        if args.get("resume") and args.get("teacher") and not Path(checkpoint(args["teacher"])).is_file():
+            raise FGDError(f"this run's teacher '{args['teacher']}' (its args.yaml) is not found from "
+                           f"{Path.cwd()}: resume with teacher=path/to/the/teacher's/best.pt to re-point it")
         require_file(checkpoint(args["teacher"]) if args.get("teacher") else None, "teacher")
         cfg = resolve(args)
         devices = getattr(self, "world_size", None) or len(str(args.get("device") or "").split(","))
