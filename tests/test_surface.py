@@ -188,7 +188,7 @@ def test_edge_runner_never_writes_into_an_earlier_runs_folder(tmp_path, student,
 
     onnx = export(str(student), imgsz=64, data=data)["onnx"]
     img = next((Path(data).parent / "images" / "val").glob("*.jpg"))
-    for expected in ("edge", "edge2"):
+    for expected in ("edge", "edge-2"):
         r = subprocess.run([sys.executable, "-m", "yolo_fgd.deploy.edge", onnx, str(img)], cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0 and f"results saved to {tmp_path / 'runs' / expected}" in r.stdout, r.stderr

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -67,7 +68,7 @@ class Command:
             raise FGDError(f"'{extra[0]}' is not an argument of {self.name} ({takes}): see `yolo-fgd {self.name} help`")
         known = {*self.defaults, *self.also, *(ultralytics_defaults() if self.ultralytics else ())}
         for k in kv:
-            if k not in known:
+            if k not in known and not (self.ultralytics and ultralytics_alias(k) in known):
                 close = difflib.get_close_matches(k, list(known), n=1)
                 raise FGDError(f"unknown {self.name} argument '{k}'" + (
                     f": did you mean '{close[0]}'?" if close else f": see `yolo-fgd {self.name} help`"))
@@ -75,6 +76,26 @@ class Command:
         if missing:
             raise FGDError(f"{self.name} needs {', '.join(k + '=' for k in missing)}: see `yolo-fgd {self.name} help`")
         check_types(kv, self.defaults)
+
+
+def ultralytics_alias(key: str) -> str | None:
+    """The key Ultralytics maps its deprecated ``key`` to (``half`` -> ``quantize``, ``hide_labels`` ->
+    ``show_labels``), or None: the mode it runs maps it itself, with its own warning (imports Ultralytics; asked only
+    for a key this command does not know)."""
+    import logging
+
+    from ultralytics.cfg import _handle_deprecation
+
+    log = logging.getLogger("ultralytics")
+    level = log.level
+    log.setLevel(logging.ERROR)  # Ultralytics warns when it maps the key for real
+    try:
+        mapped = _handle_deprecation({key: True})
+    except Exception:
+        return None
+    finally:
+        log.setLevel(level)
+    return next((k for k in mapped if k != key), None)
 
 
 def _show(default) -> str:
@@ -226,9 +247,10 @@ def _train(words: list[str], kv: dict):
             raise FGDError(f"resume checkpoint '{model}' not found: pass model=runs/detect/NAME/weights/last.pt")
         _check_resumable(str(model))
     else:
-        model = model or "yolo11n.yaml"
+        model = checkpoint(model or "yolo11n.yaml", "best")  # a run folder: its best.pt, as every command takes it
         if str(model).endswith(".pt") and not os.path.isfile(str(model)) and os.sep in str(model):
             raise FGDError(f"student '{model}' not found: pass model=yolo11n.yaml (from scratch) or an existing .pt")
+        check_student_name(str(model))
         check_train_args(kv)
     cfg = resolve({k: v for k, v in kv.items() if k in DISTILL_ARGS})  # bad distillation values fail here
     ids = device_ids(kv.get("device"))
@@ -250,7 +272,7 @@ def _train(words: list[str], kv: dict):
     from .data import resolve_data
 
     kv["data"] = resolve_data(kv.get("data"))
-    student = YOLO(model)
+    student = _student(model)
     kv.setdefault("project", str(Path("runs", student.task).resolve()))  # ./runs/TASK/NAME, wherever yolo-fgd lives
     return _fit(student, kv)
 
@@ -285,6 +307,47 @@ def _torch_load(path: str):
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+STUDENT_FIX = ("pass a YOLO detect, segment, pose or obb model: model=yolo11n.yaml (from scratch), yolo11n-seg.yaml, "
+               "yolo11n-pose.yaml, yolo11n-obb.yaml, or the path of a .pt or run folder")
+
+
+def check_student_name(model: str) -> None:
+    """One line for a student no distillation trainer takes: RT-DETR (a transformer decoder, not a Detect-family
+    head), a classifier, SAM, a model YAML Ultralytics does not know (this last check imports Ultralytics)."""
+    stem = Path(model).stem.lower()
+    if stem.startswith("rtdetr") or "-cls" in stem or stem.startswith(("sam", "mobile_sam", "fastsam")):
+        kind = "an RT-DETR" if stem.startswith("rtdetr") else "a classification" if "-cls" in stem else "a SAM"
+        raise FGDError(f"student '{model}' is {kind} model, which yolo-fgd cannot distil (it needs a YOLO Detect-family "
+                       f"head): {STUDENT_FIX}")
+    if model.endswith((".yaml", ".yml")) and not Path(model).is_file():
+        from ultralytics.nn.tasks import yaml_model_load
+
+        try:
+            yaml_model_load(model)
+        except FileNotFoundError:
+            raise FGDError(f"student '{model}' is neither a file nor a model YAML Ultralytics knows: {STUDENT_FIX}") \
+                from None
+
+
+def _student(model: str):
+    """``YOLO(model)``, with a hub name that cannot be downloaded (offline) or a model no trainer takes as one line."""
+    from ultralytics import YOLO
+
+    try:
+        student = YOLO(model)
+    except ConnectionError:
+        raise FGDError(f"student '{model}' is not a file here and could not be downloaded (offline?): pass "
+                       f"model={Path(model).stem}.yaml to train from scratch, or the path of a local .pt") from None
+    except (NotImplementedError, KeyError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise FGDError(f"student '{model}' cannot be distilled ({first}): {STUDENT_FIX}") from None
+    from .yolo.model import detect_head
+
+    if detect_head(student.model) is None:
+        raise FGDError(f"student '{model}' has no YOLO Detect-family head: {STUDENT_FIX}")
+    return student
 
 
 def _planned_dir(yolo, kv: dict) -> Path | None:
@@ -327,8 +390,8 @@ def _mode(mode: str) -> Callable:
         """Ultralytics' ``YOLO(model).MODE(**kv)`` (the Python API keeps the mode), data=shapes/deepforest and run
         folders resolved; val prints its metrics as JSON on stdout, predict the folder it saved to."""
         _resolve_model(kv)
-        if mode == "predict" and kv.get("source") in (None, ""):
-            raise FGDError("predict needs source=: pass source=image.jpg, a folder of images or a video")
+        if mode == "predict":
+            check_source(kv.get("source"))
         device_ids(kv.get("device"))
         check_ultralytics(kv)
         from ultralytics import YOLO
@@ -337,11 +400,13 @@ def _mode(mode: str) -> Callable:
 
         if "data" in kv:
             kv["data"] = resolve_data(kv["data"])
+            check_data(kv["data"])
         model = YOLO(kv.pop("model"))
         kv.setdefault("project", str(Path("runs", model.task).resolve()))  # ./runs/TASK/MODE, as train
         if mode == "predict":
             kv.setdefault("save", True)  # as `yolo predict` (the Python API's default is not to save)
-        out = getattr(model, mode)(**kv)
+        with removed_if_empty(Path(kv["project"])):
+            out = getattr(model, mode)(**kv)
         if mode == "val":
             import json
 
@@ -354,6 +419,51 @@ def _mode(mode: str) -> Callable:
                 console.result(str(Path(save_dir).resolve()))
 
     return run
+
+
+STREAMS = ("http://", "https://", "rtsp://", "rtmp://", "tcp://", "screen")
+
+
+def check_source(source) -> None:
+    """A predict ``source=`` that is missing or names no file, folder, glob, stream or camera: one line."""
+    if source in (None, ""):
+        raise FGDError("predict needs source=: pass source=image.jpg, a folder of images or a video")
+    text = str(source)
+    if isinstance(source, str) and not text.isdigit() and not text.lower().startswith(STREAMS) and \
+            not any(c in text for c in "*?[") and not Path(text).exists():
+        raise FGDError(f"source '{text}' not found: pass source= an image, a folder of images, a video, a glob such as "
+                       "'images/*.jpg', a URL or a camera index (source=0)")
+
+
+def check_data(data) -> None:
+    """A ``data=`` YAML that is neither a file nor a data set Ultralytics knows (``coco8.yaml``): one line, before any
+    folder is made (imports Ultralytics)."""
+    if not isinstance(data, str) or not data.endswith((".yaml", ".yml")) or Path(data).is_file():
+        return
+    from ultralytics.utils.checks import check_yaml
+
+    try:
+        check_yaml(data)
+    except FileNotFoundError:
+        raise FGDError(f"data '{data}' not found: pass data=path/to/data.yaml, data=shapes (the embedded set) or a "
+                       "data set YAML Ultralytics knows, e.g. coco8.yaml") from None
+
+
+@contextmanager
+def removed_if_empty(project: Path):
+    """On failure, remove the folders the block made under ``project`` that hold nothing (a failed val or predict
+    leaves no empty ``val-N``); folders that existed before, or hold any file, are left as they are."""
+    before = set(project.iterdir()) if project.is_dir() else None
+    try:
+        yield
+    except BaseException:
+        if project.is_dir():
+            for d in set(project.iterdir()) - (before or set()):
+                if d.is_dir() and not any(p.is_file() for p in d.rglob("*")):
+                    shutil.rmtree(d, ignore_errors=True)
+            if before is None and not any(project.iterdir()):
+                project.rmdir()
+        raise
 
 
 def _data(words: list[str], kv: dict):
@@ -580,6 +690,13 @@ def entrypoint(argv: list[str] | None = None) -> int:
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"yolo-fgd: error: {msg}", file=sys.stderr)
+        return 2
+    except ConnectionError as e:  # a hub name (weights, data set) that must be downloaded, on a machine offline
+        if debug:
+            raise
+        msg = " ".join(str(e).split()).replace("❌", "").strip().rstrip(".")
+        print(f"yolo-fgd: error: {msg}: this machine cannot download it; pass local files (a .pt or run folder, a data "
+              "YAML whose images are here; data=shapes builds the embedded set offline)", file=sys.stderr)
         return 2
     except Interrupted as e:
         last = e.args[0] if e.args else None

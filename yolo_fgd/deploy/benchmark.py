@@ -28,9 +28,9 @@ from ..data.coco import split_images
 from ..errors import FGDError
 from ..timing import percentile, times_ms
 from ..yolo.model import checkpoint
-from .edge import EdgeModel
+from .edge import EdgeModel, claim_dir
 from .evaluate import edge_ap
-from .export import export, export_openvino, first_output, load_yolo
+from .export import calibration_images, export, export_openvino, first_output, load_yolo
 
 COLS = ("model", "format", "precision", "size_mb", "params_m", "gflops", "p50_ms", "p95_ms", "e2e_p50_ms",
         "e2e_p95_ms", "pre_post_ms", "fps", "map50_95", "map50", "d_map50_95", "threads")
@@ -84,9 +84,13 @@ def benchmark(model: str, data: str | None = None, imgsz: int = 640, runs: int =
     """Benchmark each comma-separated ``model``; returns the rows written to the report. ``openvino``: add the
     OpenVINO rows (default: when it is installed)."""
     data = resolve_data(data)
+    asked = openvino
     openvino = openvino_available() if openvino is None else bool(openvino)
     if openvino and not openvino_available():
         raise FGDError("openvino=True needs OpenVINO: pip install 'yolo-fgd[openvino]'")
+    if asked is None and not openvino:
+        print("yolo-fgd: benchmark without the OpenVINO rows: OpenVINO is not installed (pip install "
+              "'yolo-fgd[openvino]' adds them)")
     threads = int(threads) or torch.get_num_threads()
     torch.set_num_threads(threads)
     cv2.setNumThreads(1)  # pre/post-processing on one core, the same for every format
@@ -95,9 +99,22 @@ def benchmark(model: str, data: str | None = None, imgsz: int = 640, runs: int =
     if missing:  # every model checked before anything is written
         raise FGDError(f"model '{missing[0]}' not found: pass model=path/to/best.pt or a run folder (comma-separate "
                        "several)")
-    out_dir = Path(project) / name
-    out_dir.mkdir(parents=True, exist_ok=True)
     files, _ = split_images(data, "val")
+    if int8:
+        calibration_images(data, 64)  # an empty calibration split fails here, before the report folder is made
+    out_dir = claim_dir(Path(project) / name)  # a new folder (NAME-2 when NAME exists): no report is overwritten
+    try:
+        rows = _measure(models, data, files, imgsz, runs, threads, int8, openvino, out_dir)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)  # this run's own folder: checkpoint copies, exports, no report
+        raise
+    _write(out_dir, rows, imgsz, runs)
+    print(f"yolo-fgd: benchmark saved to {out_dir.resolve()} (benchmark.csv, benchmark.md, benchmark.png)")
+    return rows
+
+
+def _measure(models, data, files, imgsz, runs, threads, int8, openvino, out_dir) -> list[dict]:
+    """The report's rows: every format of every model timed and scored."""
     rows = []
     per_model = 3 + (1 if int8 else 0) + (3 if openvino else 0)
     steps = TQDM(total=len(models) * per_model, desc="benchmark")
@@ -137,8 +154,6 @@ def benchmark(model: str, data: str | None = None, imgsz: int = 640, runs: int =
                              threads=threads))
             steps.update()
     steps.close()
-    _write(out_dir, rows, imgsz, runs)
-    print(f"yolo-fgd: benchmark saved to {out_dir.resolve()} (benchmark.csv, benchmark.md, benchmark.png)")
     return rows
 
 
@@ -174,8 +189,16 @@ def exported(model: str, imgsz: int, int8: bool, data, out_dir: Path, label: str
 
 
 def exported_openvino(model: str, imgsz: int, int8: bool, data, out_dir: Path, label: str) -> dict:
-    """The OpenVINO IRs (f32, and INT8 when asked for) of ``model``, exported from a copy in the report folder (never
-    over the user's files)."""
+    """The OpenVINO IRs (f32, and INT8 when asked for) of ``model``: those beside it (``yolo-fgd export
+    format=openvino``) when they match (same image size, newer than the checkpoint, the INT8 IR there when asked for),
+    else exported from a copy in the report folder (never over the user's files)."""
+    pt = Path(model)
+    ir, q = pt.with_name(f"{pt.stem}_openvino_model"), pt.with_name(f"{pt.stem}_int8_openvino_model")
+    if ir.is_dir() and ir.stat().st_mtime >= pt.stat().st_mtime and (not int8 or q.is_dir()) and \
+            EdgeModel(ir, backend="openvino").imgsz == (imgsz, imgsz):
+        print(f"yolo-fgd: benchmark reusing {ir.resolve()}{f' and {q.name}' if int8 else ''} (imgsz {imgsz}, newer "
+              "than the checkpoint)")
+        return {"openvino": str(ir), "int8": str(q) if int8 else None}
     copy = out_dir / f"{label}.pt"
     if not copy.is_file():
         shutil.copy2(model, copy)

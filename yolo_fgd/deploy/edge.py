@@ -283,14 +283,27 @@ def record(f: Path, det: np.ndarray, names: dict, ms: float, times: dict | None 
 
 
 def free_dir(path: Path) -> Path:
-    """``path`` if it does not exist yet, else the first of path2, path3... that does not (Ultralytics' numbering),
-    so that no earlier run's files are overwritten."""
+    """``path`` if it does not exist yet, else the first of path-2, path-3... that does not (Ultralytics 8.4's
+    numbering of run folders), so that no earlier run's files are overwritten."""
     if not path.exists():
         return path
     n = 2
-    while path.with_name(f"{path.name}{n}").exists():
+    while path.with_name(f"{path.name}-{n}").exists():
         n += 1
-    return path.with_name(f"{path.name}{n}")
+    return path.with_name(f"{path.name}-{n}")
+
+
+def claim_dir(path: Path) -> Path:
+    """Make and return :func:`free_dir` of ``path``, atomically: a second process racing for the same name gets the
+    next number, never the same folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        out = free_dir(path)
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
 
 
 def main(argv=None) -> int:
@@ -301,17 +314,19 @@ def main(argv=None) -> int:
     ap.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     ap.add_argument("--save-dir", "--out", dest="save_dir", default="runs/edge",
-                    help="where annotated files go; an existing folder is not reused: edge2, edge3... follow")
+                    help="where annotated files go; an existing folder is not reused: edge-2, edge-3... follow")
     ap.add_argument("--exist-ok", action="store_true", help="write into --save-dir even if it exists")
     ap.add_argument("--json", default=None, help="also write the detections here, one JSON record per image (JSONL)")
     ap.add_argument("--backend", choices=BACKENDS, default=None,
                     help="runtime (default: openvino for an IR folder or .xml, onnxruntime for an .onnx)")
     ap.add_argument("--precision", default=None, help="OpenVINO's inference precision: f32, bf16 or f16")
     a = ap.parse_args(argv)
+    made, out = False, None
     try:
         model = EdgeModel(a.model, a.conf, a.iou, threads=a.threads, backend=a.backend, precision=a.precision)
         files = list(sources(Path(a.source)))
         out = Path(a.save_dir) if a.exist_ok else free_dir(Path(a.save_dir))
+        made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         records = []
         for f in files:
@@ -357,6 +372,8 @@ def main(argv=None) -> int:
             print(f"detections of {len(records)} images written to {Path(a.json).resolve()}")
         print(f"results saved to {out.resolve()}")
     except (FileNotFoundError, ValueError) as e:
+        if made and out.is_dir() and not any(out.iterdir()):  # this run's folder, still empty: nothing to keep
+            out.rmdir()
         print(f"edge: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -153,6 +153,7 @@ def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = F
         if format != "onnx":
             raise FGDError(f"format={format}: torchvision students export to onnx only")
         return export_onnx(model, data=data or "shapes", imgsz=imgsz, opset=opset or 17, **kwargs)
+    check_opset(opset)
     model = checkpoint(model)
     yolo_model = load_yolo(model)
     if format == "openvino":
@@ -190,26 +191,85 @@ def export(model: str, format: str = "onnx", imgsz: int = 640, dynamic: bool = F
     return result
 
 
+def check_opset(opset) -> None:
+    """An ``opset=`` the exporter cannot write (below 9, which YOLO's ops need, or above what onnx knows): one line."""
+    if opset is None:
+        return
+    top = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 9 <= opset <= top:
+        raise FGDError(f"opset={opset} cannot be exported: pass an ONNX opset from 9 to {top} (e.g. opset=17), or "
+                       "leave opset= out")
+
+
 def run_data(yolo_model, data):
     """``data`` as a data YAML path, or by default the data the checkpoint was trained on (None without either)."""
     data = data or (getattr(yolo_model, "ckpt", None) or {}).get("train_args", {}).get("data")
     return resolve_data(data) if data else None  # shapes / deepforest -> their YAML; a path passes through
 
 
+STAGE, ASIDE = ".export-", ".aside-"  # a staged export's folder; an earlier output moved aside while its new one lands
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep(folder: Path) -> None:
+    """Tidy what an export killed mid-way left in ``folder``: the staging folders of dead processes (each holds a
+    checkpoint copy) are removed; an earlier output moved aside by a dead process goes back where it was if no new
+    one took its place, else it is removed."""
+    for d in folder.glob(f"{STAGE}*"):
+        owner = d / "pid"
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            pid = None
+        if pid is None or not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+    for old in folder.glob(f"{ASIDE}*"):
+        pid, _, name = old.name[len(ASIDE):].partition("-")
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        dest = folder / name
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        else:
+            os.replace(old, dest)
+
+
+def place_over(made: Path, dest: Path) -> None:
+    """Move ``made`` (a file or folder) to ``dest``: a file by one atomic rename; a folder by moving the earlier one
+    aside first, so that a kill at any point leaves the earlier output either in place or aside, where the next export
+    (:func:`sweep`) puts it back."""
+    if not dest.is_dir():
+        os.replace(made, dest)
+        return
+    aside = dest.with_name(f"{ASIDE}{os.getpid()}-{dest.name}")
+    os.replace(dest, aside)
+    os.replace(made, dest)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 @contextmanager
 def staged(pt: Path):
     """A copy of checkpoint ``pt`` in a hidden folder beside it, to export from; yields (the copy, ``place``):
     ``place(made)`` moves the files or folders it made into ``pt``'s folder, over earlier ones of the same name, once
-    everything succeeded. The folder is removed whatever happens, so a failed export leaves what it found as it was."""
-    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=pt.parent))
+    everything succeeded. The folder is removed whatever happens (and, after a kill, by the next export), so a failed
+    export leaves what it found as it was."""
+    sweep(pt.parent)
+    stage = Path(tempfile.mkdtemp(prefix=STAGE, dir=pt.parent))
+    (stage / "pid").write_text(str(os.getpid()))
 
     def place(made):
         for f in made:
             if f is not None:
-                dest = pt.parent / f.name
-                if dest.is_dir():
-                    shutil.rmtree(dest)
-                os.replace(f, dest)
+                place_over(f, pt.parent / f.name)
 
     try:
         shutil.copy2(pt, stage / pt.name)
