@@ -89,3 +89,127 @@ def test_resume_a_finished_run_is_one_line_and_creates_nothing(data, teacher, tm
         one_line_error(r, "has finished its training", "nothing to resume", "yolo-fgd train model=",
                        f"teacher={teacher}")
         assert tree(work) == before
+
+
+# --- students no trainer takes, hub names offline, run folders ------------------------------------------------------
+@pytest.mark.parametrize("model,words", [
+    ("yolo11n.pt", ("could not be downloaded", "model=yolo11n.yaml")),
+    ("yolov8s.pt", ("could not be downloaded", "model=yolov8s.yaml")),
+    ("rtdetr-l.yaml", ("RT-DETR", "model=yolo11n.yaml")),
+    ("yolo11n-cls.yaml", ("classification", "model=yolo11n.yaml")),
+    ("nope.yaml", ("neither a file nor a model YAML", "model=yolo11n.yaml")),
+])
+def test_students_that_cannot_be_distilled_are_one_line(model, words, data, tmp_path):
+    """Offline (YOLO_OFFLINE=1 here, no network), from a fresh settings folder outside the checkout; nothing made."""
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "t.pt").write_bytes(b"")  # the teacher is checked later; the student's error comes first
+    before = tree(work)
+    r = run_cli("train", f"model={model}", "teacher=t.pt", f"data={data}", "epochs=1", *TINY.split(), cwd=work,
+                env=env_for(tmp_path))
+    one_line_error(r, *words)
+    assert tree(work) == before
+
+
+def test_val_and_predict_missing_inputs_are_one_line_and_leave_no_folder(teacher, tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    before = tree(work)
+    r = run_cli("val", f"model={teacher}", "data=missing.yaml", cwd=work, env=env_for(tmp_path))
+    one_line_error(r, "data 'missing.yaml' not found", "data=shapes")
+    r = run_cli("predict", f"model={teacher}", "source=missing.jpg", cwd=work, env=env_for(tmp_path))
+    one_line_error(r, "source 'missing.jpg' not found", "folder of images")
+    r = run_cli("val", f"model={teacher}", "data=coco8.yaml", cwd=work, env=env_for(tmp_path))  # needs a download
+    assert r.returncode == 2 and "cannot download it" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert tree(work) == before
+
+
+def test_ultralytics_deprecated_aliases_reach_the_mode_that_maps_them(teacher, data, tmp_path):
+    """`val half=True` and `predict hide_labels=True` are Ultralytics' deprecated names (quantize, show_labels): the
+    delegated mode takes and maps them (with its own warning when verbose), as `yolo val` does; a typo is still
+    refused."""
+    work = tmp_path / "w"
+    work.mkdir()
+    r = run_cli("val", f"model={teacher}", f"data={data}", "imgsz=64", "half=True", cwd=work, env=env_for(tmp_path))
+    assert r.returncode == 0 and '"metrics/mAP50-95(B)"' in r.stdout, r.stderr[-2000:]
+    images = Path(data).parent / "images" / "val"
+    r = run_cli("predict", f"model={teacher}", f"source={images}", "imgsz=64", "hide_labels=True", cwd=work,
+                env=env_for(tmp_path))
+    assert r.returncode == 0 and "predicted" in r.stderr, r.stderr[-2000:]
+    one_line_error(run_cli("val", f"model={teacher}", "hlaf=True", cwd=work, env=env_for(tmp_path)),
+                   "unknown val argument 'hlaf'")
+
+
+def test_export_opset_out_of_range_is_one_line(teacher, tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    model = work / "m.pt"
+    shutil.copy(teacher, model)
+    before = tree(work)
+    for opset in ("5", "99", "abc"):
+        r = run_cli("export", f"model={model}", f"opset={opset}", "imgsz=64", cwd=work, env=env_for(tmp_path))
+        one_line_error(r, "opset=")
+    assert tree(work) == before
+
+
+def test_export_killed_mid_way_is_swept_and_an_earlier_ir_is_never_lost(tmp_path, monkeypatch):
+    """The staging folder of a dead process (a full checkpoint copy) is removed by the next export; an OpenVINO IR
+    folder is replaced by moving the earlier one aside: killed between the two moves, the earlier IR survives aside
+    and the next export puts it back."""
+    from yolo_fgd.deploy import export as ex
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = weights / ".export-abc123"
+    stale.mkdir()
+    (stale / "pid").write_text(dead)
+    (stale / "best.pt").write_bytes(b"x" * 1000)
+    live = weights / ".export-live"
+    live.mkdir()
+    (live / "pid").write_text(str(os.getpid()))  # another export in flight: left alone
+    ir = weights / "best_openvino_model"
+    ir.mkdir()
+    (ir / "old.xml").write_text("earlier IR")
+    new = tmp_path / "new_ir"
+    new.mkdir()
+    (new / "new.xml").write_text("new IR")
+    real = os.replace
+    calls = []
+
+    def killed(src, dst):  # the process dies after its first move
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(ex.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ex.place_over(new, ir)
+    monkeypatch.setattr(ex.os, "replace", real)
+    aside = [p for p in weights.iterdir() if p.name.startswith(".aside-")]
+    assert not ir.exists() and len(aside) == 1 and (aside[0] / "old.xml").read_text() == "earlier IR"
+    aside[0].rename(weights / f".aside-{dead}-best_openvino_model")  # as if that process had died
+    ex.sweep(weights)
+    assert (ir / "old.xml").read_text() == "earlier IR"
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in weights.iterdir()) == [".export-live", "best_openvino_model"]
+
+
+def test_benchmark_failure_leaves_nothing_and_a_second_report_gets_its_own_folder(teacher, tmp_path):
+    from yolo_fgd.deploy.edge import claim_dir
+
+    empty = tmp_path / "empty"
+    for split in ("train", "val"):
+        (empty / "images" / split).mkdir(parents=True)
+    (empty / "data.yaml").write_text(f"path: {empty}\ntrain: images/train\nval: images/val\nnames: ['a']\n")
+    work = tmp_path / "w"
+    work.mkdir()
+    before = tree(work)
+    r = run_cli("benchmark", f"model={teacher}", f"data={empty / 'data.yaml'}", "imgsz=64", "runs=1", cwd=work,
+                env=env_for(tmp_path))
+    one_line_error(r, "calibration images")
+    assert tree(work) == before
+    made = [claim_dir(work / "runs" / "bench") for _ in range(3)]
+    assert [p.name for p in made] == ["bench", "bench-2", "bench-3"]

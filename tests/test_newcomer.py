@@ -145,7 +145,9 @@ def test_bad_input_is_one_line_exit_2(capsys, args, needle):
 def test_interrupt_names_the_runs_real_checkpoint(tmp_path, capsys, monkeypatch):
     last = tmp_path / "runs" / "detect" / "x" / "weights" / "last.pt"
     last.parent.mkdir(parents=True)
-    last.write_bytes(b"ckpt")
+    import torch
+
+    torch.save({"epoch": 0, "optimizer": {}}, last)  # an unfinished run's checkpoint, as resume requires
 
     class Trainer:
         pass

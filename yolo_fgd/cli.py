@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import console
-from .cfg import checkpoint, parse_kv, smart_value, ultralytics_defaults
+from .cfg import checkpoint, parse_kv, smart_value, ultralytics_defaults, ultralytics_deprecated
 from .cfg.distill import ARGS as DISTILL_ARGS
 from .cfg.distill import RENAMED, argument_rows, renamed, resolve
 from .cfg.tv import ARGS as TV_ARGS
@@ -68,7 +68,7 @@ class Command:
             raise FGDError(f"'{extra[0]}' is not an argument of {self.name} ({takes}): see `yolo-fgd {self.name} help`")
         known = {*self.defaults, *self.also, *(ultralytics_defaults() if self.ultralytics else ())}
         for k in kv:
-            if k not in known and not (self.ultralytics and ultralytics_alias(k) in known):
+            if k not in known and not (self.ultralytics and k in ultralytics_deprecated()):  # Ultralytics maps it
                 close = difflib.get_close_matches(k, list(known), n=1)
                 raise FGDError(f"unknown {self.name} argument '{k}'" + (
                     f": did you mean '{close[0]}'?" if close else f": see `yolo-fgd {self.name} help`"))
@@ -76,26 +76,6 @@ class Command:
         if missing:
             raise FGDError(f"{self.name} needs {', '.join(k + '=' for k in missing)}: see `yolo-fgd {self.name} help`")
         check_types(kv, self.defaults)
-
-
-def ultralytics_alias(key: str) -> str | None:
-    """The key Ultralytics maps its deprecated ``key`` to (``half`` -> ``quantize``, ``hide_labels`` ->
-    ``show_labels``), or None: the mode it runs maps it itself, with its own warning (imports Ultralytics; asked only
-    for a key this command does not know)."""
-    import logging
-
-    from ultralytics.cfg import _handle_deprecation
-
-    log = logging.getLogger("ultralytics")
-    level = log.level
-    log.setLevel(logging.ERROR)  # Ultralytics warns when it maps the key for real
-    try:
-        mapped = _handle_deprecation({key: True})
-    except Exception:
-        return None
-    finally:
-        log.setLevel(level)
-    return next((k for k in mapped if k != key), None)
 
 
 def _show(default) -> str:
@@ -250,7 +230,6 @@ def _train(words: list[str], kv: dict):
         model = checkpoint(model or "yolo11n.yaml", "best")  # a run folder: its best.pt, as every command takes it
         if str(model).endswith(".pt") and not os.path.isfile(str(model)) and os.sep in str(model):
             raise FGDError(f"student '{model}' not found: pass model=yolo11n.yaml (from scratch) or an existing .pt")
-        check_student_name(str(model))
         check_train_args(kv)
     cfg = resolve({k: v for k, v in kv.items() if k in DISTILL_ARGS})  # bad distillation values fail here
     ids = device_ids(kv.get("device"))
@@ -259,6 +238,8 @@ def _train(words: list[str], kv: dict):
                        f"(device={kv['device']}): train on one device or leave fgd_share out")
     if "project" in kv:
         check_project(kv["project"])
+    if not resume:
+        check_student_name(str(model))  # imports Ultralytics, as the next line does
     check_ultralytics(kv)
     if kv.get("teacher") not in (None, ""):
         _resolve_model(kv, "teacher")
@@ -451,18 +432,25 @@ def check_data(data) -> None:
 
 @contextmanager
 def removed_if_empty(project: Path):
-    """On failure, remove the folders the block made under ``project`` that hold nothing (a failed val or predict
-    leaves no empty ``val-N``); folders that existed before, or hold any file, are left as they are."""
-    before = set(project.iterdir()) if project.is_dir() else None
+    """On failure, remove the folders the block made under ``project`` (and ``project`` and its parents, if it made
+    them) that hold nothing: a failed val or predict leaves no empty ``val-N`` or ``runs/``; folders that existed
+    before, or hold any file, are left as they are."""
+    project = project.resolve()
+    before = set(project.iterdir()) if project.is_dir() else set()
+    top = project
+    while not top.exists():
+        top = top.parent
     try:
         yield
     except BaseException:
         if project.is_dir():
-            for d in set(project.iterdir()) - (before or set()):
+            for d in set(project.iterdir()) - before:
                 if d.is_dir() and not any(p.is_file() for p in d.rglob("*")):
                     shutil.rmtree(d, ignore_errors=True)
-            if before is None and not any(project.iterdir()):
-                project.rmdir()
+        d = project
+        while d != top and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+            d = d.parent
         raise
 
 

@@ -77,6 +77,32 @@ def ultralytics_defaults() -> dict:
     return yaml.safe_load((Path(spec.origin).parent / "cfg" / "default.yaml").read_text())
 
 
+@lru_cache(maxsize=1)
+def ultralytics_deprecated() -> frozenset:
+    """The deprecated or removed keys Ultralytics still takes and maps itself (``half``, ``hide_labels``, ...), read
+    from its ``_handle_deprecation`` source without importing it: the keys of its mapping, its set of removed keys,
+    the keys it pops or tests for."""
+    import ast
+
+    spec = importlib.util.find_spec("ultralytics")
+    tree = ast.parse((Path(spec.origin).parent / "cfg" / "__init__.py").read_text())
+    fn = next((n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_handle_deprecation"), None)
+    keys = set()
+    for node in ast.walk(fn) if fn else ():
+        found = []
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):  # old key -> (new key, transform)
+            found = node.value.keys
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Set):  # removed keys
+            found = node.value.elts
+        elif isinstance(node, ast.Compare) and isinstance(node.ops[0], ast.In) and \
+                isinstance(node.comparators[0], ast.Name):  # "end2end" in custom
+            found = [node.left]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "pop":
+            found = node.args[:1]
+        keys.update(k.value for k in found if isinstance(k, ast.Constant) and isinstance(k.value, str))
+    return frozenset(k for k in keys if k.isidentifier())
+
+
 def checkpoint(path, which: str = "best") -> str:
     """A checkpoint path from what a user passes: a ``.pt`` as is, or a run folder (``runs/detect/NAME``) -> its
     ``weights/{which}.pt``; a run folder without it is a one-line error."""
