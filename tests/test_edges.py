@@ -213,3 +213,27 @@ def test_benchmark_failure_leaves_nothing_and_a_second_report_gets_its_own_folde
     assert tree(work) == before
     made = [claim_dir(work / "runs" / "bench") for _ in range(3)]
     assert [p.name for p in made] == ["bench", "bench-2", "bench-3"]
+
+
+@pytest.mark.parametrize("kind", ["classes", "task", "corrupt"])
+def test_teacher_checks_answer_before_ultralytics_banner(kind, data, tmp_path):
+    """A teacher of other classes, of another task, or a damaged file: the one error line is all of stderr, with
+    Ultralytics verbose (no trainer banner or model table before it), and no run folder is made."""
+    from conftest import save_untrained
+
+    names = ["circle", "ring", "triangle", "square", "star", "cross"]
+    t = tmp_path / "t.pt"
+    if kind == "classes":
+        save_untrained("yolo11n.yaml", ["a", "b", "c"], t)
+    elif kind == "task":
+        save_untrained("yolo11n-seg.yaml", names, t)
+    else:
+        t.write_bytes(b"\x00not a checkpoint" * 64)
+    work = tmp_path / "w"
+    work.mkdir()
+    before = tree(work)
+    for _ in range(2):  # the first run in a fresh settings folder also has Ultralytics' "Creating new settings" notice
+        r = run_cli("train", "model=yolo11n.yaml", f"teacher={t}", f"data={data}", "epochs=1", *TINY.split(),
+                    cwd=work, env={**env_for(tmp_path), "YOLO_VERBOSE": "True"})
+    one_line_error(r, {"classes": "3 classes", "task": "'segment' model", "corrupt": "could not be loaded"}[kind])
+    assert tree(work) == before

@@ -353,8 +353,9 @@ def test_benchmark_step_times_every_method(data, teacher, tmp_path):
     assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == set(res)  # one run folder per method, reused
 
 
-def distiller_on_a_batch(teacher):
-    """A YOLO11n student with the teacher's classes, the shipped preset's distiller, and a 2-image batch."""
+def distiller_on_a_batch(teacher, cfg=None):
+    """A YOLO11n student with the teacher's classes, the shipped preset's distiller (or ``cfg``'s), and a 2-image
+    batch."""
     from ultralytics.nn.tasks import DetectionModel
 
     from yolo_fgd.cfg.distill import resolve
@@ -365,7 +366,7 @@ def distiller_on_a_batch(teacher):
     student = DetectionModel("yolo11n.yaml", nc=len(names), verbose=False).train()
     img = torch.rand(2, 3, 64, 64)
     batch = {"img": img, "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]]), "batch_idx": torch.tensor([0.0])}
-    return student, Distiller(student, teacher, resolve({}), names, "cpu"), img, batch
+    return student, Distiller(student, teacher, cfg or resolve({}), names, "cpu"), img, batch
 
 
 def test_amp_teacher_targets_match_fp32(data, teacher):
@@ -381,6 +382,15 @@ def test_amp_teacher_targets_match_fp32(data, teacher):
     for a, b in zip(feats16, feats32):
         assert a.dtype == torch.float32
         assert ((a - b).abs().max() / b.abs().max()) < 1e-2
+    # how they were computed: the teacher's convs ran in half precision under autocast (a teacher forced to fp32
+    # would match the values above as well)
+    dtypes = []
+    hook = d.teacher.model[1].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.float16):
+        d.teacher_features(img)
+    d.teacher_features(img)
+    hook.remove()
+    assert dtypes == [torch.float16, torch.float32], dtypes
     out = train_outputs(student(img))
     with torch.no_grad():
         ref = d(out, batch)
@@ -425,3 +435,81 @@ def test_teacher_prefetch_gives_the_inline_terms(data, teacher):
             assert torch.equal(prefetched[k], inline[k]), k
     finally:
         torch.set_num_threads(threads)
+
+
+def test_prefetch_is_used_whatever_tensor_object_carries_the_pixels(data, teacher, monkeypatch):
+    """The teacher runs once per step when Ultralytics hands the model another tensor object over the same pixels
+    (a view, a no-op .to()); other pixels run the teacher inline after the prefetch finished (never two teachers at
+    once) and are counted; the thread is ended with training; with fewer than 2 x threads cores nothing is
+    prefetched (the teacher's thread would oversubscribe them)."""
+    import os
+    import threading
+
+    from yolo_fgd.yolo.model import train_outputs
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        student, d, img, batch = distiller_on_a_batch(teacher)
+        out = train_outputs(student(img))
+        runs = []
+        d.teacher.model[0].register_forward_hook(lambda *_: runs.append(threading.current_thread().name))
+        d.prefetch(img)
+        d(out, {**batch, "img": img.view_as(img)})  # another object, the same pixels
+        assert len(runs) == 1 and runs[0].startswith("yolo-fgd-teacher") and d.stats["missed"] == 0, runs
+        d.prefetch(img)
+        other = img.clone()
+        d(out, {**batch, "img": other})
+        assert len(runs) == 3 and runs[-1] == threading.current_thread().name and d.stats["missed"] == 1, runs
+        d.prefetch(img)
+        d.close()
+        assert "pending" not in d._refs and "pool" not in d._refs and len(runs) == 4
+        monkeypatch.setattr(os, "cpu_count", lambda: 3)  # < 2 x 2 threads
+        d.prefetch(img)
+        assert "pending" not in d._refs
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_skipped_batch_logs_zeros_not_nan(data, teacher):
+    """A batch with non-finite student features is skipped: its loss and every logged item (FGD's per-term columns
+    too) are exact zeros, not NaN."""
+    from yolo_fgd.core.presets import resolve
+    from yolo_fgd.yolo.model import train_outputs
+
+    student, d, img, batch = distiller_on_a_batch(teacher, resolve({"fgd_gain": 0.05}))
+    out = train_outputs(student(img))
+    out["feats"] = [f.detach().clone() for f in out["feats"]]
+    out["feats"][0][0, 0, 0, 0] = float("nan")
+    res = d(out, batch)
+    for k in ("fgd", "fgd_fg", "fgd_bg", "fgd_at", "fgd_gl", "kd", "crosskd"):
+        assert torch.equal(res[k], torch.zeros_like(res[k])), (k, res[k])
+    assert int(d.stats["skipped"]) == 1
+
+
+def test_a_sidecar_of_another_epoch_is_not_restored(data, teacher, tmp_path, caplog):
+    """The distiller's state is restored only from the sidecar saved with the checkpoint resumed from, at its epoch:
+    a kill between the two saves (sidecar one epoch ahead), or a resume from an earlier epochK.pt, starts the modules
+    fresh with a warning instead of pairing them with a student of another epoch."""
+    import logging
+    from types import SimpleNamespace
+
+    from yolo_fgd.yolo.trainer import DistillMixin, sidecar_of
+
+    _, d, _, _ = distiller_on_a_batch(teacher)
+    saved = {k: v.clone() for k, v in d.cross.state_dict().items()}
+    with torch.no_grad():
+        for p in d.cross.parameters():
+            p.add_(1.0)
+    side = sidecar_of(tmp_path / "last.pt")
+    assert side.name == "fgd_last.pt" and sidecar_of(tmp_path / "epoch4.pt").name == "fgd_epoch4.pt"
+    torch.save({"cross": saved, "mult": 1.0, "epoch": 5}, side)
+    trainer = SimpleNamespace(distiller=d, device="cpu")
+    logging.getLogger("ultralytics").propagate = True
+    with caplog.at_level(logging.WARNING, logger="ultralytics"):
+        DistillMixin._restore(trainer, side, epoch=4)  # the checkpoint is an epoch behind
+    assert not torch.equal(d.cross.state_dict()["0.weight"], saved["0.weight"])
+    assert "is from epoch 5, the checkpoint from epoch 4" in caplog.text
+    DistillMixin._restore(trainer, side, epoch=5)  # the pair saved together
+    assert torch.equal(d.cross.state_dict()["0.weight"], saved["0.weight"])

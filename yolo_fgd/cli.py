@@ -331,32 +331,23 @@ def _student(model: str):
     return student
 
 
-def _planned_dir(yolo, kv: dict) -> Path | None:
-    """The run folder Ultralytics will make for ``kv`` (None when resuming: the folder is the checkpoint's)."""
-    if kv.get("resume"):
-        return None
-    from types import SimpleNamespace
-
-    from ultralytics.cfg import get_save_dir
-
-    return get_save_dir(SimpleNamespace(project=kv.get("project"), name=kv.get("name") or "train", task=yolo.task,
-                                        mode="train", exist_ok=bool(kv.get("exist_ok")), save_dir=None))
-
-
 def _fit(yolo, kv: dict):
     """Train with the distillation trainer of the student's task; print where the run went (its best.pt on stdout),
-    or how to resume after Ctrl-C. A run that fails before writing a checkpoint leaves no folder behind."""
+    or how to resume after Ctrl-C. A run that fails before writing anything but its args.yaml leaves no folder
+    behind: the folder its own trainer made (never one predicted from the name, which a second run of that name may
+    be using), and only if it holds nothing else."""
     from .yolo import trainer_for
 
-    planned = _planned_dir(yolo, kv)
-    existed = planned is None or planned.exists()
+    yolo.trainer = None
     try:
         yolo.train(trainer=trainer_for(yolo.task), **kv)
     except BaseException as e:
-        if not existed and planned.is_dir() and not any(planned.rglob("*.pt")):
-            shutil.rmtree(planned, ignore_errors=True)  # made by this run, which wrote no checkpoint
+        save_dir = getattr(yolo.trainer, "save_dir", None)
+        if save_dir is not None and not kv.get("resume") and Path(save_dir).is_dir() and \
+                all(p.name == "args.yaml" or p.is_dir() for p in Path(save_dir).rglob("*")):
+            shutil.rmtree(save_dir, ignore_errors=True)  # made by this run, which wrote nothing of its own
         if isinstance(e, KeyboardInterrupt):
-            last = getattr(getattr(yolo, "trainer", None), "last", None)
+            last = getattr(yolo.trainer, "last", None)
             raise Interrupted(last if last is not None and Path(last).is_file() else None) from None
         raise
     save_dir = Path(yolo.trainer.save_dir).resolve()

@@ -32,8 +32,9 @@ TERMS = ("fg", "bg", "at", "gl")  # Eq. 9 foreground, Eq. 9 background, Eq. 10 a
 #   keys     preset key -> (default, kind, help); default None: every preset sets it; kind: weight (>= 0), positive
 #            (> 0), fraction (in [0, 1)) or bool
 #   task     only for students of this task;  modules: its trainable parts (optimised, saved in weights/fgd_last.pt)
+#   tv       its keys are tv-train's too (the torchvision path's FGD), but those in yolo_only
 TERM_TABLE = (
-    {"name": "fgd", "impl": "terms:Feature", "prefix": "fgd_",
+    {"name": "fgd", "impl": "terms:Feature", "prefix": "fgd_", "tv": True, "yolo_only": ("level_norm", "share"),
      "keys": {"fg": (None, "weight", "weight of the foreground term (alpha of Eq. 13)"),
               "bg": (None, "weight", "weight of the background term (beta)"),
               "at": (None, "weight", "weight of the attention term (gamma)"),
@@ -50,7 +51,7 @@ TERM_TABLE = (
               "channel": (True, "bool", "ablation: channel attention A_C in Eq. 9 (paper Table 5)")},
      "what": "FGD (Eq. 2-13) on the Detect inputs: focal (fg, bg), attention (at) and global (gl) terms",
      "modules": "per level: 1x1 align conv, two GcBlocks", "columns": "fgd, fgd_fg, fgd_bg, fgd_at, fgd_gl, fgd/P3..."},
-    {"name": "mse", "impl": "terms:Feature", "prefix": "fgd_",
+    {"name": "mse", "impl": "terms:Feature", "prefix": "fgd_", "tv": True,
      "keys": {"mse": (False, "bool", "plain feature MSE (paper Eq. 1) instead of FGD (distill_preset=mse sets it)")},
      "what": "plain feature MSE (Eq. 1) with the align conv, instead of FGD",
      "modules": "per level: 1x1 align conv", "columns": "mse"},
@@ -114,7 +115,7 @@ FLOAT_KEYS = tuple(k for k in KEYS if k not in BOOL_KEYS)
 PRESET_DEFAULTS = {k: spec[0] for k, spec in KEY_SPEC.items() if spec[0] is not None}  # what presets may leave out
 # the head-response family (not FGD, so no fgd_ prefix): weights of the term, its FGD-style anchor weighting, CrossKD
 RESPONSE_KEYS = tuple(k for k in KEYS if PREFIX[k] == "")
-TASK_KEYS = {term["task"]: term["name"] for term in TERM_TABLE if "task" in term}  # the extra head output each distils
+ROWS = {term["name"]: term for term in TERM_TABLE}
 # Names of earlier releases, accepted with a warning.
 RENAMED = {"fgd_alpha": "fgd_fg", "fgd_beta": "fgd_bg", "fgd_gamma": "fgd_at", "fgd_lambda": "fgd_gl",
            "fgd_kd_cls": "kd_cls", "fgd_kd_box": "kd_box", "fgd_preset": "distill_preset",
@@ -125,6 +126,11 @@ def arg_name(key: str) -> str:
     """The train argument of preset key ``key``: its term's prefix + the key (``fgd_fg``, ``kd_cls``,
     ``distill_warmup``)."""
     return PREFIX[key] + key
+
+
+# the FGD arguments tv-train takes beside its own (cfg/tv.py)
+TV_KEYS = tuple(arg_name(k) for term in TERM_TABLE if term.get("tv") for k in term["keys"]
+                if k not in term.get("yolo_only", ()))
 
 
 # Extra train args (merged into Ultralytics' cfg). None means "take it from the preset".

@@ -1,7 +1,7 @@
 """``yolo-fgd tv-train`` arguments and their defaults (FGD's own keys, ``fgd_*``, come on top: :data:`FGD_KEYS`);
 configuration only, so the CLI checks them before it imports torchvision."""
 
-from .distill import arg_name
+from .distill import TV_KEYS
 
 ARGS = {
     "arch": "retinanet", "teacher_backbone": "resnet101", "student_backbone": "resnet50", "teacher": None,
@@ -26,5 +26,4 @@ HELP = {  # what `yolo-fgd tv-train help` says of an argument (the rest are torc
     "width": "FPN and head channels (the paper's 256)",
     "anchor": "RetinaNet's anchor size on P3 (torchvision's 32; 16 for objects of 8-60 px)",
 }
-FGD_KEYS = tuple(arg_name(k) for k in ("fg", "bg", "at", "gl", "temperature", "gain", "norm", "split", "spatial",
-                                       "channel", "mse"))
+FGD_KEYS = TV_KEYS  # the rows of the table of terms marked tv (cfg/distill.py)

@@ -11,7 +11,6 @@ from ..cfg.distill import (  # noqa: F401  (re-exported: the core's view of the 
     PRESET_DEFAULTS,
     RENAMED,
     RESPONSE_KEYS,
-    TASK_KEYS,
     TERMS,
     arg_name,
     presets,

@@ -48,6 +48,11 @@ def term_rows() -> list[tuple[dict, type[Term]]]:
     return [(row, term_class(row["impl"])) for row in TERM_TABLE if row.get("impl")]
 
 
+def batch_key(img: torch.Tensor) -> tuple:
+    """What identifies a batch's pixels: its memory, shape, strides, dtype and in-place version."""
+    return img.data_ptr(), tuple(img.shape), img.stride(), img.dtype, img._version
+
+
 class Distiller(nn.Module):
     """Teacher + the distillation terms with weight (one :class:`~yolo_fgd.yolo.terms.Term` per row of
     :data:`~yolo_fgd.cfg.distill.TERM_TABLE` that is on) for one YOLO student.
@@ -141,8 +146,8 @@ class Distiller(nn.Module):
             ok = ok & torch.isfinite(out[term.name])
         if self.feature is not None:
             out["levels"] = self.feature.levels * self.scale
-        for term in self.built:
-            out[term.name] = torch.where(ok, out[term.name], torch.zeros_like(out[term.name]))
+        for name in [n for t in self.built for n in (t.name, *t.logs(t.name))]:  # logged items too: never NaN
+            out[name] = torch.where(ok, out[name], torch.zeros_like(out[name]))
         self.stats["skipped"] = self.stats["skipped"] + (~ok).int()
         return out
 
@@ -152,23 +157,43 @@ class Distiller(nn.Module):
         return any(t.needs_head for t in self.built)
 
     def prefetch(self, img: torch.Tensor) -> None:
-        """Start the teacher's pass on a batch in a second thread while the student runs (CPU only, where Ultralytics
-        trains on cpu_count - 1 threads: the teacher takes a core the student leaves idle); :meth:`teacher_pass` picks
-        it up. Grad mode and autocast are per thread: the pass sets both itself."""
-        if img.device.type != "cpu" or (os.cpu_count() or 1) <= torch.get_num_threads():
+        """Start the teacher's pass on a batch in a second thread while the student runs; :meth:`teacher_pass` picks
+        it up. CPU only, and only where the cores left idle hold a second team of the process' intra-op threads
+        (cpu_count >= 2 x threads: PyTorch's thread count is process-wide, so the teacher's thread uses as many as the
+        student's and would oversubscribe otherwise). Grad mode and autocast are per thread: the pass sets both."""
+        if img.device.type != "cpu" or (os.cpu_count() or 1) < 2 * torch.get_num_threads():
             return
+        self.discard()
         pool = self._refs.get("pool") or self._refs.setdefault("pool", ThreadPoolExecutor(1, "yolo-fgd-teacher"))
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-        self._refs["pending"] = (img, pool.submit(self._teacher_pass, img, dtype))
+        self._refs["pending"] = (batch_key(img), pool.submit(self._teacher_pass, img, dtype))
 
     def teacher_pass(self, img: torch.Tensor) -> tuple[list, dict | None, torch.Tensor]:
         """The teacher's Detect inputs [L x (N,C,H,W)] fp32, its head outputs when a term needs them, and whether its
         features were finite (0-d bool; non-finite ones are zeroed before the head, so no NaN reaches a gradient),
-        for the batch ``img`` (N,3,H,W): from :meth:`prefetch` when it ran on this batch, else now."""
+        for the batch ``img`` (N,3,H,W): from :meth:`prefetch` when it ran on these very pixels (the same memory,
+        shape and version, whatever tensor object Ultralytics hands the model), else now, after any prefetch of
+        other pixels has finished (counted in ``stats['missed']``)."""
         pending = self._refs.pop("pending", None)
-        if pending is not None and pending[0] is img:
+        if pending is not None and pending[0] == batch_key(img):
             return pending[1].result()
+        if pending is not None:
+            pending[1].result()  # not these pixels: let it finish rather than run two teachers at once
+            self.stats["missed"] += 1
         return self._teacher_pass(img)
+
+    def discard(self) -> None:
+        """Wait for a prefetch nobody picked up (so it does not run beside the next one)."""
+        pending = self._refs.pop("pending", None)
+        if pending is not None:
+            pending[1].result()
+
+    def close(self) -> None:
+        """End the prefetch thread (the end of training)."""
+        self.discard()
+        pool = self._refs.pop("pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def _teacher_pass(self, img: torch.Tensor, autocast: torch.dtype | None = None) -> tuple:
         """:meth:`teacher_pass` itself: under the calling thread's autocast, or (a prefetch thread) ``autocast``'s."""
@@ -200,7 +225,7 @@ class Distiller(nn.Module):
 
     # --- instrumentation ----------------------------------------------------------------------------------------
     def new_stats(self) -> dict:
-        return {"levels": 0.0, "n": 0, "ratio": [], "skipped": 0}
+        return {"levels": 0.0, "n": 0, "ratio": [], "skipped": 0, "missed": 0}
 
     def observe(self, det_loss: torch.Tensor, out: dict, bs: int) -> None:
         """Per-level sums every batch (no host sync); every MEASURE_EVERY batches the FGD/detection gradient-norm ratio

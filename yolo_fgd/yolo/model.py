@@ -94,6 +94,31 @@ def model_task(model: nn.Module) -> str:
 
 def check_pair(student: nn.Module, teacher: nn.Module, names: dict, teacher_path) -> None:
     """Raise FGDError when teacher and student/data cannot be paired level by level."""
+    check_names(teacher, names, teacher_path)
+    if detect_head(student) is None:
+        raise FGDError("student has no Detect head: use a YOLO detection model, e.g. model=yolo11n.yaml")
+    check_task(teacher, model_task(student), teacher_path)
+    s_stride = [int(s) for s in student.stride.tolist()]
+    t_stride = [int(s) for s in teacher.stride.tolist()]
+    if s_stride != t_stride:
+        raise FGDError(
+            f"teacher Detect levels have strides {t_stride} but the student's have {s_stride}: "
+            "FGD pairs levels one to one, use models with the same levels (e.g. both P3-P5)"
+        )
+
+
+def check_task(teacher: nn.Module, s_task: str, teacher_path) -> None:
+    """Raise FGDError when the teacher's task is not the student's ``s_task``."""
+    t_task = model_task(teacher)
+    if s_task != t_task:
+        raise FGDError(
+            f"teacher '{teacher_path}' is a '{t_task}' model but the student is '{s_task}': train a {s_task} teacher "
+            f"(its head's extra outputs are distilled too)"
+        )
+
+
+def check_names(teacher: nn.Module, names, teacher_path) -> None:
+    """Raise FGDError when the teacher's classes are not the data's ``names`` (a list or {index: name})."""
     t_names = getattr(teacher, "names", None)
     t_names = dict(enumerate(t_names)) if isinstance(t_names, (list, tuple)) else t_names
     data_names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
@@ -109,21 +134,6 @@ def check_pair(student: nn.Module, teacher: nn.Module, names: dict, teacher_path
         raise FGDError(
             f"teacher '{teacher_path}' class names differ from the data's ({', '.join(diff)}): "
             "train the teacher on the same data (same class order)"
-        )
-    if detect_head(student) is None:
-        raise FGDError("student has no Detect head: use a YOLO detection model, e.g. model=yolo11n.yaml")
-    s_task, t_task = model_task(student), model_task(teacher)
-    if s_task != t_task:
-        raise FGDError(
-            f"teacher '{teacher_path}' is a '{t_task}' model but the student is '{s_task}': train a {s_task} teacher "
-            f"(its head's extra outputs are distilled too)"
-        )
-    s_stride = [int(s) for s in student.stride.tolist()]
-    t_stride = [int(s) for s in teacher.stride.tolist()]
-    if s_stride != t_stride:
-        raise FGDError(
-            f"teacher Detect levels have strides {t_stride} but the student's have {s_stride}: "
-            "FGD pairs levels one to one, use models with the same levels (e.g. both P3-P5)"
         )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..cfg.distill import ROWS
 from ..core import (
     TERMS,
     angle_kd,
@@ -234,19 +235,16 @@ class TaskTerm(Term):
     name is its weight."""
 
     needs_head = True
-    task = ""
 
     @classmethod
     def on(cls, cfg, name, task):
-        return task == cls.task and cfg[name] > 0
+        return task == ROWS[name]["task"] and cfg[name] > 0
 
     def __call__(self, b):
         return self.cfg[self.name] * self.loss(b), {}
 
 
 class Keypoints(TaskTerm):
-    task = "pose"
-
     def loss(self, b):
         teacher = self.d.teacher
         return keypoint_kd(b.student_out["kpts"], b.teacher_out["kpts"], b.teacher_out["scores"],
@@ -254,15 +252,11 @@ class Keypoints(TaskTerm):
 
 
 class Angle(TaskTerm):
-    task = "obb"
-
     def loss(self, b):
         return angle_kd(b.student_out["angle"], b.teacher_out["angle"], b.teacher_out["scores"])
 
 
 class Masks(TaskTerm):
-    task = "segment"
-
     def loss(self, b):
         d = self.d
         with torch.no_grad():

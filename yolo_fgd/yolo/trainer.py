@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..core.presets import ARGS, KEYS, arg_name, renamed, resolve
 from ..errors import FGDError
 from .distiller import DistillCriterion, Distiller
-from .model import checkpoint, require_file
+from .model import check_names, check_task, checkpoint, load_model, require_file
 
 SIDECAR = "fgd_last.pt"
 
@@ -35,13 +36,26 @@ class DistillMixin:
     ``DistillTrainer``). Train args: Ultralytics' plus :data:`yolo_fgd.core.presets.ARGS` (``teacher``, ``distill_preset``, ``fgd_*``,
     ``kd_cls``, ``kd_box``)."""
 
+    task_name: str | None = None  # the task of the trainer it is mixed into (its teacher must have it)
+
     def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
         cfg = {**ARGS, **renamed(vars(cfg) if not isinstance(cfg, dict) else cfg)}
         overrides = renamed(dict(overrides or {}))
         repoint = overrides.pop("teacher", None) if overrides.get("resume") else None
-        if not overrides.get("resume"):  # every check before Ultralytics makes the run folder
+        if not overrides.get("resume"):  # every check before Ultralytics makes the run folder (and prints its banner)
             self._check({**cfg, **overrides})
+            self._check_teacher({**cfg, **overrides})
         super().__init__(cfg, overrides, _callbacks)
+        try:
+            self._init_distill(repoint)
+        except BaseException:
+            if not self.resume and self.save_dir.is_dir() and \
+                    all(p.name == "args.yaml" or p.is_dir() for p in self.save_dir.rglob("*")):
+                shutil.rmtree(self.save_dir, ignore_errors=True)  # the folder Ultralytics just made for this run
+            raise
+
+    def _init_distill(self, repoint) -> None:
+        """The distillation half of ``__init__``, once Ultralytics' trainer exists (its run folder made)."""
         if repoint:
             self.args.teacher = repoint  # a resumed run may re-point its teacher
         self._check(vars(self.args))
@@ -55,6 +69,7 @@ class DistillMixin:
         self.distiller = None
         self.batch_i = 0  # batches seen this epoch (schedule position)
         self.add_callback("on_train_epoch_start", DistillMixin._epoch_start)
+        self.add_callback("on_train_end", lambda trainer: trainer.distiller and trainer.distiller.close())
 
     def _check(self, args: dict) -> None:
         """One-line errors for what cannot run: both distillers at once, no teacher, bad distillation values, the
@@ -74,14 +89,27 @@ class DistillMixin:
             raise FGDError(f"fgd_share={cfg['share']} balances gradient norms measured on one process, not under DDP "
                            f"({devices} devices): train on one device or leave fgd_share out")
 
+    def _check_teacher(self, args: dict) -> None:
+        """The teacher's loading, task and classes (against a data YAML's names), as one line before Ultralytics
+        starts; the strides are checked against the student once it is built (:func:`check_pair`)."""
+        path = checkpoint(args["teacher"])
+        teacher = load_model(path, "cpu")
+        if self.task_name:
+            check_task(teacher, self.task_name, path)
+        data = args.get("data")
+        if isinstance(data, str) and data.endswith((".yaml", ".yml")) and Path(data).is_file():
+            names = (YAML.load(data) or {}).get("names")
+            if names:
+                check_names(teacher, names, path)
+
     def setup_model(self):
         ckpt = super().setup_model()
         self.distiller = Distiller(unwrap_model(self.model), self.args.teacher, self.distill_cfg, self.data["names"],
                                    self.device).to(self.device)
         self.distiller.world_size = self.world_size
         if self.resume:
-            sidecar = Path(self.args.resume if isinstance(self.args.resume, (str, Path)) else self.args.model)
-            self._restore(sidecar.with_name(SIDECAR))
+            resumed = Path(self.args.resume if isinstance(self.args.resume, (str, Path)) else self.args.model)
+            self._restore(sidecar_of(resumed), (ckpt or {}).get("epoch") if isinstance(ckpt, dict) else None)
         if RANK in {-1, 0}:
             LOGGER.info(f"{colorstr('distill:')} teacher {self.args.teacher}, {self.distiller.describe()}, "
                         f"{self.distill_cfg}")
@@ -133,6 +161,9 @@ class DistillMixin:
 
     def save_metrics(self, metrics):
         cols = self.distiller.epoch_metrics()
+        if self.distiller.stats["missed"]:
+            LOGGER.warning(f"distill: {self.distiller.stats['missed']} batch(es) this epoch reached the model as other "
+                           "pixels than the teacher's prefetch read; the teacher ran again on them")
         if cols["distill/skipped"]:
             LOGGER.warning(f"distill: {cols['distill/skipped']} batch(es) this epoch had non-finite features or "
                            "distillation loss; their distillation contribution was dropped")
@@ -147,13 +178,20 @@ class DistillMixin:
         finally:
             self.args = args
 
-    def _restore(self, sidecar: Path) -> None:
-        """Restore the distiller's modules and share multiplier from ``fgd_last.pt``, or say why not."""
+    def _restore(self, sidecar: Path, epoch: int | None = None) -> None:
+        """Restore the distiller's modules and share multiplier from the sidecar of the checkpoint resumed from
+        (``fgd_last.pt`` for ``last.pt``, ``fgd_epochK.pt`` for ``epochK.pt``) when it was saved at the same
+        ``epoch``, or say why not and start them fresh."""
         if not sidecar.is_file():
             if list(self.distiller.parameters()):
                 LOGGER.warning(f"distill: {sidecar} not found, resuming with freshly initialised distiller modules")
             return
-        missing = self.distiller.load_sidecar(torch.load(sidecar, map_location=self.device, weights_only=True))
+        state = torch.load(sidecar, map_location=self.device, weights_only=True)
+        if epoch is not None and state.get("epoch") != epoch:
+            LOGGER.warning(f"distill: {sidecar} is from epoch {state.get('epoch')}, the checkpoint from epoch {epoch} "
+                           "(a run stopped between the two saves): resuming with freshly initialised distiller modules")
+            return
+        missing = self.distiller.load_sidecar(state)
         LOGGER.info(f"{colorstr('distill:')} restored the distiller's state from {sidecar}")
         if missing:
             LOGGER.warning(f"distill: {sidecar} holds no {'/'.join(missing)} modules (off before), starting them fresh")
@@ -163,7 +201,7 @@ class DistillMixin:
         too, so student and distiller state come from the same epoch."""
         recovered = super()._handle_nan_recovery(epoch)
         if recovered and self.distiller is not None:
-            self._restore(self.wdir / SIDECAR)
+            self._restore(self.wdir / SIDECAR)  # last.pt's own epoch: the sidecar saved with it
         return recovered
 
     def save_model(self):
@@ -189,7 +227,16 @@ class DistillMixin:
                 if tmp.exists():
                     os.replace(tmp, path)
             self.last, self.best = final["last"], final["best"]
+        periodic = self.wdir / f"epoch{self.epoch}.pt"  # save_period's checkpoint: its own sidecar beside it
+        if periodic.is_file() and (self.wdir / SIDECAR).is_file():
+            shutil.copy2(self.wdir / SIDECAR, sidecar_of(periodic))
         return saved
+
+
+def sidecar_of(checkpoint: Path) -> Path:
+    """The distiller's state saved with a student checkpoint: ``fgd_last.pt`` for ``last.pt``, ``fgd_epochK.pt`` for
+    ``epochK.pt``."""
+    return checkpoint.with_name(f"fgd_{checkpoint.name}")
 
 
 class DistillTrainer(DistillMixin, DetectionTrainer):
@@ -201,18 +248,26 @@ class DistillTrainer(DistillMixin, DetectionTrainer):
         >>> YOLO("yolo11n.yaml").train(trainer=DistillTrainer, teacher="teacher.pt", data="data.yaml", epochs=100)
     """
 
+    task_name = "detect"
+
 
 class SegmentDistillTrainer(DistillMixin, SegmentationTrainer):
     """SegmentationTrainer with distillation (a segmentation teacher: the response term adds its masks)."""
+
+    task_name = "segment"
 
 
 class PoseDistillTrainer(DistillMixin, PoseTrainer):
     """PoseTrainer with distillation (a pose teacher: the response term adds its keypoints)."""
 
+    task_name = "pose"
+
 
 class OBBDistillTrainer(DistillMixin, OBBTrainer):
     """OBBTrainer with distillation (an OBB teacher: the response term adds its angles; FGD's masks use each rotated
     box's axis-aligned hull)."""
+
+    task_name = "obb"
 
 
 # the names of earlier releases, when every trainer was named for FGD (the shipped default has no FGD term)
