@@ -81,3 +81,19 @@ def test_names_of_earlier_releases_still_import_and_run():
     with pytest.warns(FutureWarning, match="'fgd_warmup' is deprecated, use 'distill_warmup'"):
         cfg = resolve({"fgd_preset": "mse", "fgd_warmup": 1.5, "fgd_decay": 2})
     assert cfg["mse"] and cfg["warmup"] == 1.5 and cfg["decay"] == 2
+
+
+def test_top_level_cfg_holds_the_shipped_recipes_and_presets_once(tmp_path):
+    """cfg/ at the top of the checkout has every recipe and the presets the package ships, each a link to the one
+    copy (no second file to drift), and a recipe passed from it (recipe=cfg/NAME.yaml) is read by the study."""
+    from yolo_fgd.cfg import RECIPES, load_recipe
+
+    top = ROOT / "cfg"
+    shipped = {p.name for p in RECIPES.glob("*.yaml")} | {"presets.yaml"}
+    assert {p.name for p in top.iterdir()} == shipped
+    for p in top.iterdir():
+        assert p.is_symlink() and p.resolve().parent in {RECIPES, RECIPES.parent}, p
+    assert load_recipe(str(top / "converged.yaml")) == load_recipe("converged")
+    r = subprocess.run([str(Path(sys.executable).with_name("yolo-fgd")), "study", "recipe=cfg/nope.yaml"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "recipe 'cfg/nope.yaml' not found" in r.stderr

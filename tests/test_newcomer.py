@@ -58,11 +58,15 @@ def test_quick_start_from_any_directory_with_a_plain_install(installed, tmp_path
     report = work / "runs" / "benchmark" / "bench"
     assert f"benchmark saved to {report}" in out and (report / "benchmark.md").is_file()
     assert f"benchmark reusing {onnx}" in out  # the export above matched: not redone, not overwritten
-    img = next((Path(data).parent / "images" / "val").glob("*.jpg"))
-    out = sh(f"python -m yolo_fgd.deploy.edge {onnx} {img} --json dets.jsonl", work, env)
-    assert f"results saved to {work / 'runs' / 'edge'}" in out and (work / "runs" / "edge" / img.name).is_file()
-    record = json.loads((work / "dets.jsonl").read_text().splitlines()[0])
-    assert record["file"] == str(img) and "latency_ms" in record and isinstance(record["detections"], list)
+    # the README's last line: the data's val images, $(dirname $DATA)/images/val
+    out = sh(f"DATA={data}; python -m yolo_fgd.deploy.edge {onnx} $(dirname $DATA)/images/val --json dets.jsonl", work,
+             env)
+    images = sorted((Path(data).parent / "images" / "val").glob("*.jpg"))
+    assert f"results saved to {work / 'runs' / 'edge'}" in out
+    assert all((work / "runs" / "edge" / img.name).is_file() for img in images)
+    records = [json.loads(x) for x in (work / "dets.jsonl").read_text().splitlines()]
+    assert sorted(r["file"] for r in records) == [str(i) for i in images]
+    assert "latency_ms" in records[0] and isinstance(records[0]["detections"], list)
     assert not (ROOT / "runs" / "detect" / "distilled").exists()
 
 

@@ -254,3 +254,19 @@ def test_tv_study_plans_runs_resumes_and_reports_the_paper_columns(tmp_path):
     stamp = {p: p.stat().st_mtime for p in root.rglob("summary.json")}
     study(rec, project=str(tmp_path / "runs"), name="tv", lanes=2)
     assert {p: p.stat().st_mtime for p in root.rglob("summary.json")} == stamp
+
+
+def test_plateau_gain_is_the_last_window_over_the_best_before():
+    """The plateau rule's figure: best val mAP50-95 of the last 20 epochs minus the best before them (a run that
+    peaked early and fell gains a negative amount; a run of 20 epochs or fewer has no figure)."""
+    import math
+
+    from yolo_fgd.lab.study import plateau_gain
+
+    rows = lambda maps: [{"metrics/mAP50-95(B)": str(m)} for m in maps]
+    rising = [i / 100 for i in range(40)]  # +0.01 per epoch
+    assert math.isclose(plateau_gain(rows(rising)), 0.39 - 0.19)
+    flat = [0.5] * 20 + [0.501] * 20
+    assert math.isclose(plateau_gain(rows(flat)), 0.001)
+    assert plateau_gain(rows([0.6] * 21 + [0.5] * 20)) < 0
+    assert math.isnan(plateau_gain(rows([0.1] * 20)))

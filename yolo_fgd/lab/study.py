@@ -4,7 +4,8 @@ Each (dataset, method, seed) is one Ultralytics run in ``<project>/<name>/<datas
 own process (``lanes`` of them at once, the CPU threads split between them); a finished run leaves ``summary.json``
 and is skipped when the study is started again, an unfinished one resumes from its ``last.pt``. The report
 (``results.csv``, ``results.md``, ``results.png``) holds mean ± std over seeds of mAP50-95, mAP50, APs/APm/APl
-(COCO area ranges, pycocotools on the val split) and seconds per epoch.
+(COCO area ranges, pycocotools on the val split), the mAP50-95 gained over each run's last 20 epochs (the plateau
+rule: below 0.3) and seconds per epoch; ``results_curves.png`` the val curve of every run.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from ..yolo import trainer_for
 
 # report columns (header -> summary key) of a YOLO study and of a torchvision one (the paper's COCO columns)
 YOLO_REPORT = {"mAP50-95": "map", "mAP50": "map50", "APs": "aps", "APm": "apm", "APl": "apl",
-               "Ultralytics val": "ul_map", "task mAP50-95": "task_map"}
+               "Ultralytics val": "ul_map", "task mAP50-95": "task_map", "gain, last 20 ep": "gain20"}
+PLATEAU_EPOCHS = 20  # the plateau rule's window: a run gained less than 0.3 mAP50-95 over its last 20 epochs
 TV_COLUMNS = {"mAP": "map", "AP50": "map50", "AP75": "ap75", "APs": "aps", "APm": "apm", "APl": "apl",
               "AR100": "ar100"}  # header (tv-train's results.csv column) -> summary key
 # the task's own metric in Ultralytics' results.csv (masks, keypoints; OBB's box metric uses rotated IoU)
@@ -130,12 +132,22 @@ def summarise(spec: dict, fallback_s: float = 0.0) -> dict:
         "epoch_s": wall / len(rows) if rows else 0.0,
         "ul_map": float(rows[-1]["metrics/mAP50-95(B)"]) if rows else float("nan"),
         "task_map": float(rows[-1][column]) if rows and column in rows[-1] else float("nan"),
+        "gain20": plateau_gain(rows),
         # COCOeval of the boxes (axis-aligned): not for OBB, whose boxes are rotated (its Ultralytics metric is)
         **(coco_ap(best, spec["data"], spec["train"]["imgsz"]) if task != "obb"
            else dict.fromkeys(("map", "map50", "aps", "apm", "apl"), float("nan"))),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def plateau_gain(rows: list[dict], window: int = PLATEAU_EPOCHS) -> float:
+    """Ultralytics' val mAP50-95 gained over a run's last ``window`` epochs (its best of those epochs minus its best
+    before them): below 0.003 the run is at its plateau (the converged recipe's rule); nan for a shorter run."""
+    maps = [float(r["metrics/mAP50-95(B)"]) for r in rows if r.get("metrics/mAP50-95(B)") not in (None, "")]
+    if len(maps) <= window:
+        return float("nan")
+    return max(maps[-window:]) - max(maps[:-window])
 
 
 def _ckpt_epoch(path):
@@ -259,7 +271,41 @@ def report(root: Path, specs: list[dict]) -> str:
     text = "\n".join(md) + "\n"
     (root / "results.md").write_text(text)
     _plot(root, rows)
+    _curves(root, specs)
     return text
+
+
+def _curves(root, specs):
+    """results_curves.png: Ultralytics' val mAP50-95 per epoch of every run (a continuation drawn after the epochs
+    of the run it continues), one panel per data set."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return
+    runs = [(s, _results(Path(s["dir"]) / "results.csv")) for s in specs if not s.get("tv")]
+    runs = [(s, r) for s, r in runs if r]
+    if not runs:
+        return
+    sets = sorted({s["dataset"] for s, _ in runs})
+    fig, axes = plt.subplots(1, len(sets), figsize=(7 * len(sets), 4.5), tight_layout=True, squeeze=False)
+    for ax, ds in zip(axes[0], sets):
+        for s, rows in (x for x in runs if x[0]["dataset"] == ds):
+            offset = 0
+            base = str(s.get("model", ""))
+            if base.endswith("best.pt") and "-s" in Path(base).parent.parent.name:  # RUN:<method>: continues that run
+                offset = len(_results(Path(base).parent.parent / "results.csv"))
+            x = [offset + i + 1 for i in range(len(rows))]
+            y = [100 * float(r.get("metrics/mAP50-95(B)") or "nan") for r in rows]
+            ax.plot(x, y, lw=1, label=f"{s['method']}-s{s['seed']}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val mAP50-95 (%, Ultralytics)")
+        ax.set_title(ds)
+        ax.legend(fontsize=6, ncol=2)
+    fig.savefig(root / "results_curves.png", dpi=110)
+    plt.close(fig)
 
 
 def _plot(root, rows):
