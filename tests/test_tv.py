@@ -302,3 +302,48 @@ def test_two_runs_converting_the_same_data_at_once_both_succeed(tmp_path, monkey
     assert not errors and len(out) == 2 and out[0] == out[1], errors
     assert json.loads(Path(out[0]["train_json"]).read_text())["images"]
     assert not list(Path(out[0]["train_json"]).parent.glob("*.tmp"))
+
+
+def test_faster_rcnn_trains_distils_resumes_evaluates_and_exports(data, tmp_path):
+    """arch=faster_rcnn: torchvision's Faster R-CNN on a ResNet FPN P2-P6 (five levels, FGD on each, the official
+    two-stage weights), 0-based class ids in and out; a plain teacher, a distilled student that resumes, tv-val and
+    an ONNX export with its parity check; a checkpoint of another architecture is a one-line error."""
+    from conftest import run_cli
+
+    from yolo_fgd.core.presets import presets
+    from yolo_fgd.deploy.export import export
+    from yolo_fgd.errors import FGDError
+    from yolo_fgd.tv.models import ARCH_PRESET
+
+    m = build("faster_rcnn", "resnet18", 3, **SMALL)
+    feats = m.backbone(torch.zeros(1, 3, 64, 96))
+    assert list(feats) == ["0", "1", "2", "3", "pool"] and [f.shape[-1] for f in feats.values()] == [24, 12, 6, 3, 2]
+    assert ARCH_PRESET["faster_rcnn"] == "two_stage" and presets()["two_stage"]["fg"] == 5e-5
+    m.eval()
+    with torch.no_grad():
+        det = m([torch.rand(3, 64, 64)])[0]
+    assert det["labels"].numel() == 0 or int(det["labels"].min()) >= 0  # 0-based, background never reported
+
+    kw = dict(data=data, arch="faster_rcnn", student_backbone="resnet18", batch=4, project=str(tmp_path),
+              warmup_iters=2, **SMALL)
+    train(fgd=False, epochs=1, name="teacher", **kw)
+    teacher = tmp_path / "teacher" / "model.pth"
+    metrics = train(epochs=1, name="fgd", teacher=str(teacher), teacher_backbone="resnet18", check_teacher=False, **kw)
+    assert set(metrics) >= {"mAP", "AP50", "APs", "AR100"}
+    train(epochs=2, name="fgd", teacher=str(teacher), teacher_backbone="resnet18", check_teacher=False, resume=True,
+          **kw)
+    with open(tmp_path / "fgd" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[-1]["loss_fgd"]) > 0
+    assert {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"} <= set(rows[-1])
+    out = run_cli("tv-val", f"model={tmp_path / 'fgd' / 'student.pth'}", f"data={data}", "arch=faster_rcnn",
+                  "backbone=resnet18", "min_size=64", "max_size=96")
+    assert out.returncode == 0 and "mAP | AP50" in out.stdout, out.stderr[-2000:]
+    res = export(str(tmp_path / "fgd" / "student.pth"), imgsz=96, data=data, arch="faster_rcnn", backbone="resnet18")
+    assert Path(res["onnx"]).is_file() and res["parity"] < 1e-3
+    with pytest.raises(FGDError, match="does not"):  # a RetinaNet checkpoint read as Faster R-CNN
+        from yolo_fgd.tv.models import save
+
+        save(build("retinanet", "resnet18", 6, **SMALL), tmp_path / "r.pth")
+        torch.save(torch.load(tmp_path / "r.pth", weights_only=True)["model"], tmp_path / "bare.pth")
+        build("faster_rcnn", "resnet18", 6, str(tmp_path / "bare.pth"), **SMALL)

@@ -116,6 +116,9 @@ PRESET_DEFAULTS = {k: spec[0] for k, spec in KEY_SPEC.items() if spec[0] is not 
 # the head-response family (not FGD, so no fgd_ prefix): weights of the term, its FGD-style anchor weighting, CrossKD
 RESPONSE_KEYS = tuple(k for k in KEYS if PREFIX[k] == "")
 ROWS = {term["name"]: term for term in TERM_TABLE}
+# the weights of the YOLO distiller's terms that the torchvision path does not run (a preset giving one is refused there)
+YOLO_TERM_WEIGHTS = tuple(k for term in TERM_TABLE if term.get("impl") and not term.get("tv")
+                          for k, spec in term["keys"].items() if spec[1] == "weight")
 # Names of earlier releases, accepted with a warning.
 RENAMED = {"fgd_alpha": "fgd_fg", "fgd_beta": "fgd_bg", "fgd_gamma": "fgd_at", "fgd_lambda": "fgd_gl",
            "fgd_kd_cls": "kd_cls", "fgd_kd_box": "kd_box", "fgd_preset": "distill_preset",

@@ -11,6 +11,7 @@ from ..cfg.distill import (  # noqa: F401  (re-exported: the core's view of the 
     PRESET_DEFAULTS,
     RENAMED,
     RESPONSE_KEYS,
+    YOLO_TERM_WEIGHTS,
     TERMS,
     arg_name,
     presets,

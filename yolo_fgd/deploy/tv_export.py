@@ -44,7 +44,8 @@ def export_onnx(model: str, data="shapes", arch: str = "retinanet", backbone: st
         gt = json.loads(Path(coco_files(data)["val_json"]).read_text())
         nc = max((c["id"] for c in gt["categories"]), default=0) + 1
     net = build(arch, backbone, int(nc), model, [imgsz], imgsz).eval()
-    net.score_thresh, net.detections_per_img = 0.0, int(max_det)  # fixed-size outputs make parity exact
+    post = getattr(net, "roi_heads", net)  # a two-stage model's post-processing lives in its RoI heads
+    post.score_thresh, post.detections_per_img = 0.0, int(max_det)  # fixed-size outputs make parity exact
     out = Path(model).with_suffix(".onnx")
     x = torch.rand(3, imgsz, imgsz)
     torch.onnx.export(net, ([x],), str(out), opset_version=int(opset), input_names=["images"],
@@ -71,7 +72,9 @@ def export_onnx(model: str, data="shapes", arch: str = "retinanet", backbone: st
 
 
 class RawHead(nn.Module):
-    """(1,3,H,W) in [0,1] -> concatenated raw head outputs (1, anchors, classes + 4 [+1 centerness])."""
+    """(1,3,H,W) in [0,1] -> the dense raw outputs: a one-stage head's (1, anchors, classes + 4 [+1 centerness]); a
+    two-stage model's RPN (1, anchors, 1 objectness + 4 deltas) over every FPN level (its RoI heads work on proposals
+    chosen by top-k and NMS, which the detections' own comparison covers)."""
 
     def __init__(self, net):
         super().__init__()
@@ -80,4 +83,8 @@ class RawHead(nn.Module):
     def forward(self, x):
         images, _ = self.net.transform(list(x))
         feats = list(self.net.backbone(images.tensors).values())
+        if hasattr(self.net, "rpn"):
+            objectness, deltas = self.net.rpn.head(feats)
+            per_level = [torch.cat([o.flatten(2), d.flatten(2)], 1) for o, d in zip(objectness, deltas)]
+            return torch.cat(per_level, -1).transpose(1, 2)
         return torch.cat([v for v in self.net.head(feats).values()], dim=-1)

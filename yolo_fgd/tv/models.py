@@ -1,4 +1,4 @@
-"""torchvision RetinaNet/FCOS with ResNet FPN backbones (P3-P7), as the paper distils them.
+"""torchvision RetinaNet/FCOS (ResNet FPN P3-P7) and Faster R-CNN (ResNet FPN P2-P6), as the paper distils them.
 
 A checkpoint this path saves is ``{"model": state_dict, "build": {arch, backbone, norm, width, anchor}}``, so a teacher is
 rebuilt as it was trained; a bare state dict (a converted or downloaded model) is read with the arguments given.
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models import resnet
-from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetHead
@@ -21,7 +21,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..errors import FGDError
 
-ARCH_PRESET = {"retinanet": "anchor_based", "fcos": "anchor_free"}  # the paper's preset of each architecture
+# the paper's preset of each architecture (two_stage: the official faster_rcnn / mask_rcnn configs' weights)
+ARCH_PRESET = {"retinanet": "anchor_based", "fcos": "anchor_free", "faster_rcnn": "two_stage"}
+TWO_STAGE = ("faster_rcnn",)
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d")
 GROUPS = 32  # GroupNorm groups (Wu & He, 2018); at least two channels per group where a layer has fewer than 64
 
@@ -62,8 +64,9 @@ def read_checkpoint(weights) -> tuple[dict, dict]:
     return state, {}
 
 
-def backbone_fpn(name: str, norm: str, width: int, trainable: int) -> BackboneWithFPN:
-    """ResNet C3-C5 -> FPN P3-P5 + P6/P7 from P5 (RetinaNet's), ``width`` channels on every level."""
+def backbone_fpn(name: str, norm: str, width: int, trainable: int, two_stage: bool = False) -> BackboneWithFPN:
+    """ResNet C3-C5 -> FPN P3-P5 + P6/P7 from P5 (RetinaNet's and FCOS'), or with ``two_stage`` C2-C5 -> P2-P5 + P6
+    by max-pooling P5 (Faster R-CNN's); ``width`` channels on every level. Five levels either way."""
     if name not in BACKBONES:
         raise FGDError(f"backbone '{name}' unknown: use {', '.join(BACKBONES)}")
     body = getattr(resnet, name)(weights=None, norm_layer=NORMS[norm])
@@ -72,8 +75,24 @@ def backbone_fpn(name: str, norm: str, width: int, trainable: int) -> BackboneWi
         if not any(k.startswith(layer) for layer in train):
             p.requires_grad_(False)
     c3 = body.inplanes // 4  # C3's channels: 128 (basic blocks) or 512 (bottlenecks)
+    if two_stage:  # extra_blocks default: P6 = max-pool of P5
+        return BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+                               [c3 // 2, c3, 2 * c3, 4 * c3], width)
     return BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, [c3, 2 * c3, 4 * c3], width,
                            extra_blocks=LastLevelP6P7(width, width))
+
+
+class FasterRCNNZeroBased(FasterRCNN):
+    """torchvision's Faster R-CNN with this path's 0-based class ids: class k is its label k + 1 (0 is its
+    background), shifted on the way in (targets) and out (detections)."""
+
+    def forward(self, images, targets=None):
+        if targets is not None:
+            targets = [{**t, "labels": t["labels"] + 1} for t in targets]
+        out = super().forward(images, targets)
+        if self.training:
+            return out
+        return [{**d, "labels": d["labels"] - 1} for d in out]
 
 
 def anchors(size: int) -> AnchorGenerator:
@@ -87,8 +106,8 @@ def anchors(size: int) -> AnchorGenerator:
 
 def build(arch: str, backbone: str, num_classes: int, weights: str | None = None, min_size=(800,), max_size=1333,
           norm: str | None = None, width: int = 256, anchor: int = 32) -> nn.Module:
-    """torchvision RetinaNet/FCOS with a ResNet FPN (P3-P7, ``width`` channels; the paper's 256), random init or a
-    local checkpoint. A checkpoint saved by this path brings its own arch/backbone/norm/width/anchor.
+    """torchvision RetinaNet/FCOS with a ResNet FPN (P3-P7, ``width`` channels; the paper's 256) or Faster R-CNN
+    (P2-P6), random init or a local checkpoint. A checkpoint saved by this path brings its own arch/backbone/norm/width/anchor.
 
     ``anchor``: RetinaNet's anchor size on P3 (:func:`anchors`); FCOS's anchors are its strides.
 
@@ -101,15 +120,17 @@ def build(arch: str, backbone: str, num_classes: int, weights: str | None = None
     norm, width = norm_for(weights, saved.get("norm", norm)), int(saved.get("width", width))
     anchor = int(saved.get("anchor", anchor))
     if arch not in ARCH_PRESET:
-        raise FGDError(f"arch '{arch}' is not supported: use retinanet or fcos")
+        raise FGDError(f"arch '{arch}' is not supported: use {', '.join(ARCH_PRESET)}")
     if width < 2 or width % 2 or (norm == "gn" and width % gn_groups(width)):
         raise FGDError(f"width={width}: pass an even number of FPN channels (a multiple of {GROUPS} from 64 on with "
                        "norm=gn), e.g. 128 or the paper's 256")
     if anchor < 1:
         raise FGDError(f"anchor={anchor}: pass RetinaNet's anchor size on P3 in pixels, e.g. 16 or 32")
-    bb = backbone_fpn(backbone, norm, width, trainable=3 if norm == "frozen_bn" else 5)
+    bb = backbone_fpn(backbone, norm, width, trainable=3 if norm == "frozen_bn" else 5, two_stage=arch in TWO_STAGE)
     min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
-    if arch == "retinanet":
+    if arch == "faster_rcnn":  # torchvision's defaults (anchors 32-512 on P2-P6, RoIAlign 7x7, two FC layers)
+        model = FasterRCNNZeroBased(bb, num_classes=num_classes + 1, min_size=min_size, max_size=int(max_size))
+    elif arch == "retinanet":
         head_norm = partial(nn.GroupNorm, gn_groups(width)) if norm == "gn" else None
         head = RetinaNetHead(width, 9, num_classes, norm_layer=head_norm)
         model = RetinaNet(bb, num_classes=num_classes, head=head, anchor_generator=anchors(anchor), min_size=min_size,
@@ -137,12 +158,13 @@ def save(model: nn.Module, path: Path) -> None:
 
 
 def inherit(student: nn.Module, teacher: nn.Module) -> list[str]:
-    """Inheriting strategy (paper §4.2, †): copy the teacher's FPN and head into the student where shapes match."""
+    """Inheriting strategy (paper §4.2, †): copy the teacher's FPN and heads (a one-stage head; a two-stage RPN and
+    RoI heads) into the student where shapes match."""
     t = teacher.state_dict()
     copied = []
     with torch.no_grad():
         for k, v in student.state_dict().items():
-            if (k.startswith("backbone.fpn.") or k.startswith("head.")) and k in t and t[k].shape == v.shape:
+            if k.startswith(("backbone.fpn.", "head.", "rpn.", "roi_heads.")) and k in t and t[k].shape == v.shape:
                 v.copy_(t[k])
                 copied.append(k)
     return copied

@@ -25,7 +25,7 @@ from ultralytics.utils import LOGGER
 from .. import console
 from ..cfg import load_recipe
 from ..cfg.tv import ARGS, FGD_KEYS
-from ..core.presets import RESPONSE_KEYS, renamed, resolve
+from ..core.presets import RESPONSE_KEYS, YOLO_TERM_WEIGHTS, renamed, resolve
 from ..data.coco import COLUMNS
 from ..errors import FGDError
 from .coco_utils import CocoDataset, coco_files, collate
@@ -84,8 +84,9 @@ def train(**kwargs) -> dict:
         auto = str(cfg.get("fgd_gain")).lower() == "auto"
         fgd_cfg = resolve({"distill_preset": cfg["distill_preset"] or ARCH_PRESET[cfg["arch"]],
                            **{k: cfg[k] for k in FGD_KEYS if k in cfg and not (auto and k == "fgd_gain")}})
-        if any(fgd_cfg[k] for k in RESPONSE_KEYS):
-            raise FGDError("kd_cls/kd_box are the YOLO adapter's response term; the torchvision path runs the "
+        on = [k for k in YOLO_TERM_WEIGHTS if fgd_cfg[k]]
+        if on:
+            raise FGDError(f"{', '.join(on)} weigh terms of the YOLO distiller; the torchvision path runs the "
                            "paper's FGD only: pick a paper preset (distill_preset=anchor_based, anchor_free or "
                            "two_stage), or leave distill_preset unset for the architecture's own")
         teacher.to(device)
