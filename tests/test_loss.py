@@ -510,3 +510,46 @@ def test_backward_inside_and_outside_an_autocast_region(dtype):
                 continue
             assert a.dtype == torch.float32 and torch.isfinite(a).all()
             assert ((a - b).abs().max() / b.abs().max()) < 5e-2
+
+
+def test_nonlocal_relation_against_a_direct_formula():
+    """Table 6's Non-local block (fgd_relation=nonlocal) against its formula written position by position: z_i = x_i +
+    W_z sum_j softmax_j(theta(x_i) . phi(x_j)) g(x_j); L_gl is the squared difference of the teacher's and the
+    student's; identity at init (W_z zero), as the GcBlock; a bad value of fgd_relation is one line."""
+    from yolo_fgd.core import NonLocal
+    from yolo_fgd.core.presets import resolve
+    from yolo_fgd.errors import FGDError
+
+    g = torch.Generator().manual_seed(0)
+    block = NonLocal(6)
+    f = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64)
+    assert torch.equal(block.double()(f), f)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+
+    def direct(x):
+        n, c, h, w = x.shape
+        conv = lambda m, v: m.weight[:, :, 0, 0] @ v + m.bias  # a 1x1 conv on one position's vector
+        out = x.clone()
+        for b in range(n):
+            cols = [x[b, :, i, j] for i in range(h) for j in range(w)]
+            th, ph, gg = ([conv(m, v) for v in cols] for m in (block.theta, block.phi, block.g))
+            for k, v in enumerate(cols):
+                logits = torch.stack([th[k] @ ph[j] for j in range(len(cols))])
+                y = sum(a * gg[j] for j, a in enumerate(torch.softmax(logits, 0)))
+                out[b, :, k // w, k % w] = v + conv(block.out, y)
+        return out
+
+    with torch.no_grad():
+        torch.testing.assert_close(block(f), direct(f), rtol=1e-10, atol=1e-10)
+    loss = FGDLoss(6, 6, fg=0, bg=0, at=0, gl=1, relation="nonlocal")  # computes in fp32, as it trains
+    loss.gc_s.load_state_dict(block.state_dict())
+    loss.gc_t.load_state_dict(block.state_dict())
+    fs, ft = f, torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        gl = loss(fs.float(), ft.float(), torch.zeros(0, 4), torch.zeros(0))["gl"].double()
+        torch.testing.assert_close(gl, (direct(ft) - direct(fs)).square().sum() / 2, rtol=1e-5, atol=0)
+    assert resolve({"fgd_relation": "NonLocal"})["relation"] == "nonlocal"
+    with pytest.raises(FGDError, match="fgd_relation=attention is not one of gcblock, nonlocal"):
+        resolve({"fgd_relation": "attention"})

@@ -30,7 +30,7 @@ TERMS = ("fg", "bg", "at", "gl")  # Eq. 9 foreground, Eq. 9 background, Eq. 10 a
 #   prefix   of its train arguments: fgd_ (FGD and its feature-loss variants), none (the head-response family, which
 #            is not FGD), distill_ (the schedule of every term)
 #   keys     preset key -> (default, kind, help); default None: every preset sets it; kind: weight (>= 0), positive
-#            (> 0), fraction (in [0, 1)) or bool
+#            (> 0), fraction (in [0, 1)), bool, or the choices "a|b|..." of a word
 #   task     only for students of this task;  modules: its trainable parts (optimised, saved in weights/fgd_last.pt)
 #   tv       its keys are tv-train's too (the torchvision path's FGD), but those in yolo_only
 TERM_TABLE = (
@@ -48,7 +48,9 @@ TERM_TABLE = (
                                        "at this value (one process only)"),
               "split": (True, "bool", "ablation: separate foreground / background masks (paper Table 1)"),
               "spatial": (True, "bool", "ablation: spatial attention A_S in Eq. 9 (paper Table 5)"),
-              "channel": (True, "bool", "ablation: channel attention A_C in Eq. 9 (paper Table 5)")},
+              "channel": (True, "bool", "ablation: channel attention A_C in Eq. 9 (paper Table 5)"),
+              "relation": ("gcblock", "gcblock|nonlocal", "global relation R of Eq. 11: gcblock (the paper's) or "
+                                                          "nonlocal (Table 6: embedded-Gaussian Non-local block)")},
      "what": "FGD (Eq. 2-13) on the Detect inputs: focal (fg, bg), attention (at) and global (gl) terms",
      "modules": "per level: 1x1 align conv, two GcBlocks", "columns": "fgd, fgd_fg, fgd_bg, fgd_at, fgd_gl, fgd/P3..."},
     {"name": "mse", "impl": "terms:Feature", "prefix": "fgd_", "tv": True,
@@ -111,7 +113,8 @@ PREFIX = {k: term["prefix"] for term in TERM_TABLE for k in term["keys"]}
 KEY_HELP = {k: spec[2] for k, spec in KEY_SPEC.items()}
 KEYS = tuple(KEY_SPEC)
 BOOL_KEYS = tuple(k for k in KEYS if KEY_SPEC[k][1] == "bool")
-FLOAT_KEYS = tuple(k for k in KEYS if k not in BOOL_KEYS)
+CHOICE_KEYS = tuple(k for k in KEYS if "|" in KEY_SPEC[k][1])
+FLOAT_KEYS = tuple(k for k in KEYS if k not in BOOL_KEYS and k not in CHOICE_KEYS)
 PRESET_DEFAULTS = {k: spec[0] for k, spec in KEY_SPEC.items() if spec[0] is not None}  # what presets may leave out
 # the head-response family (not FGD, so no fgd_ prefix): weights of the term, its FGD-style anchor weighting, CrossKD
 RESPONSE_KEYS = tuple(k for k in KEYS if PREFIX[k] == "")
@@ -172,6 +175,13 @@ def _as_bool(key, v) -> bool:
     raise FGDError(f"{arg_name(key)}={v} is not a boolean: use {arg_name(key)}=True or {arg_name(key)}=False")
 
 
+def _as_choice(key, v) -> str:
+    choices = KEY_SPEC[key][1].split("|")
+    if str(v).lower() not in choices:
+        raise FGDError(f"{arg_name(key)}={v} is not one of {', '.join(choices)}: e.g. {arg_name(key)}={choices[0]}")
+    return str(v).lower()
+
+
 def _as_float(key, v) -> float:
     if isinstance(v, bool):
         raise FGDError(f"{arg_name(key)}={v} is not a number: pass e.g. {arg_name(key)}=0.5")
@@ -207,7 +217,7 @@ def resolve(args) -> dict:
     for k in KEYS:
         v = raw.get(arg_name(k))
         if v is not None:
-            cfg[k] = _as_bool(k, v) if k in BOOL_KEYS else _as_float(k, v)
+            cfg[k] = _as_bool(k, v) if k in BOOL_KEYS else _as_choice(k, v) if k in CHOICE_KEYS else _as_float(k, v)
     for k in FLOAT_KEYS:
         check(k, float(cfg[k]))
     if cfg["kd_focal"] and cfg["fg"] <= 0:

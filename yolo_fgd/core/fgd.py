@@ -22,7 +22,7 @@ from .compiled import level_terms
 from .masks import level_masks
 from .reference import attention
 
-__all__ = ["FGDLoss", "FGDPyramid", "GcBlock", "TERMS", "attention", "feature_mse", "standardise", "term_dict"]
+__all__ = ["FGDLoss", "FGDPyramid", "GcBlock", "NonLocal", "TERMS", "attention", "feature_mse", "standardise", "term_dict"]
 
 
 def term_dict(terms: torch.Tensor) -> dict:
@@ -36,6 +36,8 @@ class GcBlock(nn.Module):
     Only the last conv is zero-initialised, so R(F) = F at init and both convs still learn. ``context`` is W_k,
     ``transform`` W_v1, LN, ReLU, W_v2 (the official ``spatial_pool`` and ``channel_add_conv``).
     """
+
+    kind = "gcblock"
 
     def __init__(self, channels: int):
         super().__init__()
@@ -54,6 +56,25 @@ class GcBlock(nn.Module):
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         return reference.relation(self, feat)
+
+
+class NonLocal(nn.Module):
+    """The embedded-Gaussian Non-local block (Wang et al., CVPR 2018) as the global relation R of Eq. 11 (the paper's
+    Table 6; :func:`.reference.nonlocal_relation`): theta, phi, g 1x1 convs to C/2, ``out`` back to C, zero-initialised
+    so R(F) = F at init, as the GcBlock. Its attention is (H W)^2 per image: affordable at small maps only."""
+
+    kind = "nonlocal"
+
+    def __init__(self, channels: int):
+        super().__init__()
+        hidden = max(channels // 2, 1)
+        self.theta, self.phi, self.g = (nn.Conv2d(channels, hidden, 1) for _ in range(3))
+        self.out = nn.Conv2d(hidden, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        return reference.nonlocal_relation(self, feat)
 
 
 def standardise(feat: torch.Tensor) -> torch.Tensor:
@@ -84,6 +105,7 @@ class FGDLoss(nn.Module):
             (the feature normalisation PaddleDetection's FGD offers; off in the paper).
         mse: plain feature distillation instead (Eq. 1, the paper's baseline): ``fg`` = fg * sum (F_t - F_s')^2 / N,
             the other terms zero (no attention, no GcBlock work).
+        relation: R of Eq. 11, ``gcblock`` (Eq. 12, the paper's) or ``nonlocal`` (:class:`NonLocal`, Table 6).
 
     forward(student_feat (N,Cs,H,W), teacher_feat (N,Ct,H,W), boxes (M,4) normalised xyxy, batch_idx (M,),
     masks=None) -> dict of 0-d fp32 tensors: the weighted terms ``fg``, ``bg``, ``at``, ``gl`` (each summed over the
@@ -107,6 +129,7 @@ class FGDLoss(nn.Module):
         split: bool = True,
         norm: bool = False,
         mse: bool = False,
+        relation: str = "gcblock",
     ):
         super().__init__()
         self.temperature = float(temperature)
@@ -117,8 +140,9 @@ class FGDLoss(nn.Module):
         self.align = (
             nn.Conv2d(student_channels, teacher_channels, 1) if student_channels != teacher_channels else nn.Identity()
         )
-        self.gc_s = GcBlock(teacher_channels)
-        self.gc_t = GcBlock(teacher_channels)
+        block = {"gcblock": GcBlock, "nonlocal": NonLocal}[relation]
+        self.gc_s = block(teacher_channels)  # R of Eq. 11 on the student's and on the teacher's features
+        self.gc_t = block(teacher_channels)
 
     @property
     def needs_masks(self) -> bool:

@@ -46,4 +46,4 @@ def build_pyramid(student_channels, teacher_channels, cfg: dict) -> FGDPyramid:
                           norm=cfg["norm"], level_norm=cfg["level_norm"])
     return FGDPyramid(student_channels, teacher_channels, temperature=cfg["temperature"],
                       **{k: cfg[k] * g for k in TERMS}, norm=cfg["norm"], split=cfg["split"], spatial=cfg["spatial"],
-                      channel=cfg["channel"], mse=cfg["mse"], level_norm=cfg["level_norm"])
+                      channel=cfg["channel"], mse=cfg["mse"], level_norm=cfg["level_norm"], relation=cfg["relation"])

@@ -37,11 +37,26 @@ def relation(block: nn.Module, feat: torch.Tensor) -> torch.Tensor:
     return feat + block.transform(context)
 
 
+def nonlocal_relation(block: nn.Module, feat: torch.Tensor) -> torch.Tensor:
+    """The paper's Table 6 alternative to Eq. 12: the embedded-Gaussian Non-local block (Wang et al., CVPR 2018),
+    R(F) = F + W_z(sum_j softmax_j(theta(F_i) . phi(F_j)) g(F_j)), theta, phi, g, W_z 1x1 convs (``block.theta``,
+    ``block.phi``, ``block.g``, ``block.out``), the softmax over the H W positions j for every position i."""
+    n, c, h, w = feat.shape
+    theta = block.theta(feat).flatten(2).transpose(1, 2)  # (N,HW,C')
+    phi = block.phi(feat).flatten(2)  # (N,C',HW)
+    g = block.g(feat).flatten(2).transpose(1, 2)  # (N,HW,C')
+    y = torch.matmul(F.softmax(torch.matmul(theta, phi), dim=-1), g)  # (N,HW,C')
+    return feat + block.out(y.transpose(1, 2).reshape(n, -1, h, w))
+
+
+RELATIONS = {"gcblock": relation, "nonlocal": nonlocal_relation}  # a block's ``kind`` -> its R of Eq. 11
+
+
 def terms(fs: torch.Tensor, ft: torch.Tensor, mask_fg: torch.Tensor, mask_bg: torch.Tensor, gc_s: nn.Module,
           gc_t: nn.Module, temperature: float = 0.5, spatial: bool = True, channel: bool = True) -> torch.Tensor:
     """The four unweighted terms (L_fg, L_bg, L_at, L_gl) (4,) of one level for aligned student features fs and
-    teacher features ft (N,C,H,W), masks (N,H,W) and the two GcBlocks; ``spatial`` / ``channel`` False replace A_S /
-    A_C by ones in Eq. 9 (the ablations of the paper's Table 5)."""
+    teacher features ft (N,C,H,W), masks (N,H,W) and the two relation blocks (GcBlocks, or Non-local blocks for
+    Table 6); ``spatial`` / ``channel`` False replace A_S / A_C by ones in Eq. 9 (the ablations of Table 5)."""
     n = ft.shape[0]
     ft = ft.detach()
     s_t, c_t = attention(ft, temperature)  # the teacher's attentions weigh Eq. 9
@@ -56,8 +71,9 @@ def terms(fs: torch.Tensor, ft: torch.Tensor, mask_fg: torch.Tensor, mask_bg: to
     l_bg = F.mse_loss(fs * w_bg, ft * w_bg, reduction="sum") / n
     # Eq. 10: L_at = sum |A_C^t - A_C^s| + sum |A_S^t - A_S^s| (the paper's l1 loss over both attentions)
     l_at = (c_s - c_t).abs().sum() / n + (s_s - s_t).abs().sum() / n
-    # Eq. 11: L_gl = sum (R(F_t) - R(F_s'))^2
-    l_gl = F.mse_loss(relation(gc_s, fs), relation(gc_t, ft), reduction="sum") / n
+    # Eq. 11: L_gl = sum (R(F_t) - R(F_s'))^2, R the GcBlock (Eq. 12) or, for Table 6, the Non-local block
+    rel = RELATIONS[getattr(gc_s, "kind", "gcblock")]
+    l_gl = F.mse_loss(rel(gc_s, fs), rel(gc_t, ft), reduction="sum") / n
     return torch.stack([l_fg, l_bg, l_at, l_gl])
 
 

@@ -173,7 +173,7 @@ def plan_tv(recipe: dict, root: Path) -> list[dict]:
     ``teacher=`` and, as ``baseline=``, the plain run of its seed (``baseline: <method>``), which it waits for."""
     specs = []
     for ds_name, data in recipe["datasets"].items():
-        data, tdir = resolve_data(data), root / ds_name / "teacher"
+        data, tdir = data if isinstance(data, dict) else resolve_data(data), root / ds_name / "teacher"  # COCO files
         specs.append({"dir": str(tdir), "method": "teacher", "seed": 0, "data": data, "tv": True,
                       "train": {**recipe["train"], **(recipe.get("teacher") or {}), "fgd": False}, "dataset": ds_name})
         for method, m in recipe["methods"].items():
@@ -362,7 +362,7 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
     LOGGER.info(f"study {root}: {len(specs)} runs, {len(todo)} to do, {lanes} lanes")
     for data in {s["data"] for s in todo if not s.get("tv")}:
         warm_label_cache(data)  # parallel lanes would otherwise race to write the same labels/*.cache
-    for data in {s["data"] for s in todo if s.get("tv")}:
+    for data in {s["data"] for s in todo if s.get("tv") and isinstance(s["data"], str)}:
         coco_files(data)  # the COCO files of a YOLO data set, converted once here rather than by every lane
     threads = max(1, (os.cpu_count() or 2) // max(lanes, 1))
     running: list[tuple[subprocess.Popen, dict]] = []
