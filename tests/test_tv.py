@@ -340,10 +340,47 @@ def test_faster_rcnn_trains_distils_resumes_evaluates_and_exports(data, tmp_path
                   "backbone=resnet18", "min_size=64", "max_size=96")
     assert out.returncode == 0 and "mAP | AP50" in out.stdout, out.stderr[-2000:]
     res = export(str(tmp_path / "fgd" / "student.pth"), imgsz=96, data=data, arch="faster_rcnn", backbone="resnet18")
-    assert Path(res["onnx"]).is_file() and res["parity"] < 1e-3
+    assert Path(res["onnx"]).is_file() and res["parity"] < 1e-3 and res["detections_max_diff"] < 1e-3, res
     with pytest.raises(FGDError, match="does not"):  # a RetinaNet checkpoint read as Faster R-CNN
         from yolo_fgd.tv.models import save
 
         save(build("retinanet", "resnet18", 6, **SMALL), tmp_path / "r.pth")
         torch.save(torch.load(tmp_path / "r.pth", weights_only=True)["model"], tmp_path / "bare.pth")
         build("faster_rcnn", "resnet18", 6, str(tmp_path / "bare.pth"), **SMALL)
+
+
+def test_mask_rcnn_trains_on_polygons_reports_mask_ap_and_refuses_box_data(data, tmp_path_factory):
+    """arch=mask_rcnn: YOLO polygons (the embedded set's task=segment) become COCO masks; a distilled Mask R-CNN
+    (FGD's focal masks from the boxes, as the paper) trains and reports the segm COCOeval mask AP beside the box
+    columns; box-only data is a one-line error before anything is written; the export names its masks output."""
+    from yolo_fgd.data import shapes
+    from yolo_fgd.deploy.export import export
+    from yolo_fgd.errors import FGDError
+    from yolo_fgd.tv.coco_utils import CocoDataset
+
+    tmp = tmp_path_factory.mktemp("mask")
+    seg = str(shapes(tmp / "data", n_train=8, n_val=4, size=96, task="segment"))
+    files = coco_files(seg)
+    ds = CocoDataset(files["train_json"], files["train_images"], masks=True)
+    img, t = ds[0]
+    assert ds.has_masks() and t["masks"].shape == (len(t["boxes"]), *img.shape[-2:])
+    box = t["boxes"][0].round().long()  # the mask lies inside its box
+    inside = t["masks"][0][box[1]:box[3] + 1, box[0]:box[2] + 1].sum()
+    assert t["masks"][0].sum() > 0 and inside == t["masks"][0].sum()
+    kw = dict(data=seg, arch="mask_rcnn", student_backbone="resnet18", batch=4, project=str(tmp), warmup_iters=2,
+              **SMALL)
+    train(fgd=False, epochs=1, name="teacher", **kw)
+    metrics = train(epochs=1, name="fgd", teacher=str(tmp / "teacher" / "model.pth"), teacher_backbone="resnet18",
+                    check_teacher=False, **kw)
+    assert {"mAP", "mask_mAP", "mask_AP50"} <= set(metrics)
+    with open(tmp / "fgd" / "results.csv") as f:
+        row = list(csv.DictReader(f))[-1]
+    assert "mask_mAP" in row and "loss_mask" in row and float(row["loss_fgd"]) > 0
+    with pytest.raises(FGDError, match="arch=mask_rcnn needs instance masks"):
+        train(fgd=False, epochs=1, name="boxes", **{**kw, "data": data})
+    assert not (tmp / "boxes").exists()
+    res = export(str(tmp / "fgd" / "student.pth"), imgsz=96, data=seg, arch="mask_rcnn", backbone="resnet18")
+    import onnx
+
+    assert [o.name for o in onnx.load(res["onnx"]).graph.output] == ["boxes", "scores", "labels", "masks"]
+    assert res["parity"] < 1e-3

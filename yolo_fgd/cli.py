@@ -512,7 +512,7 @@ BENCH_ARGS = (
     ("openvino", None, "add the OpenVINO f32 / bf16 / INT8 rows (default: when OpenVINO is installed)"),
 )
 TV_VAL_ARGS = (("model", None, "a torchvision student .pth (required)"), ("data", "shapes", "data"),
-               ("arch", "retinanet", "retinanet | fcos | faster_rcnn"), ("backbone", "resnet50", "student backbone"),
+               ("arch", "retinanet", "retinanet | fcos | faster_rcnn | mask_rcnn"), ("backbone", "resnet50", "student backbone"),
                ("device", "cpu", "device"), ("min_size", [800], "shorter side"), ("max_size", 1333, "longer side cap"))
 
 

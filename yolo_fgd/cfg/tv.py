@@ -12,7 +12,7 @@ ARGS = {
     "baseline": None, "check_teacher": True, "norm": None, "width": 256, "anchor": 32,
 }
 HELP = {  # what `yolo-fgd tv-train help` says of an argument (the rest are torchvision's references/detection ones)
-    "arch": "retinanet | fcos | faster_rcnn (FPN P2-P6, the paper's two-stage setting)", "teacher_backbone": "teacher's ResNet (a checkpoint saved here brings its own)",
+    "arch": "retinanet | fcos | faster_rcnn | mask_rcnn (these two: FPN P2-P6, the paper's two-stage setting)", "teacher_backbone": "teacher's ResNet (a checkpoint saved here brings its own)",
     "student_backbone": "student's ResNet", "teacher": "teacher checkpoint .pth (a plain tv-train run's model.pth)",
     "student_weights": "a local checkpoint to start the student from (frozen BN: the paper's ImageNet setting)",
     "min_size": "shorter side(s); several: multi-scale training, evaluation at the last",

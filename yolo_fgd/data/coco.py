@@ -53,9 +53,20 @@ def label_boxes(label_file, pose: bool = False) -> np.ndarray:
     return np.asarray(rows, dtype=float).reshape(-1, 5)
 
 
+def label_polygons(label_file) -> list:
+    """Per row of a YOLO label file, its polygon (P,2) normalised when the row is one (segment, OBB corners), else
+    None (a box row)."""
+    out = []
+    for line in Path(label_file).read_text().splitlines():
+        v = [float(x) for x in line.split()]
+        out.append(np.asarray(v[1:1 + (len(v) - 1) // 2 * 2]).reshape(-1, 2) if len(v) > 5 else None)
+    return out
+
+
 def yolo_split_to_coco(data_yaml, split: str = "val") -> tuple[dict, list[tuple[int, str]]]:
     """COCO ground-truth dict (boxes in pixels, category ids = YOLO class ids) and [(image_id, path)]; the boxes of
-    segment and OBB labels are their polygons' bounding boxes."""
+    segment and OBB labels are their polygons' bounding boxes, and their polygons the annotations' ``segmentation``
+    (COCO polygons in pixels: what Mask R-CNN trains on and segm COCOeval scores)."""
     files, data = _split(data_yaml, split)
     names, pose = data["names"], "kpt_shape" in data
     images, anns, index = [], [], []
@@ -64,10 +75,14 @@ def yolo_split_to_coco(data_yaml, split: str = "val") -> tuple[dict, list[tuple[
         images.append({"id": image_id, "file_name": Path(f).name, "width": w, "height": h})
         index.append((image_id, str(f)))
         if Path(lf).is_file():
-            for c, x, y, bw, bh in label_boxes(lf, pose):
+            polygons = [] if pose else label_polygons(lf)
+            for i, (c, x, y, bw, bh) in enumerate(label_boxes(lf, pose)):
                 box = [(x - bw / 2) * w, (y - bh / 2) * h, bw * w, bh * h]
-                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(c), "bbox": box,
-                             "area": box[2] * box[3], "iscrowd": 0})
+                ann = {"id": len(anns) + 1, "image_id": image_id, "category_id": int(c), "bbox": box,
+                       "area": box[2] * box[3], "iscrowd": 0}
+                if polygons and polygons[i] is not None:  # a segment (or OBB) row: its outline in pixels
+                    ann["segmentation"] = [(polygons[i] * [w, h]).round(2).flatten().tolist()]
+                anns.append(ann)
     cats = [{"id": int(i), "name": str(n)} for i, n in (names.items() if isinstance(names, dict) else enumerate(names))]
     return {"images": images, "annotations": anns, "categories": cats}, index
 
@@ -78,8 +93,9 @@ def coco_results(image_id: int, rows) -> list[dict]:
              "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]} for x1, y1, x2, y2, s, c in rows]
 
 
-def evaluate_detections(gt: dict, dets: list[dict]) -> dict:
-    """COCOeval (bbox) of detections [{'image_id','category_id','bbox' xywh px,'score'}] -> the paper's columns."""
+def evaluate_detections(gt: dict, dets: list[dict], iou_type: str = "bbox") -> dict:
+    """COCOeval (``iou_type`` bbox, or segm for detections with an RLE ``segmentation``) of detections
+    [{'image_id','category_id','bbox' xywh px,'score'}] -> the paper's columns."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt
@@ -87,7 +103,7 @@ def evaluate_detections(gt: dict, dets: list[dict]) -> dict:
         if not dets:
             return dict.fromkeys(COLUMNS, 0.0)
         coco_dt = coco_gt.loadRes(dets)
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

@@ -22,7 +22,7 @@ from .parity import check, max_diff, sample_images
 def detections_diff(onnx_out, ref) -> float:
     """Max difference between ONNX and PyTorch detections, insensitive to the order of equal scores: sorted scores,
     and for each ONNX box the closest PyTorch box of the same label and score."""
-    ob, osc, ol = (np.asarray(a) for a in onnx_out)
+    ob, osc, ol = (np.asarray(a) for a in onnx_out[:3])
     rb, rs, rl = ref["boxes"].numpy(), ref["scores"].numpy(), ref["labels"].numpy()
     if ob.shape != rb.shape:
         return float("inf")
@@ -48,8 +48,10 @@ def export_onnx(model: str, data="shapes", arch: str = "retinanet", backbone: st
     post.score_thresh, post.detections_per_img = 0.0, int(max_det)  # fixed-size outputs make parity exact
     out = Path(model).with_suffix(".onnx")
     x = torch.rand(3, imgsz, imgsz)
+    outputs = ["boxes", "scores", "labels"] + (["masks"] if getattr(getattr(net, "roi_heads", None), "has_mask",
+                                                                  lambda: False)() else [])
     torch.onnx.export(net, ([x],), str(out), opset_version=int(opset), input_names=["images"],
-                      output_names=["boxes", "scores", "labels"], dynamo=False)
+                      output_names=outputs, dynamo=False)
     # Parity of the network numerics: the same graph without post-processing (transform + backbone + head raw
     # outputs), since top-k/NMS over near-equal scores may legitimately pick different boxes.
     raw, head = out.with_name(f"{out.stem}-raw.onnx"), RawHead(net).eval()

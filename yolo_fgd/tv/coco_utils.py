@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import cv2
+import numpy as np
 import torch
 
 from ..data import resolve_data
@@ -17,11 +18,12 @@ from ..errors import FGDError
 
 
 class CocoDataset(torch.utils.data.Dataset):
-    """COCO-format detection set -> (image float CHW in [0,1], {'boxes' xyxy px, 'labels', 'image_id'})."""
+    """COCO-format detection set -> (image float CHW in [0,1], {'boxes' xyxy px, 'labels', 'image_id'} and, with
+    ``masks``, 'masks' (N,H,W) uint8 rasterised from the annotations' polygons)."""
 
-    def __init__(self, ann_file, image_root, train: bool = False, hflip: float = 0.5):
+    def __init__(self, ann_file, image_root, train: bool = False, hflip: float = 0.5, masks: bool = False):
         d = json.loads(Path(ann_file).read_text())
-        self.root, self.train, self.hflip = Path(image_root), train, hflip
+        self.root, self.train, self.hflip, self.masks = Path(image_root), train, hflip, masks
         self.images = d["images"]
         self.anns = {}
         for a in d["annotations"]:
@@ -41,11 +43,31 @@ class CocoDataset(torch.utils.data.Dataset):
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                               for a in anns], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+        target = {"boxes": boxes, "labels": labels, "image_id": info["id"]}
+        if self.masks:
+            target["masks"] = rasterise(anns, *img.shape[-2:])
         if self.train and random.random() < self.hflip:
             img = img.flip(-1)
             w = img.shape[-1]
-            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
-        return img, {"boxes": boxes, "labels": labels, "image_id": info["id"]}
+            target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+            if self.masks:
+                target["masks"] = target["masks"].flip(-1)
+        return img, target
+
+    def has_masks(self) -> bool:
+        """Whether every annotation has a polygon (what Mask R-CNN needs)."""
+        anns = self.gt["annotations"]
+        return bool(anns) and all(a.get("segmentation") for a in anns)
+
+
+def rasterise(anns: list[dict], h: int, w: int) -> torch.Tensor:
+    """(N,H,W) uint8 masks of the annotations' COCO polygons (pixels)."""
+    out = np.zeros((len(anns), h, w), np.uint8)
+    for i, a in enumerate(anns):
+        for poly in a.get("segmentation") or []:
+            pts = np.asarray(poly, np.float32).reshape(-1, 2)
+            cv2.fillPoly(out[i], [np.round(pts).astype(np.int32)], 1)
+    return torch.from_numpy(out)
 
 
 def coco_files(data) -> dict:

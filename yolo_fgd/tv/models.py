@@ -1,4 +1,5 @@
-"""torchvision RetinaNet/FCOS (ResNet FPN P3-P7) and Faster R-CNN (ResNet FPN P2-P6), as the paper distils them.
+"""torchvision RetinaNet/FCOS (ResNet FPN P3-P7), Faster R-CNN and Mask R-CNN (ResNet FPN P2-P6), as the paper
+distils them.
 
 A checkpoint this path saves is ``{"model": state_dict, "build": {arch, backbone, norm, width, anchor}}``, so a teacher is
 rebuilt as it was trained; a bare state dict (a converted or downloaded model) is read with the arguments given.
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models import resnet
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetHead
@@ -22,8 +23,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from ..errors import FGDError
 
 # the paper's preset of each architecture (two_stage: the official faster_rcnn / mask_rcnn configs' weights)
-ARCH_PRESET = {"retinanet": "anchor_based", "fcos": "anchor_free", "faster_rcnn": "two_stage"}
-TWO_STAGE = ("faster_rcnn",)
+ARCH_PRESET = {"retinanet": "anchor_based", "fcos": "anchor_free", "faster_rcnn": "two_stage", "mask_rcnn": "two_stage"}
+TWO_STAGE = ("faster_rcnn", "mask_rcnn")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d")
 GROUPS = 32  # GroupNorm groups (Wu & He, 2018); at least two channels per group where a layer has fewer than 64
 
@@ -82,8 +83,8 @@ def backbone_fpn(name: str, norm: str, width: int, trainable: int, two_stage: bo
                            extra_blocks=LastLevelP6P7(width, width))
 
 
-class FasterRCNNZeroBased(FasterRCNN):
-    """torchvision's Faster R-CNN with this path's 0-based class ids: class k is its label k + 1 (0 is its
+class ZeroBased:
+    """A torchvision two-stage detector with this path's 0-based class ids: class k is its label k + 1 (0 is its
     background), shifted on the way in (targets) and out (detections)."""
 
     def forward(self, images, targets=None):
@@ -92,7 +93,17 @@ class FasterRCNNZeroBased(FasterRCNN):
         out = super().forward(images, targets)
         if self.training:
             return out
-        return [{**d, "labels": d["labels"] - 1} for d in out]
+        # in the one-stage detectors' order (boxes, scores, labels[, masks]): what the ONNX export names its outputs
+        return [{"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"] - 1,
+                 **({"masks": d["masks"]} if "masks" in d else {})} for d in out]
+
+
+class FasterRCNNZeroBased(ZeroBased, FasterRCNN):
+    """torchvision's Faster R-CNN, 0-based class ids (:class:`ZeroBased`)."""
+
+
+class MaskRCNNZeroBased(ZeroBased, MaskRCNN):
+    """torchvision's Mask R-CNN, 0-based class ids (:class:`ZeroBased`); its targets carry 'masks' (N,H,W)."""
 
 
 def anchors(size: int) -> AnchorGenerator:
@@ -128,8 +139,9 @@ def build(arch: str, backbone: str, num_classes: int, weights: str | None = None
         raise FGDError(f"anchor={anchor}: pass RetinaNet's anchor size on P3 in pixels, e.g. 16 or 32")
     bb = backbone_fpn(backbone, norm, width, trainable=3 if norm == "frozen_bn" else 5, two_stage=arch in TWO_STAGE)
     min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
-    if arch == "faster_rcnn":  # torchvision's defaults (anchors 32-512 on P2-P6, RoIAlign 7x7, two FC layers)
-        model = FasterRCNNZeroBased(bb, num_classes=num_classes + 1, min_size=min_size, max_size=int(max_size))
+    if arch in TWO_STAGE:  # torchvision's defaults (anchors 32-512 on P2-P6, RoIAlign 7x7 / 14x14 for masks)
+        cls = FasterRCNNZeroBased if arch == "faster_rcnn" else MaskRCNNZeroBased
+        model = cls(bb, num_classes=num_classes + 1, min_size=min_size, max_size=int(max_size))
     elif arch == "retinanet":
         head_norm = partial(nn.GroupNorm, gn_groups(width)) if norm == "gn" else None
         head = RetinaNetHead(width, 9, num_classes, norm_layer=head_norm)

@@ -30,7 +30,7 @@ from ..data.coco import COLUMNS
 from ..errors import FGDError
 from .coco_utils import CocoDataset, coco_files, collate
 from .distiller import Distiller
-from .engine import evaluate, to_device, train_one_epoch
+from .engine import MASK_COLUMNS, evaluate, to_device, train_one_epoch
 from .models import ARCH_PRESET, build, inherit
 from .models import save as save_model
 
@@ -66,8 +66,13 @@ def train(**kwargs) -> dict:
     random.seed(cfg["seed"] + rank)
 
     files = coco_files(cfg["data"])
-    train_set = CocoDataset(files["train_json"], files["train_images"], train=True, hflip=cfg["hflip"])
+    masks = cfg["arch"] == "mask_rcnn"
+    train_set = CocoDataset(files["train_json"], files["train_images"], train=True, hflip=cfg["hflip"], masks=masks)
     val_set = CocoDataset(files["val_json"], files["val_images"])
+    if masks and not train_set.has_masks():
+        raise FGDError(f"arch=mask_rcnn needs instance masks, but data '{cfg['data']}' has box labels only: pass a "
+                       "segmentation data set (YOLO polygons, e.g. `yolo-fgd data shapes task=segment`, or COCO json "
+                       "with segmentation), or arch=faster_rcnn")
     nc = max((c["id"] for c in train_set.gt["categories"]), default=0) + 1
     save = Path(cfg["project"]) / cfg["name"]
     last = save / "last.pth"
@@ -146,7 +151,7 @@ def train(**kwargs) -> dict:
                 LOGGER.info("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             row = {"epoch": epoch + 1, "time": round(time.time() - t0, 2),
                    "lr": opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in means.items()},
-                   **{k: round(scored.get(k, float("nan")), 5) for k in COLUMNS}}
+                   **{k: round(scored.get(k, float("nan")), 5) for k in COLUMNS + (MASK_COLUMNS if masks else ())}}
             append_row(save / "results.csv", row)
         if ddp:
             dist.barrier()
@@ -248,5 +253,6 @@ def val(model: str, data="shapes", arch: str = "retinanet", backbone: str = "res
     nc = max((c["id"] for c in ds.gt["categories"]), default=0) + 1
     net = build(arch, backbone, nc, model, min_size, max_size)
     m = evaluate(net.to(device), ds, torch.device(device))
-    console.result(" | ".join(COLUMNS) + "\n" + " | ".join(f"{100 * m[k]:.1f}" for k in COLUMNS))
+    cols = [k for k in COLUMNS + MASK_COLUMNS if k in m]
+    console.result(" | ".join(cols) + "\n" + " | ".join(f"{100 * m[k]:.1f}" for k in cols))
     return m
