@@ -173,7 +173,8 @@ def plan_tv(recipe: dict, root: Path) -> list[dict]:
     ``teacher=`` and, as ``baseline=``, the plain run of its seed (``baseline: <method>``), which it waits for."""
     specs = []
     for ds_name, data in recipe["datasets"].items():
-        data, tdir = data if isinstance(data, dict) else resolve_data(data), root / ds_name / "teacher"  # COCO files
+        coco = isinstance(data, dict) and "train_json" in data  # COCO files as they are; a YOLO set resolved
+        data, tdir = data if coco else resolve_data(data), root / ds_name / "teacher"
         specs.append({"dir": str(tdir), "method": "teacher", "seed": 0, "data": data, "tv": True,
                       "train": {**recipe["train"], **(recipe.get("teacher") or {}), "fgd": False}, "dataset": ds_name})
         for method, m in recipe["methods"].items():
