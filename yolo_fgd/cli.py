@@ -338,16 +338,17 @@ def _fit(yolo, kv: dict):
     be using), and only if it holds nothing else."""
     from .yolo import trainer_for
 
-    yolo.trainer = None
+    before = getattr(yolo, "trainer", None)
     try:
         yolo.train(trainer=trainer_for(yolo.task), **kv)
     except BaseException as e:
-        save_dir = getattr(yolo.trainer, "save_dir", None)
+        trainer = getattr(yolo, "trainer", None)
+        save_dir = getattr(trainer, "save_dir", None) if trainer is not before else None  # this run's own trainer
         if save_dir is not None and not kv.get("resume") and Path(save_dir).is_dir() and \
                 all(p.name == "args.yaml" or p.is_dir() for p in Path(save_dir).rglob("*")):
             shutil.rmtree(save_dir, ignore_errors=True)  # made by this run, which wrote nothing of its own
         if isinstance(e, KeyboardInterrupt):
-            last = getattr(yolo.trainer, "last", None)
+            last = getattr(trainer, "last", None)
             raise Interrupted(last if last is not None and Path(last).is_file() else None) from None
         raise
     save_dir = Path(yolo.trainer.save_dir).resolve()
