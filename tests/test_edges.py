@@ -242,3 +242,21 @@ def test_teacher_checks_answer_before_ultralytics_banner(kind, data, tmp_path):
                     cwd=work, env={**env_for(tmp_path), "YOLO_VERBOSE": "True"})
     one_line_error(r, {"classes": "3 classes", "task": "'segment' model", "corrupt": "could not be loaded"}[kind])
     assert tree(work) == before
+
+
+def test_a_run_failing_after_its_trainer_started_leaves_no_folder(data, tmp_path):
+    """A teacher whose Detect strides differ is found once the student is built (after Ultralytics made the run
+    folder): the one error line, and the folder this run's trainer made is gone; an earlier run of the same name is
+    left as it was."""
+    from conftest import save_untrained
+
+    names = ["circle", "ring", "triangle", "square", "star", "cross"]
+    t = save_untrained("yolov8n-p2.yaml", names, tmp_path / "p2.pt")
+    work = tmp_path / "w"
+    (work / "runs" / "detect" / "x" / "weights").mkdir(parents=True)
+    (work / "runs" / "detect" / "x" / "weights" / "last.pt").write_bytes(b"an earlier run's")
+    before = tree(work)
+    r = run_cli("train", "model=yolo11n.yaml", f"teacher={t}", f"data={data}", "epochs=1", *TINY.split(), "name=x",
+                cwd=work, env=env_for(tmp_path))
+    one_line_error(r, "strides")
+    assert tree(work) == before  # its own folder (x-2) removed, x untouched

@@ -333,9 +333,9 @@ def _student(model: str):
 
 def _fit(yolo, kv: dict):
     """Train with the distillation trainer of the student's task; print where the run went (its best.pt on stdout),
-    or how to resume after Ctrl-C. A run that fails before writing anything but its args.yaml leaves no folder
-    behind: the folder its own trainer made (never one predicted from the name, which a second run of that name may
-    be using), and only if it holds nothing else."""
+    or how to resume after Ctrl-C. A run that fails before writing a checkpoint leaves no folder behind: the folder
+    its own trainer made is removed (never one predicted from the name, which a second run of that name may be
+    using)."""
     from .yolo import trainer_for
 
     before = getattr(yolo, "trainer", None)
@@ -345,8 +345,8 @@ def _fit(yolo, kv: dict):
         trainer = getattr(yolo, "trainer", None)
         save_dir = getattr(trainer, "save_dir", None) if trainer is not before else None  # this run's own trainer
         if save_dir is not None and not kv.get("resume") and Path(save_dir).is_dir() and \
-                all(p.name == "args.yaml" or p.is_dir() for p in Path(save_dir).rglob("*")):
-            shutil.rmtree(save_dir, ignore_errors=True)  # made by this run, which wrote nothing of its own
+                not any(Path(save_dir).rglob("*.pt")):
+            shutil.rmtree(save_dir, ignore_errors=True)  # made by this run, which wrote no checkpoint
         if isinstance(e, KeyboardInterrupt):
             last = getattr(trainer, "last", None)
             raise Interrupted(last if last is not None and Path(last).is_file() else None) from None
