@@ -260,3 +260,34 @@ def test_a_run_failing_after_its_trainer_started_leaves_no_folder(data, tmp_path
                 cwd=work, env=env_for(tmp_path))
     one_line_error(r, "strides")
     assert tree(work) == before  # its own folder (x-2) removed, x untouched
+
+
+def test_edge_runner_backend_and_precision_mismatches_are_one_line(tmp_path):
+    """--backend onnxruntime on an OpenVINO folder names the right backend (not "re-export it"); --precision with ONNX
+    Runtime, which it would ignore, is refused; neither leaves a results folder."""
+    ir = tmp_path / "best_openvino_model"
+    ir.mkdir()
+    onnx = tmp_path / "best.onnx"
+    onnx.write_bytes(b"")
+    img = tmp_path / "a.jpg"
+    img.write_bytes(b"")
+    before = tree(tmp_path)
+    for args, words in (([str(ir), str(img), "--backend", "onnxruntime"], "--backend openvino"),
+                        ([str(onnx), str(img), "--precision", "bf16"], "OpenVINO's inference precision")):
+        r = subprocess.run([sys.executable, "-m", "yolo_fgd.deploy.edge", *args], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=120)
+        assert r.returncode == 2 and words in r.stderr and "re-export" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert tree(tmp_path) == before
+
+
+def test_attention_takes_run_folders(teacher, data, tmp_path):
+    """`attention` takes run folders for model= and teacher=, as every other command (it said "not found")."""
+    run = tmp_path / "runs" / "detect" / "t"
+    (run / "weights").mkdir(parents=True)
+    shutil.copy(teacher, run / "weights" / "best.pt")
+    img = next((Path(data).parent / "images" / "val").glob("*.jpg"))
+    r = run_cli("attention", f"model={run}", f"teacher={run}", f"source={img}", "imgsz=64", cwd=tmp_path,
+                env=env_for(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Path(r.stdout.strip().splitlines()[-1]).is_file()

@@ -180,7 +180,7 @@ def check_project(project) -> None:
         base = base.parent
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK) or (base != p and _pseudo(base)):
         raise FGDError(f"project={project} cannot be written ({base} is not a writable folder): pass project= a "
-                       "folder you can write to, e.g. project=runs")
+                       "folder you can write to, e.g. project=$PWD/runs/detect")
 
 
 def _pseudo(path: Path) -> bool:

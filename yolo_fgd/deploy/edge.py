@@ -89,6 +89,12 @@ class EdgeModel:
         if not path.exists():
             raise FileNotFoundError(f"model '{path}' not found: export one with `yolo-fgd export format=onnx` (or "
                                     "format=openvino)")
+        if backend == "onnxruntime" and (path.is_dir() or path.suffix == ".xml"):
+            raise ValueError(f"'{path}' is an OpenVINO model: run it with --backend openvino (or leave --backend out), "
+                             "or pass the .onnx file to --backend onnxruntime")
+        if backend == "onnxruntime" and precision:
+            raise ValueError(f"--precision {precision} is OpenVINO's inference precision; ONNX Runtime computes in "
+                             "the file's own type: leave --precision out, or use --backend openvino")
         if backend == "openvino":
             meta, shape, out, self.dtype = self._openvino(path, threads, precision)
         else:

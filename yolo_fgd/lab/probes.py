@@ -19,6 +19,7 @@ from ..data import resolve_data
 from ..data.coco import split_images
 from ..deploy.edge import blob
 from ..errors import FGDError
+from .. import console
 from ..yolo.model import load_model, neck_features
 
 
@@ -63,6 +64,7 @@ def attention_maps(model: str, teacher: str, source: str, baseline: str | None =
     fig.savefig(dst, dpi=110)
     plt.close(fig)
     print(f"yolo-fgd: attention maps saved to {dst.resolve()}")
+    console.result(str(dst.resolve()))  # the path alone on stdout, as every command's result
     return dst
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from ultralytics.nn.tasks import guess_model_task, load_checkpoint
 
-from ..cfg import checkpoint  # noqa: F401  (re-exported: a run folder or a .pt -> the .pt)
+from ..cfg import checkpoint  # a run folder or a .pt -> the .pt (the trainer imports it from here)
 from ..errors import FGDError
 
 TASKS = ("detect", "segment", "pose", "obb")
@@ -66,9 +66,9 @@ def require_file(path, role: str = "teacher") -> Path:
 
 
 def load_model(path, device, role: str = "teacher") -> nn.Module:
-    """A YOLO checkpoint of any task with a Detect-family head, as a frozen, fused, fp32 eval network on ``device``.
-    ``role`` names the file in errors ("teacher", "model")."""
-    p = require_file(path, role)
+    """A YOLO checkpoint (or a run folder: its weights/best.pt) of any task with a Detect-family head, as a frozen,
+    fused, fp32 eval network on ``device``. ``role`` names the file in errors ("teacher", "model")."""
+    p = require_file(checkpoint(path) if path else path, role)
     try:
         model, _ = load_checkpoint(p, device="cpu")
     except Exception as e:  # corrupt zip, pickle error, foreign checkpoint format
