@@ -291,3 +291,22 @@ def test_attention_takes_run_folders(teacher, data, tmp_path):
                 env=env_for(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert Path(r.stdout.strip().splitlines()[-1]).is_file()
+
+
+def test_edge_runner_on_an_unreadable_image_leaves_no_folder(tmp_path):
+    """A detector-shaped ONNX model and an image that cannot be read: one line, exit 2, and no empty runs/edge."""
+    import torch
+
+    class Detector(torch.nn.Module):  # (1,3,32,32) -> (1, 4 + 6 classes, 21 anchors): what the runner takes
+        def forward(self, x):
+            return x.mean((1, 2, 3)).view(1, 1, 1).expand(1, 10, 21) * 1.0
+
+    onnx = tmp_path / "det.onnx"
+    torch.onnx.export(Detector(), (torch.rand(1, 3, 32, 32),), str(onnx), dynamo=False)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    before = tree(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "yolo_fgd.deploy.edge", str(onnx), str(bad)], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "is not readable" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert tree(tmp_path) == before
