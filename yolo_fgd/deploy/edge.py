@@ -327,12 +327,15 @@ def main(argv=None) -> int:
                     help="runtime (default: openvino for an IR folder or .xml, onnxruntime for an .onnx)")
     ap.add_argument("--precision", default=None, help="OpenVINO's inference precision: f32, bf16 or f16")
     a = ap.parse_args(argv)
-    made, out = False, None
+    made, out = None, None
     try:
         model = EdgeModel(a.model, a.conf, a.iou, threads=a.threads, backend=a.backend, precision=a.precision)
         files = list(sources(Path(a.source)))
         out = Path(a.save_dir) if a.exist_ok else free_dir(Path(a.save_dir))
-        made = not out.exists()
+        made = out  # the folders this run makes: out and any missing parents, up to the first that exists
+        while not made.parent.exists():
+            made = made.parent
+        made = None if out.exists() else made
         out.mkdir(parents=True, exist_ok=True)
         records = []
         for f in files:
@@ -378,8 +381,14 @@ def main(argv=None) -> int:
             print(f"detections of {len(records)} images written to {Path(a.json).resolve()}")
         print(f"results saved to {out.resolve()}")
     except (FileNotFoundError, ValueError) as e:
-        if made and out.is_dir() and not any(out.iterdir()):  # this run's folder, still empty: nothing to keep
-            out.rmdir()
+        if made is not None and out.is_dir() and not any(out.rglob("*")):  # this run's folders, still empty
+            for d in (out, *out.parents):
+                try:
+                    d.rmdir()  # fails, and stops, at a folder something else has written into meanwhile
+                except OSError:
+                    break
+                if d == made:
+                    break
         print(f"edge: error: {e}", file=sys.stderr)
         return 2
     return 0
