@@ -337,6 +337,7 @@ def _fit(yolo, kv: dict):
     its own trainer made is removed (never one predicted from the name, which a second run of that name may be
     using)."""
     from .yolo import trainer_for
+    from .yolo.trainer import discard_run
 
     before = getattr(yolo, "trainer", None)
     try:
@@ -344,9 +345,8 @@ def _fit(yolo, kv: dict):
     except BaseException as e:
         trainer = getattr(yolo, "trainer", None)
         save_dir = getattr(trainer, "save_dir", None) if trainer is not before else None  # this run's own trainer
-        if save_dir is not None and not kv.get("resume") and Path(save_dir).is_dir() and \
-                not any(Path(save_dir).rglob("*.pt")):
-            shutil.rmtree(save_dir, ignore_errors=True)  # made by this run, which wrote no checkpoint
+        if save_dir is not None and not kv.get("resume"):
+            discard_run(save_dir)  # made by this run; removed when it wrote no checkpoint
         if isinstance(e, KeyboardInterrupt):
             last = getattr(trainer, "last", None)
             raise Interrupted(last if last is not None and Path(last).is_file() else None) from None

@@ -49,9 +49,8 @@ class DistillMixin:
         try:
             self._init_distill(repoint)
         except BaseException:
-            if not self.resume and self.save_dir.is_dir() and \
-                    all(p.name == "args.yaml" or p.is_dir() for p in self.save_dir.rglob("*")):
-                shutil.rmtree(self.save_dir, ignore_errors=True)  # the folder Ultralytics just made for this run
+            if not self.resume:
+                discard_run(self.save_dir)  # the folder Ultralytics just made for this run
             raise
 
     def _init_distill(self, repoint) -> None:
@@ -109,7 +108,7 @@ class DistillMixin:
         self.distiller.world_size = self.world_size
         if self.resume:
             resumed = Path(self.args.resume if isinstance(self.args.resume, (str, Path)) else self.args.model)
-            self._restore(sidecar_of(resumed), (ckpt or {}).get("epoch") if isinstance(ckpt, dict) else None)
+            self._restore(sidecar_of(resumed), ckpt.get("epoch") if isinstance(ckpt, dict) else None)
         if RANK in {-1, 0}:
             LOGGER.info(f"{colorstr('distill:')} teacher {self.args.teacher}, {self.distiller.describe()}, "
                         f"{self.distill_cfg}")
@@ -231,6 +230,13 @@ class DistillMixin:
         if periodic.is_file() and (self.wdir / SIDECAR).is_file():
             shutil.copy2(self.wdir / SIDECAR, sidecar_of(periodic))
         return saved
+
+
+def discard_run(save_dir) -> None:
+    """Remove a run folder that holds no checkpoint (a run that failed before its first epoch was saved)."""
+    save_dir = Path(save_dir)
+    if save_dir.is_dir() and not any(save_dir.rglob("*.pt")):
+        shutil.rmtree(save_dir, ignore_errors=True)
 
 
 def sidecar_of(checkpoint: Path) -> Path:
