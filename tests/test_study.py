@@ -270,3 +270,17 @@ def test_plateau_gain_is_the_last_window_over_the_best_before():
     assert math.isclose(plateau_gain(rows(flat)), 0.001)
     assert plateau_gain(rows([0.6] * 21 + [0.5] * 20)) < 0
     assert math.isnan(plateau_gain(rows([0.1] * 20)))
+
+
+def test_progress_eta_counts_every_segment_of_a_resumed_run(tmp_path):
+    """Ultralytics' time column restarts when a run resumes: the ETA uses the seconds of every segment (it showed a
+    run of 80 minutes left as 2 minutes after a resume)."""
+    from yolo_fgd.lab.study import progress
+
+    run = tmp_path / "r"
+    run.mkdir()
+    times = [10, 20, 30, 5, 15]  # three epochs, a resume, two more: 45 s over 5 epochs
+    (run / "results.csv").write_text("epoch,time,metrics/mAP50-95(B)\n" +
+                                     "".join(f"{i + 1},{t},0.1\n" for i, t in enumerate(times)))
+    line = progress({"dir": str(run), "train": {"epochs": 10}, "args": {}})
+    assert "5/10 epochs" in line and "ETA 0m45s" in line, line

@@ -120,10 +120,7 @@ def summarise(spec: dict, fallback_s: float = 0.0) -> dict:
     segments: Ultralytics' ``time`` column restarts on resume) and Ultralytics' own final val mAP50-95."""
     out = Path(spec["dir"])
     rows = _results(out / "results.csv")
-    wall, prev = 0.0, 0.0
-    for t in (float(r["time"]) for r in rows):
-        wall, prev = (wall + prev, t) if t < prev else (wall, t)
-    wall = (wall + prev) or fallback_s
+    wall = train_seconds(rows) or fallback_s
     best = str(out / "weights" / "best.pt")
     task = spec.get("task") or "detect"
     column = TASK_METRIC.get(task, TASK_METRIC["detect"])
@@ -139,6 +136,15 @@ def summarise(spec: dict, fallback_s: float = 0.0) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def train_seconds(rows: list[dict]) -> float:
+    """Training seconds of an Ultralytics results.csv, summed over resumed segments (its ``time`` column is
+    cumulative and restarts when a run resumes)."""
+    wall, prev = 0.0, 0.0
+    for t in (float(r["time"]) for r in rows):
+        wall, prev = (wall + prev, t) if t < prev else (wall, t)
+    return wall + prev
 
 
 def plateau_gain(rows: list[dict], window: int = PLATEAU_EPOCHS) -> float:
@@ -397,7 +403,7 @@ def progress(spec: dict) -> str | None:
     last = rows[-1]
     total = int((spec.get("args") or {}).get("epochs") or spec["train"].get("epochs") or len(rows))
     done = int(float(last.get("epoch", len(rows))))
-    per_epoch = float(last.get("time", 0)) / max(len(rows), 1)  # Ultralytics' time is cumulative
+    per_epoch = train_seconds(rows) / max(len(rows), 1)
     if spec.get("tv"):  # tv-train's columns: epoch, time (of the epoch), lr, the losses, then the COCO columns
         per_epoch = sum(float(r["time"]) for r in rows) / len(rows)
         losses = "  ".join(f"{k.removeprefix('loss_')} {float(v):.3f}" for k, v in last.items()
