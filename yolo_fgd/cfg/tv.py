@@ -18,7 +18,7 @@ HELP = {  # what `yolo-fgd tv-train help` says of an argument (the rest are torc
     "min_size": "shorter side(s); several: multi-scale training, evaluation at the last",
     "inherit": "copy the teacher's FPN and head into the student (paper 4.2)",
     "fgd": "False: plain training (a teacher or the baseline; saves model.pth)",
-    "distill_preset": "default: the architecture's paper preset (anchor_based, anchor_free)",
+    "distill_preset": "default: the architecture's paper preset (anchor_based, anchor_free, two_stage)",
     "eval_every": "epochs between COCO evaluations (and the last)",
     "baseline": "a plain student run (its folder or results.csv) the teacher must beat before FGD starts",
     "check_teacher": "score the teacher on the val split first (False skips it)",
