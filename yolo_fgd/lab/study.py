@@ -189,7 +189,7 @@ def plan_tv(recipe: dict, root: Path) -> list[dict]:
                 args, needs = dict(m.get("args") or {}), []
                 if m.get("distill"):
                     args.update(fgd=True, teacher=str(tdir / "model.pth"))
-                    needs.append(args["teacher"])
+                    needs.append(str(tdir / "summary.json"))  # the teacher run finished, not merely started
                     if m.get("baseline"):
                         args["baseline"] = str(root / ds_name / f"{m['baseline']}-s{seed}")
                         needs.append(str(Path(args["baseline"]) / "summary.json"))
@@ -228,10 +228,13 @@ def plan(recipe: dict, root: Path) -> list[dict]:
             for seed in m.get("seeds", recipe["seeds"]):
                 uses_teacher = m.get("distill") or "TEACHER" in (m.get("args") or {}).values()
                 model = m.get("model", recipe["student"])
-                needs = [teacher_pt] if uses_teacher and not tcfg.get("weights") else []  # plain runs start at once
+                # a run that feeds this one must have finished (its summary.json), not merely written a best.pt:
+                # best.pt exists from its first epoch on. Plain runs start at once.
+                needs = [str(tdir / "summary.json")] if uses_teacher and not tcfg.get("weights") else []
                 if str(model).startswith("RUN:"):  # fine-tuning: start from another method's student, same seed
-                    model = str(root / ds_name / f"{model[4:]}-s{seed}" / "weights" / "best.pt")
-                    needs.append(model)
+                    base = root / ds_name / f"{model[4:]}-s{seed}"
+                    model = str(base / "weights" / "best.pt")
+                    needs.append(str(base / "summary.json"))
                 specs.append({"dir": str(root / ds_name / f"{method}-s{seed}"), "method": method, "seed": seed,
                               "data": data, "model": model, "train": train, "task": task,
                               "distill": bool(m.get("distill")), "args": {**({"teacher": teacher_pt} if m.get("distill") else {}),
@@ -432,10 +435,9 @@ def _drive(pending: list, running: list, lanes: int, env: dict) -> None:
                 running.remove((proc, s))
                 if proc.returncode:
                     LOGGER.warning(f"study run {s['dir']} failed (exit {proc.returncode}), see its train.log")
-        busy = {str(Path(r[1]["dir"]) / "weights" / "best.pt") for r in running}  # best.pt exists before the end
         for s in [s for s in pending if (Path(s["dir"]) / "summary.json").is_file()]:  # finished by another study
             pending.remove(s)
-        ready = [s for s in pending if all(Path(n).is_file() and n not in busy for n in s.get("needs") or [])]
+        ready = [s for s in pending if all(Path(n).is_file() for n in s.get("needs") or [])]
         while ready and len(running) < lanes:
             s = ready.pop(0)
             pending.remove(s)
