@@ -285,7 +285,8 @@ def test_progress_eta_counts_every_segment_of_a_resumed_run(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     times = [10, 20, 30, 5, 15]  # three epochs, a resume, two more: 45 s over 5 epochs
-    (run / "results.csv").write_text("epoch,time,metrics/mAP50-95(B)\n" +
-                                     "".join(f"{i + 1},{t},0.1\n" for i, t in enumerate(times)))
+    (run / "results.csv").write_text("epoch,time,train/box_loss,train/crosskd,metrics/mAP50-95(B)\n" +
+                                     "".join(f"{i + 1},{t},1.5,8.25,0.1\n" for i, t in enumerate(times)))
     line = progress({"dir": str(run), "train": {"epochs": 10}, "args": {}})
     assert "5/10 epochs" in line and "ETA 0m45s" in line, line
+    assert "box 1.500  crosskd 8.250" in line, line  # the loss items by their names (a term's has no _loss)

@@ -413,7 +413,8 @@ def progress(spec: dict) -> str | None:
                            if k not in ("epoch", "time", "lr", *TV_COLUMNS, "ARs", "ARm", "ARl") and v)
         score = float(last.get("mAP") or "nan")
     else:
-        losses = "  ".join(f"{k[6:-5]} {float(v):.3f}" for k, v in last.items() if k.startswith("train/") and v)
+        losses = "  ".join(f"{k[6:].removesuffix('_loss')} {float(v):.3f}" for k, v in last.items()
+                           if k.startswith("train/") and v)  # train/box_loss -> box, train/crosskd -> crosskd
         score = float(last.get("metrics/mAP50-95(B)", 0))
     eta = per_epoch * max(total - done, 0)
     name = "/".join(Path(spec["dir"]).parts[-2:])
