@@ -114,3 +114,64 @@ def test_four_anchor_terms_train_together(data, runs, teacher):
     assert {"cwd", "pkd"} <= set(side)
     # the 1x1 align convs from the student's 64 channels to the teacher's 128 on P3
     assert side["cwd"]["0.weight"].shape == (128, 64, 1, 1) and side["pkd"]["0.weight"].shape == (128, 64, 1, 1)
+
+
+def test_linear_map_recovers_a_known_map_at_realistic_magnitudes():
+    """t = W s + b (+ a little noise) on 80x80 maps of features x10: the fitted map is W and b; sums of two halves of
+    the batch (what an all-reduce adds) give the same map; a channel that never varies gets weight 0."""
+    from yolo_fgd.core import linear_map, moments
+
+    g = torch.Generator().manual_seed(0)
+    s = 10 * torch.randn(2, 16, 80, 80, generator=g) + 3.0
+    s[:, 5] = 7.0  # a dead channel: no variance
+    w, b = torch.randn(32, 16, generator=g), torch.randn(32, generator=g)
+    w[:, 5] = 0
+    t = torch.einsum("oc,nchw->nohw", w, s) + b[None, :, None, None] + 0.01 * torch.randn(2, 32, 80, 80, generator=g)
+    m = moments(s, t)
+    fw, fb = linear_map(m, ridge=1e-6)
+    assert fw.shape == (32, 16) and fb.shape == (32,)
+    assert torch.allclose(fw.float(), w, atol=1e-3) and torch.allclose(fb.float(), b, atol=5e-3), (fw - w).abs().max()
+    assert fw[:, 5].abs().max() < 1e-6
+    halves = [moments(s[i:i + 1], t[i:i + 1]) for i in range(2)]
+    summed = {k: halves[0][k] + halves[1][k] for k in m}
+    hw, hb = linear_map(summed, ridge=1e-6)
+    assert torch.allclose(hw, fw, atol=1e-9) and torch.allclose(hb, fb, atol=1e-9)
+
+
+def test_crosskd_fit_starts_its_convs_at_the_least_squares_map_once(teacher, data):
+    """crosskd_fit=True: on the first training batch each 1x1 conv becomes the least-squares map of that batch's
+    student features to the teacher's (so the crossed head starts near the teacher's outputs: a lower first loss than
+    the random start), is not refitted on the next batch, and is not refitted after a sidecar restore."""
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolo_fgd.core import linear_map, moments
+    from yolo_fgd.core.presets import resolve
+    from yolo_fgd.yolo.distiller import Distiller
+    from yolo_fgd.yolo.model import neck_features, train_outputs
+
+    names = check_det_dataset(data)["names"]
+    torch.manual_seed(0)
+    student = DetectionModel("yolo11n.yaml", nc=len(names), verbose=False).train()
+    img = torch.rand(4, 3, 96, 96)
+    batch = {"img": img, "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "batch_idx": torch.tensor([0.0])}
+    cfg = {"crosskd": 1.0, "kd_cls": 0, "kd_box": 0}
+    random = Distiller(student, teacher, resolve(cfg), names, "cpu")
+    fitted = Distiller(student, teacher, resolve({**cfg, "crosskd_fit": True}), names, "cpu")
+    first = fitted(train_outputs(student(img)), batch)["crosskd"]
+    assert first < random(train_outputs(student(img)), batch)["crosskd"]
+    with torch.no_grad():
+        s_feats, t_feats = neck_features(student, img), fitted.teacher_features(img)
+    for conv, s, t in zip(fitted.cross, s_feats, t_feats):
+        w, b = linear_map(moments(s, t))
+        assert torch.allclose(conv.weight[:, :, 0, 0], w.float(), atol=1e-4), (conv.weight[:, :, 0, 0] - w).abs().max()
+        assert torch.allclose(conv.bias, b.float(), atol=1e-4)
+    before = [c.weight.clone() for c in fitted.cross]
+    fitted(train_outputs(student(torch.rand(4, 3, 96, 96))), batch)
+    assert all(torch.equal(a, c.weight) for a, c in zip(before, fitted.cross))  # fitted once
+
+    restored = Distiller(student, teacher, resolve({**cfg, "crosskd_fit": True}), names, "cpu")
+    assert restored.load_sidecar(fitted.sidecar(1)) == []
+    other = torch.rand(4, 3, 96, 96)
+    restored(train_outputs(student(other)), {**batch, "img": other})
+    assert all(torch.equal(a, c.weight) for a, c in zip(before, restored.cross))  # the restored map is kept

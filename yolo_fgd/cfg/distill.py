@@ -72,7 +72,9 @@ TERM_TABLE = (
      "what": "head response: teacher class scores as soft labels (KL), box-side bins (KL, weighted by the teacher's "
              "top score)", "modules": "none", "columns": "kd"},
     {"name": "crosskd", "impl": "terms:CrossKD", "prefix": "",
-     "keys": {"crosskd": (0.0, "weight", "weight of CrossKD (crosskd=0 leaves the head response alone)")},
+     "keys": {"crosskd": (0.0, "weight", "weight of CrossKD (crosskd=0 leaves the head response alone)"),
+              "crosskd_fit": (False, "bool", "start CrossKD's 1x1 convs at the least-squares map of the student's "
+                                             "features to the teacher's on the first batch (False: random)")},
      "what": "CrossKD: the student's Detect inputs through 1x1 convs and the frozen teacher head, its outputs to the "
              "teacher's", "modules": "per level: 1x1 conv to the teacher's width", "columns": "crosskd"},
     {"name": "cwd", "impl": "terms:CWD", "prefix": "",

@@ -6,7 +6,9 @@
   standardising each channel over the batch and positions;
 - :func:`bckd_cls` and :func:`ltrb_giou_kd`: the two parts of BCKD (Yang et al., ICCV 2023): the class scores as
   binary soft labels with a quality-focal modulation, and the boxes by their IoU, both at every anchor of a dense
-  head.
+  head;
+- :func:`moments` and :func:`linear_map`: the least-squares 1x1 map (with bias) from a student's features to the
+  teacher's, which starts an adapter where the student already imitates the teacher linearly.
 
 Features are (N,C,H,W) of equal shape for student (already aligned to the teacher's width) and teacher; every loss is
 computed in fp32 and returns a 0-d tensor; the teacher side is detached.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bckd_cls", "cwd_loss", "ltrb_giou_kd", "pearson_standardise", "pkd_loss"]
+__all__ = ["bckd_cls", "cwd_loss", "linear_map", "ltrb_giou_kd", "moments", "pearson_standardise", "pkd_loss"]
 
 
 def cwd_loss(s: torch.Tensor, t: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -79,3 +81,30 @@ def ltrb_giou_kd(s_ltrb: torch.Tensor, t_ltrb: torch.Tensor, t_scores: torch.Ten
         giou = inter / union.clamp(min=1e-9) - (hull - union) / hull.clamp(min=1e-9)
         w = t_scores.detach().float().sigmoid().amax(1)
         return ((1 - giou) * w).sum() / w.sum().clamp(min=1e-6)
+
+
+def moments(s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over every image and position of a level's student features s (N,Cs,H,W) and teacher features t
+    (N,Ct,H,W), in fp64: ``n`` (0-d), ``s`` (Cs,), ``t`` (Ct,), ``ss`` = sum s s^T (Cs,Cs), ``st`` = sum s t^T
+    (Cs,Ct). Sums, so that processes can add theirs (all-reduce) before :func:`linear_map`."""
+    x = s.detach().double().permute(0, 2, 3, 1).flatten(0, 2)
+    y = t.detach().double().permute(0, 2, 3, 1).flatten(0, 2)
+    return {"n": torch.tensor(float(len(x)), dtype=torch.float64, device=x.device), "s": x.sum(0), "t": y.sum(0),
+            "ss": x.T @ x, "st": x.T @ y}
+
+
+def linear_map(m: dict[str, torch.Tensor], ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1x1 map t ~ W s + b of least squares over the pixels summed in ``m`` (:func:`moments`), with a ridge of
+    ``ridge`` x the mean variance of the student's channels (a channel that never varies gets weight 0, not inf):
+
+        W = (C_ss + ridge tr(C_ss)/Cs I)^-1 C_st,   b = mean_t - W^T mean_s,   C = centred second moments.
+
+    Returns (W (Ct,Cs), b (Ct,)) in fp64: the weight of a ``Conv2d(Cs, Ct, 1)`` is ``W[..., None, None]``."""
+    n = m["n"].clamp(min=1.0)
+    mean_s, mean_t = m["s"] / n, m["t"] / n
+    c_ss = m["ss"] / n - torch.outer(mean_s, mean_s)
+    c_st = m["st"] / n - torch.outer(mean_s, mean_t)
+    cs = c_ss.shape[0]
+    lam = ridge * torch.diagonal(c_ss).sum().clamp(min=1e-12) / cs
+    w = torch.linalg.solve(c_ss + lam * torch.eye(cs, dtype=c_ss.dtype, device=c_ss.device), c_st)  # (Cs,Ct)
+    return w.T, mean_t - w.T @ mean_s

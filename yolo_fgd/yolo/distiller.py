@@ -289,11 +289,12 @@ class Distiller(nn.Module):
         """Restore from :meth:`sidecar` output; returns the names of built modules the sidecar did not hold."""
         self.mult = float(state.get("mult", 1.0))
         missing = []
-        for name, module in self.modules_by_state.items():
-            if state.get(name):
-                module.load_state_dict(state[name])
+        for term in [t for t in self.built if t.module is not None]:
+            if state.get(term.state):
+                term.module.load_state_dict(state[term.state])
+                term.fitted = True  # a restored adapter is not fitted again
             else:
-                missing.append(name)
+                missing.append(term.state)
         return missing
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..cfg.distill import ROWS
@@ -22,8 +23,10 @@ from ..core import (
     cwd_loss,
     focal_weights,
     keypoint_kd,
+    linear_map,
     ltrb_giou_kd,
     mask_kd,
+    moments,
     pkd_loss,
     response_kd,
     side_distances,
@@ -62,6 +65,7 @@ class Term:
     def __init__(self, d, name: str):
         self.d, self.cfg, self.name = d, d.cfg, name
         self.module: nn.Module | None = None
+        self.fitted = False  # its module was started from data (or restored from a sidecar)
 
     @classmethod
     def on(cls, cfg: dict, name: str, task: str) -> bool:
@@ -148,10 +152,30 @@ class CrossKD(Term):
 
     def __call__(self, b):
         d = self.d
+        if self.cfg["crosskd_fit"] and not self.fitted and torch.is_grad_enabled():
+            fit_adapters(self.module, b.student_feats, b.teacher_feats, d.world_size)
+            self.fitted = True
         crossed = head_outputs(d.teacher, d.teacher_input([a(f) for a, f in zip(self.module, b.student_feats)]))
         t = response_kd(crossed["scores"], b.teacher_out["scores"], crossed["boxes"], b.teacher_out["boxes"],
                         d.box_bins[1])
         return self.cfg["crosskd"] * (t["cls"] + t["box"]), {}
+
+
+def fit_adapters(adapters: nn.ModuleList, student_feats: list, teacher_feats: list, world_size: int = 1) -> None:
+    """Set each 1x1 conv of ``adapters`` (one per level; an ``nn.Identity`` is left alone) to the least-squares map
+    (:func:`~yolo_fgd.core.linear_map`) of the student's features (N,Cs,H,W) to the teacher's (N,Ct,H,W) of this
+    batch, summed over every process first, so that every rank starts from the same map."""
+    for conv, s, t in zip(adapters, student_feats, teacher_feats):
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        m = moments(s, t)
+        if world_size > 1 and dist.is_initialized():
+            for v in m.values():
+                dist.all_reduce(v)
+        w, bias = linear_map(m)
+        with torch.no_grad():
+            conv.weight.copy_(w[..., None, None].to(conv.weight.dtype))
+            conv.bias.copy_(bias.to(conv.bias.dtype))
 
 
 class Aligned(Term):
