@@ -86,6 +86,31 @@ print(json.dumps({"graphs": len(graphs), "after_warm": counts[len(warm) - 1], "w
     assert res["worst"] < 1e-5, res
 
 
+def test_compiled_loss_backpropagates_twice_as_the_gradient_share_probe_does():
+    """The distiller's gradient-share probe takes the FGD loss's gradient with retain_graph=True before the step's
+    backward: AOT autograd (what Inductor compiles through; ``aot_eager`` here, no C++ needed) must not donate the
+    saved buffers, or the second backward raises. Both gradients equal the eager definition's."""
+    code = PYRAMID.replace("from yolo_fgd.core import FGDPyramid, compiled", "from yolo_fgd.core import FGDPyramid, "
+                           "compiled\ncompiled.BACKEND = 'aot_eager'") + r"""
+MODES = ("compile", "eager")
+fs = [torch.randn(2, c, 32 // k, 32 // k, generator=g, requires_grad=True) for c, k in ((8, 1), (16, 2), (32, 4))]
+ft = [torch.randn(2, c, 32 // k, 32 // k, generator=g) for c, k in ((16, 1), (32, 2), (64, 4))]
+boxes, bi = torch.tensor([[0.1, 0.1, 0.6, 0.5]]), torch.tensor([1])
+grads = {}
+for mode in MODES:
+    with compiled.using(mode):
+        total = sum(pyr(fs, ft, boxes, bi)[k] for k in ("fg", "bg", "at", "gl"))
+        probe = torch.autograd.grad(total, fs, retain_graph=True)
+        step = torch.autograd.grad(total, fs)
+        grads[mode] = [*probe, *step]
+worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads["compile"], grads["eager"]))
+print(json.dumps({"worst": worst, "warnings": seen, "failed": compiled._failed}))
+"""
+    res = run_py(code, timeout=600)
+    assert res["failed"] == [] and res["warnings"] == [], res
+    assert res["worst"] < 1e-5, res
+
+
 @pytest.mark.slow
 def test_compiled_by_inductor_equals_eager_and_a_failing_compiler_falls_back():
     """Inductor (this machine's C++ compiler) compiles the loss: values and every gradient equal the eager definition.
@@ -126,3 +151,19 @@ print(json.dumps({"total": float(out["eager"][0].sum()), "warnings": seen}))
 """
     res = run_py(code, env={"YOLO_FGD_KERNEL": "eager"})
     assert res["total"] > 0 and res["warnings"] == [], res
+
+
+@pytest.mark.slow
+def test_fgd_trains_with_the_compiled_loss(data, teacher, tmp_path):
+    """The user's path: `yolo-fgd train ... fgd_gain=0.05` with the compiled loss (the default kernel) trains, its
+    gradient-share probe (a retained backward on the first batch) included, and logs a finite FGD column."""
+    import csv
+
+    env = {**os.environ, "YOLO_FGD_KERNEL": "compile"}
+    r = subprocess.run([sys.executable, "-m", "yolo_fgd.cli", "train", "model=yolo11n.yaml", f"teacher={teacher}",
+                        f"data={data}", "epochs=1", "imgsz=64", "batch=4", "workers=0", "plots=False", "amp=False",
+                        "device=cpu", "fgd_gain=0.05", "distill_warmup=0", f"project={tmp_path}", "name=fgd"],
+                       capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    row = list(csv.DictReader(open(tmp_path / "fgd" / "results.csv")))[-1]
+    assert float(row["train/fgd"]) > 0 and float(row["fgd/grad_ratio"]) > 0, row

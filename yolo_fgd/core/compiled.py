@@ -21,6 +21,7 @@ import os
 from contextlib import contextmanager
 
 import torch
+import torch._functorch.config as aot_config
 
 from . import reference
 
@@ -55,13 +56,17 @@ def using(kernel: str):
 
 def compiled(backend=None):
     """:func:`.reference.weighted` compiled with ``backend`` (:data:`BACKEND` when None; once per process and
-    backend)."""
+    backend). Sets two process-wide compiler options: Dynamo's recompile limit to at least :data:`RECOMPILE_LIMIT`
+    and AOT autograd's buffer donation off."""
     backend = backend or BACKEND
     if backend not in _compiled:
         import torch._dynamo
 
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        # no donated buffers (process-wide, read when a graph compiles and again at its backward): the distiller's
+        # gradient-share probe backpropagates through the loss with retain_graph=True before the step's backward
+        aot_config.donated_buffer = False
         _compiled[backend] = torch.compile(reference.weighted, backend=backend)
     return _compiled[backend]
 
