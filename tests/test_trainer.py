@@ -513,3 +513,30 @@ def test_a_sidecar_of_another_epoch_is_not_restored(data, teacher, tmp_path, cap
     assert "is from epoch 5, the checkpoint from epoch 4" in caplog.text
     DistillMixin._restore(trainer, side, epoch=5)  # the pair saved together
     assert torch.equal(d.cross.state_dict()["0.weight"], saved["0.weight"])
+
+
+def test_gradients_probe_measures_each_term_on_the_same_batches(teacher, data, tmp_path):
+    """`yolo-fgd gradients`: per term the gradient of that term alone on the same seeded batches: doubling one term's
+    weight doubles its norm ratio and leaves its cosines; the detection row is the reference (cos 1); a term with
+    weight 0 has no row; the JSON on stdout is all of stdout."""
+    import json
+
+    from yolo_fgd.lab.probes import gradients
+
+    untrained = save_untrained("yolo11n.yaml", read_names(teacher), tmp_path / "student.pt")  # an 80-class head
+    bad = run_cli("gradients", f"model={untrained}", f"teacher={teacher}", f"data={data}", "imgsz=64")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("yolo-fgd: error: model") and \
+        "80 classes" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-2000:]
+    student = teacher  # a trained network of the data's classes (in train mode here, so not the teacher's outputs)
+    kw = dict(data=data, imgsz=64, batch=4, batches=2, fgd_gain=0, cwd=0, pkd=0, ld=0, bckd=0, kd_box=0, crosskd=1)
+    one = gradients(student, teacher, kd_cls=1, **kw)
+    two = gradients(student, teacher, kd_cls=2, **kw)
+    assert set(one) == {"det", "kd", "crosskd"}, one
+    assert one["det"]["cos_det"] == pytest.approx(1, abs=1e-6) and one["kd"]["ratio"] > 0
+    assert two["kd"]["ratio"] == pytest.approx(2 * one["kd"]["ratio"], rel=1e-3), (one, two)
+    assert two["kd"]["cos_val"] == pytest.approx(one["kd"]["cos_val"], abs=1e-3)
+    assert two["crosskd"] == one["crosskd"]  # other terms: untouched
+    r = run_cli("gradients", f"model={student}", f"teacher={teacher}", f"data={data}", "imgsz=64", "batch=4",
+                "batches=1", "kd_cls=0", "kd_box=0", "cwd=0", "pkd=0", "ld=0", "bckd=0", "fgd_gain=0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert set(json.loads(r.stdout)) == {"det", "crosskd"}, r.stdout

@@ -83,7 +83,7 @@ def _show(default) -> str:
         str(default)
 
 
-POSITIVE = {"imgsz", "epochs", "runs", "repeat", "steps", "images", "calib", "lanes", "boxes", "batch", "n_train",
+POSITIVE = {"imgsz", "epochs", "batches", "runs", "repeat", "steps", "images", "calib", "lanes", "boxes", "batch", "n_train",
             "n_val", "size", "tile", "teacher_epochs", "warmup_iters", "max_size"}
 CHOICES = {"int8": (True, False, "dynamic"), "openvino": (True, False)}  # the values a key takes beyond its default's
 
@@ -589,6 +589,16 @@ COMMANDS = {c.name: c for c in [
                   "size; images=120 images"),
             "yolo-fgd imitation model=student.pt teacher=teacher.pt", _lazy("lab.probes", "imitation"),
             required=("model", "teacher")),
+    Command("gradients", "where each distillation term pulls a student: its gradient against the detection loss's",
+            _rows("model= student .pt or run folder (required); teacher= teacher .pt or run folder (required); "
+                  "data=shapes data; imgsz=640 input size; batch=16 images per batch; batches=8 training batches; "
+                  "seed=0 which batches"),
+            "yolo-fgd gradients model=runs/detect/plain teacher=runs/detect/teacher imgsz=160",
+            lambda words, kv: (check_data(kv.get("data")), _lazy("lab.probes", "gradients")(words, kv))[1],
+            required=("model", "teacher"), also=tuple(k for k in DISTILL_ARGS if k != "teacher"),
+            more="    any distillation argument (kd_cls=0 leaves a term out; default: every term at weight 1, "
+                 "fgd_gain=0.05)\n    prints per term |g_k|/|g_det|, cos(g_k, g_det) and cos(g_k, g_val) (held-out "
+                 "images) as JSON on stdout\n"),
     Command("benchmark-loss", "cost of the FGD loss against a plain feature MSE (prints figures)",
             _rows("batch=16 images; imgsz=640 image size; boxes=50 boxes per image; device=cpu device; repeat=5 timed "
                   "runs; step=True also a YOLO11n training step; amp=False fp16 autocast features; threads=0 CPU "

@@ -94,3 +94,79 @@ def imitation(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, 
         LOGGER.info(f"imitation: {path}: held-out R^2 of the best linear map to the teacher, "
                     + ", ".join(f"P{i + 3} {v:.3f}" for i, v in enumerate(r2)))
     return out
+
+
+PROBED = {"kd_cls": 1.0, "kd_box": 1.0, "crosskd": 1.0, "cwd": 1.0, "pkd": 1.0, "ld": 1.0, "bckd": 1.0, "fgd_gain": 0.05,
+          "distill_warmup": 0}  # every term at its screening weight
+
+
+def gradients(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, batch: int = 16, batches: int = 8,
+              seed: int = 0, **distill) -> dict:
+    """Where each distillation term pulls a (converged) student: its gradient g_k on the student's parameters, summed
+    over ``batches`` training batches (no mosaic, as a continuation sees them), against the detection loss's gradient
+    on the same batches (g_det) and on the validation images (g_val):
+
+        ratio_k = |g_k| / |g_det|,   cos_det = cos(g_k, g_det),   cos_val = cos(g_k, g_val)
+
+    cos_val > 0: a small step down g_k lowers the held-out detection loss (to first order); the row ``det`` gives
+    cos(g_det, g_val), what more plain training does. Terms at their screening weights (:data:`PROBED`), or as given
+    (``kd_cls=0`` leaves one out). Returns {term: {ratio, cos_det, cos_val}} and prints it as JSON on stdout."""
+    import json
+
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_dataloader, build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.nn.tasks import load_checkpoint
+    from ultralytics.utils.torch_utils import init_seeds
+
+    from ..core.presets import resolve
+    from ..yolo.distiller import Distiller
+    from ..yolo.model import checkpoint, detect_head, require_file, train_outputs
+
+    init_seeds(int(seed))  # torch, numpy and random: the same batches, augmentations and adapters for the same seed
+    cfg = resolve({**PROBED, **distill})  # bad distillation values: one line, before any work
+    info = check_det_dataset(resolve_data(data))
+    student, _ = load_checkpoint(require_file(checkpoint(model), "model"), device="cpu")
+    student = student.float().train()
+    head = detect_head(student)
+    if head is None or int(head.nc) != len(info["names"]):
+        raise FGDError(f"model '{model}' has {getattr(head, 'nc', 'no detection')} classes but {data} has "
+                       f"{len(info['names'])}: probe a student trained on this data")
+    for p in student.parameters():
+        p.requires_grad_(True)
+    args = get_cfg(overrides={"imgsz": int(imgsz), "mosaic": 0.0, "batch": int(batch)})
+    student.args = args
+    criterion = student.init_criterion()
+    distiller = Distiller(student, teacher, cfg, info["names"], "cpu")
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    def loader(split, mode):
+        ds = build_yolo_dataset(args, info[split], int(batch), info, mode=mode, stride=int(max(student.stride)))
+        return build_dataloader(ds, int(batch), 0, shuffle=mode == "train", device="cpu")
+
+    def flat(loss):
+        gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).double().flatten() for g, p in zip(gs, params)])
+
+    sums: dict[str, torch.Tensor] = {}
+    for i, b in zip(range(int(batches)), loader("train", "train")):
+        b["img"] = b["img"].float() / 255
+        preds = student(b["img"])
+        det, _ = criterion(preds, b)
+        out = distiller(train_outputs(preds), b)
+        n = b["img"].shape[0]
+        for name, loss in [("det", det.sum())] + [(t.name, out[t.name] * n) for t in distiller.built]:
+            sums[name] = sums.get(name, 0) + flat(loss)
+    g_val = 0
+    for b in loader("val", "val"):
+        b["img"] = b["img"].float() / 255
+        g_val = g_val + flat(criterion(student(b["img"]), b)[0].sum())
+    cos = torch.nn.functional.cosine_similarity
+    det = sums["det"]
+    result = {name: {"ratio": round(float(g.norm() / det.norm()), 4), "cos_det": round(float(cos(g, det, 0)), 4),
+                     "cos_val": round(float(cos(g, g_val, 0)), 4)} for name, g in sums.items()}
+    LOGGER.info(f"gradients: {model} ({batches} batches of {batch}, imgsz {imgsz}): |g_k|/|g_det|, cos(g_k, g_det), "
+                "cos(g_k, g_val)\n" + "\n".join(f"  {k:<8} {v['ratio']:>9.4f} {v['cos_det']:>8.4f} {v['cos_val']:>8.4f}"
+                                                for k, v in result.items()))
+    console.result(json.dumps(result))
+    return result
