@@ -290,3 +290,34 @@ def test_progress_eta_counts_every_segment_of_a_resumed_run(tmp_path):
     line = progress({"dir": str(run), "train": {"epochs": 10}, "args": {}})
     assert "5/10 epochs" in line and "ETA 0m45s" in line, line
     assert "box 1.500  crosskd 8.250" in line, line  # the loss items by their names (a term's has no _loss)
+
+
+def test_gap_table_pairs_each_seed_with_its_control_and_the_teacher(tmp_path):
+    """A method with a ``control``: per seed (run - control) / (teacher - control), on COCO and Ultralytics' mAP, paired
+    by seed (a seed the control lacks is left out), mean +- std and per-seed values; results_gap.csv holds them."""
+    import csv
+
+    from yolo_fgd.lab.study import plan, report
+
+    rec = tiny_recipe(tmp_path)
+    rec["methods"] = {"plain": {}, "kd": {"distill": True, "control": "plain"}}
+    rec["seeds"] = [0, 1, 2]
+    specs = plan(rec, tmp_path / "r")
+    assert [s.get("control") for s in specs if s["method"] == "kd"] == ["plain"] * 3
+    values = {("teacher", 0): (0.60, 0.70), ("plain", 0): (0.50, 0.60), ("plain", 1): (0.40, 0.50),
+              ("kd", 0): (0.55, 0.62), ("kd", 1): (0.35, 0.55), ("kd", 2): (0.99, 0.99)}  # kd-s2 has no control
+    for s in specs:
+        if (s["method"], s["seed"]) in values:
+            m, ul = values[(s["method"], s["seed"])]
+            out = tmp_path / "r" / "tiny" / f"{s['method']}-s{s['seed']}" if s["method"] != "teacher" else \
+                tmp_path / "r" / "tiny" / "teacher"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "summary.json").write_text(json.dumps({"method": s["method"], "seed": s["seed"], "map": m,
+                                                          "ul_map": ul, "epoch_s": 1.0, "wall_s": 1.0}))
+    text = report(tmp_path / "r", specs)
+    row = [line for line in text.splitlines() if line.startswith("| tiny | kd | plain |")]
+    assert row and "| 2 |" in row[0] and "+50% / -25%" in row[0], text  # seed 0: 0.05/0.10; seed 1: -0.05/0.20
+    assert "+12.5 ± 53.0 %" in row[0], row  # mean and sample std of +50 % and -25 %
+    gap = list(csv.DictReader(open(tmp_path / "r" / "results_gap.csv")))
+    assert [(r["seed"], round(float(r["gap_map"]), 4), round(float(r["gap_ul"]), 4)) for r in gap] == \
+        [("0", 0.5, 0.2), ("1", -0.25, 0.25)], gap

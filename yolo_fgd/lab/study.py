@@ -237,6 +237,7 @@ def plan(recipe: dict, root: Path) -> list[dict]:
                     needs.append(str(base / "summary.json"))
                 specs.append({"dir": str(root / ds_name / f"{method}-s{seed}"), "method": method, "seed": seed,
                               "data": data, "model": model, "train": train, "task": task,
+                              "control": m.get("control"),
                               "distill": bool(m.get("distill")), "args": {**({"teacher": teacher_pt} if m.get("distill") else {}),
                                                                     **args}, "dataset": ds_name, "needs": needs})
     return specs
@@ -278,11 +279,50 @@ def report(root: Path, specs: list[dict]) -> str:
         cells = [pm("map"), seeds, *(pm(m) for m in list(columns.values())[1:]), f"{stat['epoch_s'][0]:.1f}"]
         md.append(f"| {ds} | {method} | {len(runs)} | " + " | ".join(cells) + " |")
     (root / "results.csv").write_text("\n".join(lines_csv) + "\n")
-    text = "\n".join(md) + "\n"
+    text = "\n".join(md) + "\n" + gap_table(root, specs, rows)
     (root / "results.md").write_text(text)
     _plot(root, rows)
     _curves(root, specs)
     return text
+
+
+def gap_closed(run: dict, control: dict, teacher: dict, key: str = "map") -> float:
+    """(run - control) / (teacher - control) of the summaries' ``key``: the share of the teacher's lead over the
+    control that the run closes (negative: it fell behind the control)."""
+    lead = teacher[key] - control[key]
+    return (run[key] - control[key]) / lead if lead > 0 else float("nan")
+
+
+def gap_table(root: Path, specs: list[dict], rows: dict) -> str:
+    """The methods with a ``control`` (a recipe method run on the same seeds), paired by seed against it and against
+    the data set's teacher: mean +- std and per-seed values of the difference and of the gap closed (:func:`gap_closed`),
+    COCO mAP50-95 of best.pt and Ultralytics' last-epoch val. Also written to results_gap.csv; '' when none."""
+    controls = {(s["dataset"], s["method"]): s["control"] for s in specs if s.get("control")}
+    md = ["", "| dataset | method | control | seeds | Δ mAP50-95 | per seed | gap closed | per seed | "
+              "Δ Ultralytics val | gap closed, Ultralytics |", "|---" * 10 + "|"]
+    csv = ["dataset,method,control,seed,delta_map,gap_map,delta_ul,gap_ul"]
+    for (ds, method), control in controls.items():
+        teacher = (rows.get((ds, "teacher")) or [None])[0]
+        by_seed = {r["seed"]: r for r in rows.get((ds, control), [])}
+        pairs = [(r, by_seed[r["seed"]]) for r in sorted(rows.get((ds, method), []), key=lambda r: r["seed"])
+                 if r["seed"] in by_seed]
+        if not teacher or not pairs:
+            continue
+        cols = {k: np.array([f(r, c) for r, c in pairs]) for k, f in (
+            ("delta_map", lambda r, c: r["map"] - c["map"]), ("gap_map", lambda r, c: gap_closed(r, c, teacher)),
+            ("delta_ul", lambda r, c: r["ul_map"] - c["ul_map"]),
+            ("gap_ul", lambda r, c: gap_closed(r, c, teacher, "ul_map")))}
+        for i, (r, _) in enumerate(pairs):
+            csv.append(f"{ds},{method},{control},{r['seed']}," + ",".join(f"{cols[k][i]:.5f}" for k in cols))
+        ms = lambda v: f"{np.mean(v) * 100:+.1f} ± {np.std(v, ddof=1) * 100 if len(v) > 1 else 0:.1f}"
+        each = lambda v, pct="": " / ".join(f"{x * 100:+.0f}{pct}" if pct else f"{x * 100:+.1f}" for x in v)
+        md.append(f"| {ds} | {method} | {control} | {len(pairs)} | {ms(cols['delta_map'])} | {each(cols['delta_map'])} "
+                  f"| {ms(cols['gap_map'])} % | {each(cols['gap_map'], '%')} | {ms(cols['delta_ul'])} | "
+                  f"{ms(cols['gap_ul'])} % |")
+    if len(md) == 3:
+        return ""
+    (root / "results_gap.csv").write_text("\n".join(csv) + "\n")
+    return "\n".join(md) + "\n"
 
 
 def _curves(root, specs):
