@@ -304,8 +304,8 @@ def test_gap_table_pairs_each_seed_with_its_control_and_the_teacher(tmp_path):
     rec["seeds"] = [0, 1, 2]
     specs = plan(rec, tmp_path / "r")
     assert [s.get("control") for s in specs if s["method"] == "kd"] == ["plain"] * 3
-    values = {("teacher", 0): (0.60, 0.70), ("plain", 0): (0.50, 0.60), ("plain", 1): (0.40, 0.50),
-              ("kd", 0): (0.55, 0.62), ("kd", 1): (0.35, 0.55), ("kd", 2): (0.99, 0.99)}  # kd-s2 has no control
+    values = {("teacher", 0): (0.60, 0.70), ("plain", 1): (0.50, 0.60), ("plain", 2): (0.40, 0.50),
+              ("kd", 1): (0.55, 0.62), ("kd", 2): (0.35, 0.55), ("kd", 0): (0.99, 0.99)}  # kd-s0 has no control
     for s in specs:
         if (s["method"], s["seed"]) in values:
             m, ul = values[(s["method"], s["seed"])]
@@ -316,8 +316,8 @@ def test_gap_table_pairs_each_seed_with_its_control_and_the_teacher(tmp_path):
                                                           "ul_map": ul, "epoch_s": 1.0, "wall_s": 1.0}))
     text = report(tmp_path / "r", specs)
     row = [line for line in text.splitlines() if line.startswith("| tiny | kd | plain |")]
-    assert row and "| 2 |" in row[0] and "+50% / -25%" in row[0], text  # seed 0: 0.05/0.10; seed 1: -0.05/0.20
+    assert row and "| 2 |" in row[0] and "+50% / -25%" in row[0], text  # seed 1: 0.05/0.10; seed 2: -0.05/0.20
     assert "+12.5 ± 53.0 %" in row[0], row  # mean and sample std of +50 % and -25 %
     gap = list(csv.DictReader(open(tmp_path / "r" / "results_gap.csv")))
     assert [(r["seed"], round(float(r["gap_map"]), 4), round(float(r["gap_ul"]), 4)) for r in gap] == \
-        [("0", 0.5, 0.2), ("1", -0.25, 0.25)], gap
+        [("1", 0.5, 0.2), ("2", -0.25, 0.25)], gap
