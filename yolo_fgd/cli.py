@@ -27,7 +27,7 @@ from .cfg.distill import RENAMED, argument_rows, renamed, resolve
 from .cfg.tv import ARGS as TV_ARGS
 from .cfg.tv import FGD_KEYS as TV_FGD_KEYS
 from .cfg.tv import HELP as TV_HELP
-from .errors import FGDError
+from .errors import FGDError, first_line
 
 HELP_WORDS = {"help", "-h", "--help"}
 
@@ -322,8 +322,7 @@ def _student(model: str):
         raise FGDError(f"student '{model}' is not a file here and could not be downloaded (offline?): pass "
                        f"model={Path(model).stem}.yaml to train from scratch, or the path of a local .pt") from None
     except (NotImplementedError, KeyError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise FGDError(f"student '{model}' cannot be distilled ({first}): {STUDENT_FIX}") from None
+        raise FGDError(f"student '{model}' cannot be distilled ({first_line(e, 160)}): {STUDENT_FIX}") from None
     from .yolo.model import detect_head
 
     if detect_head(student.model) is None:

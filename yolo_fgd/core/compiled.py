@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import torch
 import torch._functorch.config as aot_config
 
+from ..errors import first_line
 from . import reference
 
 __all__ = ["BACKEND", "MODES", "RECOMPILE_LIMIT", "compiled", "level_terms", "mode", "using"]
@@ -80,7 +81,7 @@ def level_terms(fs, ft, mask_fg, mask_bg, gc_s, gc_t, weights, temperature, spat
     try:
         return compiled()(*args)
     except Exception as e:  # the compiler's failure, whatever its kind: the eager definition is the same loss
-        _failed.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+        _failed.append(f"{type(e).__name__}: {first_line(e)}")
         LOG.warning(f"yolo-fgd: torch.compile could not compile the FGD loss ({_failed[0]}); the eager loss runs "
                     "instead (same values, slower). YOLO_FGD_KERNEL=eager skips the compiler.")
         return reference.weighted(*args)

@@ -21,7 +21,7 @@ from ultralytics import YOLO
 from ultralytics.utils import LOGGER
 
 from ..data import resolve_data
-from ..errors import FGDError
+from ..errors import FGDError, first_line
 from ..yolo.model import checkpoint
 from .edge import blob
 from .parity import check, max_diff, sample_images
@@ -36,8 +36,7 @@ def load_yolo(path):
     try:
         return YOLO(str(path))
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise FGDError(f"model '{path}' could not be loaded ({first}): pass an Ultralytics YOLO checkpoint") from None
+        raise FGDError(f"model '{path}' could not be loaded ({first_line(e)}): pass an Ultralytics YOLO checkpoint") from None
 
 
 class _Calib:

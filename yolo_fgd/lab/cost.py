@@ -25,7 +25,7 @@ from ultralytics.nn.tasks import DetectionModel
 from .. import console
 from ..core import FGDPyramid, compiled, feature_mse, fgd_masks, fgd_masks_loop
 from ..data import resolve_data, shapes
-from ..errors import FGDError
+from ..errors import FGDError, first_line
 from ..timing import times_ms
 from ..yolo import DistillTrainer, trainer_for
 
@@ -118,8 +118,7 @@ def pyramid_class(path: str | None) -> type:
         spec.loader.exec_module(module)
         return module.FGDPyramid
     except Exception as e:  # not a file, not Python, relative imports, no FGDPyramid
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise FGDError(f"pyramid={path} has no loadable FGDPyramid ({first}): pass a self-contained loss .py file, "
+        raise FGDError(f"pyramid={path} has no loadable FGDPyramid ({first_line(e, 160)}): pass a self-contained loss .py file, "
                        "e.g. yolo_fgd/loss.py of an older checkout") from None
 
 

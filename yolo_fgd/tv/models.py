@@ -20,7 +20,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from ..errors import FGDError
+from ..errors import FGDError, first_line
 
 # the paper's preset of each architecture (two_stage: the official faster_rcnn / mask_rcnn configs' weights)
 ARCH_PRESET = {"retinanet": "anchor_based", "fcos": "anchor_free", "faster_rcnn": "two_stage", "mask_rcnn": "two_stage"}
@@ -59,7 +59,7 @@ def read_checkpoint(weights) -> tuple[dict, dict]:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FGDError(f"checkpoint '{weights}' could not be loaded ({str(e).splitlines()[0][:120]})") from None
+        raise FGDError(f"checkpoint '{weights}' could not be loaded ({first_line(e, 120)})") from None
     if isinstance(state, dict) and "model" in state:
         return state["model"], dict(state.get("build") or {})
     return state, {}

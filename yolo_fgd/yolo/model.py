@@ -10,7 +10,7 @@ from torch import nn
 from ultralytics.nn.tasks import guess_model_task, load_checkpoint
 
 from ..cfg import checkpoint  # a run folder or a .pt -> the .pt (the trainer imports it from here)
-from ..errors import FGDError
+from ..errors import FGDError, first_line
 
 TASKS = ("detect", "segment", "pose", "obb")
 
@@ -72,9 +72,8 @@ def load_model(path, device, role: str = "teacher") -> nn.Module:
     try:
         model, _ = load_checkpoint(p, device="cpu")
     except Exception as e:  # corrupt zip, pickle error, foreign checkpoint format
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FGDError(
-            f"{role} '{path}' could not be loaded ({first}): pass an Ultralytics YOLO .pt checkpoint, "
+            f"{role} '{path}' could not be loaded ({first_line(e)}): pass an Ultralytics YOLO .pt checkpoint, "
             "re-export it if it is damaged"
         ) from None
     task = model_task(model)
