@@ -174,12 +174,12 @@ class Distiller(nn.Module):
         for the batch ``img`` (N,3,H,W): from :meth:`prefetch` when it ran on these very pixels (the same memory,
         shape and version, whatever tensor object Ultralytics hands the model), else now, after any prefetch of
         other pixels has finished (counted in ``stats['missed']``)."""
-        pending = self._refs.pop("pending", None)
+        pending = self._refs.get("pending")
         if pending is not None and pending[0] == batch_key(img):
-            return pending[1].result()
+            return self._refs.pop("pending")[1].result()
         if pending is not None:
-            pending[1].result()  # not these pixels: let it finish rather than run two teachers at once
             self.stats["missed"] += 1
+            self.discard()  # not these pixels: let it finish rather than run two teachers at once
         return self._teacher_pass(img)
 
     def discard(self) -> None:
