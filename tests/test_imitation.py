@@ -156,7 +156,7 @@ def test_crosskd_fit_starts_its_convs_at_the_least_squares_map_once(teacher, dat
     img = torch.rand(4, 3, 96, 96)
     batch = {"img": img, "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "batch_idx": torch.tensor([0.0])}
     cfg = {"crosskd": 1.0, "kd_cls": 0, "kd_box": 0}
-    random = Distiller(student, teacher, resolve(cfg), names, "cpu")
+    random = Distiller(student, teacher, resolve({**cfg, "crosskd_fit": False}), names, "cpu")
     fitted = Distiller(student, teacher, resolve({**cfg, "crosskd_fit": True}), names, "cpu")
     first = fitted(train_outputs(student(img)), batch)["crosskd"]
     assert first < random(train_outputs(student(img)), batch)["crosskd"]

@@ -139,7 +139,7 @@ def test_cross_family_and_yolo26_student(data, runs):
 
 
 def test_default_is_response_and_crosskd_and_builds_no_fgd(data, runs, teacher, monkeypatch):
-    """The shipped preset: head response + CrossKD (kd, crosskd columns); FGD has weight 0, so its modules
+    """The shipped preset: head response + CrossKD with fitted convs (kd, crosskd columns); FGD has weight 0, so its modules
     are not built, optimised, saved or logged; with crosskd=0 too, the distiller has no module at all."""
     from ultralytics import YOLO
 
@@ -156,10 +156,12 @@ def test_default_is_response_and_crosskd_and_builds_no_fgd(data, runs, teacher, 
     model.train(trainer=DistillTrainer, teacher=teacher, data=data, epochs=1, project=str(runs), name="kd", distill_warmup=0,
                 **TINY)
     row = read_csv(Path(runs) / "kd" / "results.csv")[0]
-    assert float(row["train/kd"]) > 0 and float(row["train/crosskd"]) > 0
+    # CrossKD's convs, fitted to these few pixels, reproduce the teacher's features almost exactly: ~0 at 5 decimals
+    assert float(row["train/kd"]) > 0 and float(row["train/crosskd"]) >= 0
     assert not any(k.startswith(("train/fg", "train/bg", "train/at", "train/gl", "fgd/")) for k in row), list(row)
     d = seen["trainer"].distiller
     assert d.fgd is None and all(n.startswith("cross.") for n, _ in d.named_parameters())
+    assert d.cfg["crosskd_fit"] and [t.fitted for t in d.built if t.name == "crosskd"] == [True]  # convs fitted first
     assert set(torch.load(Path(runs) / "kd" / "weights" / "fgd_last.pt", weights_only=True)) == {"cross", "mult",
                                                                                                   "epoch"}
     model = YOLO("yolo11n.yaml")
