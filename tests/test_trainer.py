@@ -346,7 +346,8 @@ def read_names(ckpt):
 def test_benchmark_step_times_every_method(data, teacher, tmp_path):
     from yolo_fgd.lab.cost import benchmark_step
 
-    res = benchmark_step(teacher, data=data, imgsz=64, batch=4, fraction=1.0, project=str(tmp_path),
+    run = Path(teacher).parent.parent  # the teacher's run folder, as every command takes it
+    res = benchmark_step(str(run), data=data, imgsz=64, batch=4, fraction=1.0, project=str(tmp_path),
                          methods="default,fgd,distill_model", repeat=2)
     assert list(res) == ["plain", "default", "fgd", "distill_model"]  # plain added: every ratio is to it
     assert all(v["ms"] > 0 and v["x_min"] <= v["x_plain"] <= v["x_max"] for v in res.values())
