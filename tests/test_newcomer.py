@@ -135,6 +135,9 @@ BAD = [
     (["data", "coco"], "'coco' is not an argument of data (it takes shapes | deepforest"),
     (["trian"], "did you mean 'train'"),
     (["attention", "model=a.pt"], "attention needs teacher=, source="),
+    (["imitation", "model=a.pt", "teacher=b.pt", "data=missing.yaml"], "data 'missing.yaml' not found: pass data="),
+    (["gradients", "model=a.pt", "teacher=b.pt", "data=missing.yaml"], "data 'missing.yaml' not found: pass data="),
+    (["gradients", "model=a.pt", "teacher=b.pt", "batches=0"], "batches=0 must be > 0"),
 ]
 
 

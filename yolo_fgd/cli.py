@@ -407,6 +407,15 @@ def check_source(source) -> None:
                        "'images/*.jpg', a URL or a camera index (source=0)")
 
 
+def _probe(name: str) -> Callable:
+    """A runner of ``yolo_fgd.lab.probes.<name>`` whose ``data=`` is checked first (one line with the fix)."""
+    def run(words: list[str], kv: dict):
+        check_data(kv.get("data"))
+        return _lazy("lab.probes", name)(words, kv)
+
+    return run
+
+
 def check_data(data) -> None:
     """A ``data=`` YAML that is neither a file nor a data set Ultralytics knows (``coco8.yaml``): one line, before any
     folder is made (imports Ultralytics)."""
@@ -586,14 +595,14 @@ COMMANDS = {c.name: c for c in [
     Command("imitation", "held-out R^2 of the best linear map from a student's Detect inputs to the teacher's",
             _rows("model= a.pt[,b.pt] (required); teacher= teacher .pt (required); data=shapes data; imgsz=640 input "
                   "size; images=120 images"),
-            "yolo-fgd imitation model=student.pt teacher=teacher.pt", _lazy("lab.probes", "imitation"),
+            "yolo-fgd imitation model=student.pt teacher=teacher.pt", _probe("imitation"),
             required=("model", "teacher")),
     Command("gradients", "where each distillation term pulls a student: its gradient against the detection loss's",
             _rows("model= student .pt or run folder (required); teacher= teacher .pt or run folder (required); "
                   "data=shapes data; imgsz=640 input size; batch=16 images per batch; batches=8 training batches; "
                   "seed=0 which batches"),
             "yolo-fgd gradients model=runs/detect/plain teacher=runs/detect/teacher imgsz=160",
-            lambda words, kv: (check_data(kv.get("data")), _lazy("lab.probes", "gradients")(words, kv))[1],
+            _probe("gradients"),
             required=("model", "teacher"), also=tuple(k for k in DISTILL_ARGS if k != "teacher"),
             more="    any distillation argument (kd_cls=0 leaves a term out; default: every term at weight 1, "
                  "fgd_gain=0.05)\n    prints per term |g_k|/|g_det|, cos(g_k, g_det) and cos(g_k, g_val) (held-out "

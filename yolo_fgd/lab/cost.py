@@ -28,7 +28,7 @@ from ..data import resolve_data, shapes
 from ..errors import FGDError, first_line
 from ..timing import times_ms
 from ..yolo import DistillTrainer, trainer_for
-from ..yolo.model import checkpoint, require_file
+from ..yolo.model import checkpoint_file
 
 
 def median_s(fn, device, repeat: int, warmup: int = 2) -> float:
@@ -228,7 +228,7 @@ def benchmark_step(teacher: str, data: str = "shapes", model: str = "yolo11n.yam
     method once in turn, so that machine noise hits all alike; per run the median over the last epoch's iterations
     after its first 3, the device synchronised at each; validation not timed. Each method's ratio to plain is taken
     within a round, then its median and range over the rounds. Prints a table and writes ``step.csv``."""
-    teacher = str(require_file(checkpoint(teacher) if teacher else teacher, "teacher"))  # a run folder: its best.pt
+    teacher = str(checkpoint_file(teacher, "teacher"))  # a run folder: its best.pt
     names = [m for m in str(methods).split(",") if m]
     unknown = [m for m in names if m not in STEP_METHODS]
     if unknown:

@@ -96,8 +96,8 @@ def imitation(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, 
     return out
 
 
-PROBED = {"kd_cls": 1.0, "kd_box": 1.0, "crosskd": 1.0, "cwd": 1.0, "pkd": 1.0, "ld": 1.0, "bckd": 1.0, "fgd_gain": 0.05,
-          "distill_warmup": 0}  # every term at its screening weight
+PROBED = {"kd_cls": 1.0, "kd_box": 1.0, "crosskd": 1.0, "cwd": 1.0, "pkd": 1.0, "ld": 1.0, "bckd": 1.0,
+          "fgd_gain": 0.05}  # every term at its screening weight
 
 
 def gradients(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, batch: int = 16, batches: int = 8,
@@ -121,12 +121,12 @@ def gradients(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, 
 
     from ..core.presets import resolve
     from ..yolo.distiller import Distiller
-    from ..yolo.model import checkpoint, detect_head, require_file, train_outputs
+    from ..yolo.model import checkpoint_file, detect_head, train_outputs
 
     init_seeds(int(seed))  # torch, numpy and random: the same batches, augmentations and adapters for the same seed
     cfg = resolve({**PROBED, **distill})  # bad distillation values: one line, before any work
     info = check_det_dataset(resolve_data(data))
-    student, _ = load_checkpoint(require_file(checkpoint(model), "model"), device="cpu")
+    student, _ = load_checkpoint(checkpoint_file(model, "model"), device="cpu")
     student = student.float().train()
     head = detect_head(student)
     if head is None or int(head.nc) != len(info["names"]):

@@ -65,10 +65,16 @@ def require_file(path, role: str = "teacher") -> Path:
     return p
 
 
+def checkpoint_file(path, role: str = "teacher") -> Path:
+    """The .pt of ``path`` (a checkpoint or a run folder: its weights/best.pt), or a one-line FGDError naming ``role``
+    when none is given or it does not exist."""
+    return require_file(checkpoint(path) if path else path, role)
+
+
 def load_model(path, device, role: str = "teacher") -> nn.Module:
     """A YOLO checkpoint (or a run folder: its weights/best.pt) of any task with a Detect-family head, as a frozen,
     fused, fp32 eval network on ``device``. ``role`` names the file in errors ("teacher", "model")."""
-    p = require_file(checkpoint(path) if path else path, role)
+    p = checkpoint_file(path, role)
     try:
         model, _ = load_checkpoint(p, device="cpu")
     except Exception as e:  # corrupt zip, pickle error, foreign checkpoint format

@@ -26,7 +26,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..core.presets import ARGS, KEYS, arg_name, renamed, resolve
 from ..errors import FGDError
 from .distiller import DistillCriterion, Distiller
-from .model import check_names, check_task, checkpoint, load_model, require_file
+from .model import check_names, check_task, checkpoint, checkpoint_file, load_model
 
 SIDECAR = "fgd_last.pt"
 
@@ -81,7 +81,7 @@ class DistillMixin:
         if args.get("resume") and args.get("teacher") and not Path(checkpoint(args["teacher"])).is_file():
             raise FGDError(f"this run's teacher '{args['teacher']}' (its args.yaml) is not found from "
                            f"{Path.cwd()}: resume with teacher=path/to/the/teacher's/best.pt to re-point it")
-        require_file(checkpoint(args["teacher"]) if args.get("teacher") else None, "teacher")
+        checkpoint_file(args.get("teacher"), "teacher")
         cfg = resolve(args)
         devices = getattr(self, "world_size", None) or len(str(args.get("device") or "").split(","))
         if cfg["share"] > 0 and devices > 1:
