@@ -202,6 +202,46 @@ def test_a_checkpoint_rebuilds_the_model_it_was_saved_from(tmp_path):
     assert torch.equal(again.eval()(x)[0]["scores"], a["scores"])
 
 
+def test_a_two_stage_checkpoint_brings_its_rpn_anchors_and_rois_set_the_sampler(tmp_path):
+    """Faster R-CNN's RPN anchors start at ``anchor`` on P2 and double per level, and travel with the checkpoint: a
+    model built from it with the default (32) proposes the same boxes. ``rois`` is the box head's sample per image."""
+    from yolo_fgd.tv.models import save
+
+    torch.manual_seed(0)
+    m = build("faster_rcnn", "resnet18", 3, norm="gn", width=32, anchor=8, rois=64, **SMALL).eval()
+    assert m.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+    assert m.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert build("faster_rcnn", "resnet18", 3, norm="gn", width=32, **SMALL).roi_heads.fg_bg_sampler \
+        .batch_size_per_image == 512  # torchvision's
+    save(m, tmp_path / "m.pth")
+    back = build("faster_rcnn", "resnet50", 3, str(tmp_path / "m.pth"), **SMALL).eval()
+    assert back.build_args["anchor"] == 8 and back.rpn.anchor_generator.sizes == m.rpn.anchor_generator.sizes
+    x = [torch.rand(3, 64, 64)]
+    images, _ = m.transform(x)
+    with torch.no_grad():
+        a = m.rpn(images, m.backbone(images.tensors))[0][0]
+        b = back.rpn(images, back.backbone(images.tensors))[0][0]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("recipe", ["tv_study_cpu", "tv_ablations_cpu", "tv_faster_rcnn_cpu", "tv_mask_rcnn_cpu",
+                                    "tv_fcos_cpu"])
+def test_shipped_tv_studies_plan_runs_tv_train_accepts(recipe, tmp_path):
+    """Every run a shipped torchvision study plans (teacher and students) has arguments tv-train takes and builds the
+    architecture it names; a distilled run waits for the teacher and the plain run of its seed."""
+    from yolo_fgd.cfg import load_recipe
+    from yolo_fgd.lab.study import plan
+    from yolo_fgd.tv.train import config
+
+    specs = plan(load_recipe(recipe), tmp_path)
+    assert specs[0]["method"] == "teacher"
+    for s in specs:
+        cfg = config(**{**s["train"], **s.get("args", {})})
+        build(cfg["arch"], "resnet18", 3, norm=cfg["norm"], width=32, anchor=cfg["anchor"], rois=cfg["rois"], **SMALL)
+        if s.get("args", {}).get("fgd"):
+            assert any(n.endswith(f"plain-s{s['seed']}/summary.json") for n in s["needs"]), s["dir"]
+
+
 def test_the_cpu_recipe_anchors_match_the_most_objects(tmp_path):
     """Most objects of the embedded data are under 32 px: at the CPU recipe's 192 px, torchvision's 32-px P3
     anchors reach RetinaNet's IoU 0.5 with about 40 % of them (the rest learn from one low-quality match); 16-px

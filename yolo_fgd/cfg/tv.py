@@ -10,6 +10,7 @@ ARGS = {
     "max_size": 1333, "inherit": False, "hflip": 0.5, "workers": 0, "device": "cpu", "project": "runs/tv",
     "name": "train", "seed": 0, "resume": False, "fgd": True, "distill_preset": None, "eval_every": 1, "amp": False,
     "baseline": None, "check_teacher": True, "norm": None, "width": 256, "anchor": 32,
+    "rois": 512,
 }
 HELP = {  # what `yolo-fgd tv-train help` says of an argument (the rest are torchvision's references/detection ones)
     "arch": "retinanet | fcos | faster_rcnn | mask_rcnn (these two: FPN P2-P6, the paper's two-stage setting)", "teacher_backbone": "teacher's ResNet (a checkpoint saved here brings its own)",
@@ -24,6 +25,9 @@ HELP = {  # what `yolo-fgd tv-train help` says of an argument (the rest are torc
     "check_teacher": "score the teacher on the val split first (False skips it)",
     "norm": "backbone normalisation gn | bn | frozen_bn (default: frozen_bn with student_weights, gn from scratch)",
     "width": "FPN and head channels (the paper's 256)",
-    "anchor": "RetinaNet's anchor size on P3 (torchvision's 32; 16 for objects of 8-60 px)",
+    "anchor": "anchor size on the first level: RetinaNet's P3, the two-stage RPN's P2 (torchvision's 32; 16 for "
+              "objects of 8-60 px)",
+    "rois": "two-stage: RoIs sampled per training image for the box head (torchvision's 512; 128 where images hold "
+            "few objects, a quarter of the head's cost)",
 }
 FGD_KEYS = TV_KEYS  # the rows of the table of terms marked tv (cfg/distill.py)

@@ -115,12 +115,22 @@ def anchors(size: int) -> AnchorGenerator:
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
 
 
+def rpn_anchors(size: int) -> AnchorGenerator:
+    """Faster R-CNN's anchors with ``size`` on P2 (torchvision's: 32), doubling per level to P6; one scale and three
+    aspect ratios per position."""
+    return AnchorGenerator(tuple((size * 2 ** i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5)
+
+
 def build(arch: str, backbone: str, num_classes: int, weights: str | None = None, min_size=(800,), max_size=1333,
-          norm: str | None = None, width: int = 256, anchor: int = 32) -> nn.Module:
+          norm: str | None = None, width: int = 256, anchor: int = 32, rois: int = 512) -> nn.Module:
     """torchvision RetinaNet/FCOS with a ResNet FPN (P3-P7, ``width`` channels; the paper's 256) or Faster R-CNN
     (P2-P6), random init or a local checkpoint. A checkpoint saved by this path brings its own arch/backbone/norm/width/anchor.
 
-    ``anchor``: RetinaNet's anchor size on P3 (:func:`anchors`); FCOS's anchors are its strides.
+    ``anchor``: the anchor size on the first level, RetinaNet's P3 (:func:`anchors`) or the two-stage RPN's P2
+    (:func:`rpn_anchors`); FCOS's anchors are its strides.
+
+    ``rois``: the two-stage box head's RoIs sampled per training image (torchvision's 512, a quarter of them
+    positive at most); training only, so not saved with the weights.
 
     ``norm``: the backbone's normalisation (:func:`norm_for`); with ``gn`` RetinaNet's head has GroupNorm too, as
     torchvision's ``retinanet_resnet50_fpn_v2`` (FCOS's head always has it). A frozen-BN backbone trains its top
@@ -136,12 +146,15 @@ def build(arch: str, backbone: str, num_classes: int, weights: str | None = None
         raise FGDError(f"width={width}: pass an even number of FPN channels (a multiple of {GROUPS} from 64 on with "
                        "norm=gn), e.g. 128 or the paper's 256")
     if anchor < 1:
-        raise FGDError(f"anchor={anchor}: pass RetinaNet's anchor size on P3 in pixels, e.g. 16 or 32")
+        raise FGDError(f"anchor={anchor}: pass the anchor size on the first level in pixels, e.g. 16 or 32")
+    if rois < 1:
+        raise FGDError(f"rois={rois}: pass the RoIs sampled per training image, e.g. torchvision's 512 or 128")
     bb = backbone_fpn(backbone, norm, width, trainable=3 if norm == "frozen_bn" else 5, two_stage=arch in TWO_STAGE)
     min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (int(min_size),)
-    if arch in TWO_STAGE:  # torchvision's defaults (anchors 32-512 on P2-P6, RoIAlign 7x7 / 14x14 for masks)
+    if arch in TWO_STAGE:  # torchvision's defaults otherwise (RoIAlign 7x7, 14x14 for masks)
         cls = FasterRCNNZeroBased if arch == "faster_rcnn" else MaskRCNNZeroBased
-        model = cls(bb, num_classes=num_classes + 1, min_size=min_size, max_size=int(max_size))
+        model = cls(bb, num_classes=num_classes + 1, min_size=min_size, max_size=int(max_size),
+                    rpn_anchor_generator=rpn_anchors(anchor), box_batch_size_per_image=int(rois))
     elif arch == "retinanet":
         head_norm = partial(nn.GroupNorm, gn_groups(width)) if norm == "gn" else None
         head = RetinaNetHead(width, 9, num_classes, norm_layer=head_norm)
@@ -150,7 +163,7 @@ def build(arch: str, backbone: str, num_classes: int, weights: str | None = None
     else:
         model = FCOS(bb, num_classes=num_classes, min_size=min_size, max_size=int(max_size))
     model.build_args = {"arch": arch, "backbone": backbone, "norm": norm, "width": width,
-                        **({"anchor": anchor} if arch == "retinanet" else {})}
+                        **({"anchor": anchor} if arch != "fcos" else {})}
     if state is not None:
         try:
             missing, _ = model.load_state_dict(state, strict=False)

@@ -78,7 +78,7 @@ def train(**kwargs) -> dict:
     last = save / "last.pth"
     ck = torch.load(last, map_location="cpu", weights_only=True) if cfg["resume"] and last.is_file() else None
     student = build(cfg["arch"], cfg["student_backbone"], nc, cfg["student_weights"], cfg["min_size"], cfg["max_size"],
-                    cfg["norm"], cfg["width"], cfg["anchor"])
+                    cfg["norm"], cfg["width"], cfg["anchor"], cfg["rois"])
     teacher, fgd_cfg, auto = None, None, False
     if cfg["fgd"]:
         if not cfg["teacher"]:
