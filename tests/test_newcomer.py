@@ -123,6 +123,7 @@ BAD = [
     (["benchmark", "model=a.pt", "runs=0"], "runs=0 must be > 0"),
     (["study", "lanes=two"], "lanes=two is not a number"),
     (["study", "recipe=nope"], "recipe 'nope' not found"),
+    (["study", "threads=0"], "threads=0: pass the threads of each run"),
     (["tv-train", "epochs=abc"], "epochs=abc is not a number"),
     (["tv-train", "kd_cls=1"], "unknown tv-train argument"),
     (["tv-train", "amp=True", "device=cpu"], "amp=True needs a CUDA device"),

@@ -246,7 +246,7 @@ def test_tv_study_plans_runs_resumes_and_reports_the_paper_columns(tmp_path):
     assert fgd["args"]["teacher"] == str(root / "tiny" / "teacher" / "model.pth")
     assert fgd["args"]["baseline"] == str(root / "tiny" / "plain-s0")
     assert fgd["needs"] == [str(root / "tiny" / "teacher" / "summary.json"), str(root / "tiny" / "plain-s0" / "summary.json")]
-    text = study(rec, project=str(tmp_path / "runs"), name="tv", lanes=2)
+    text = study(rec, project=str(tmp_path / "runs"), name="tv", lanes=2, threads=3)  # the default: cores / lanes
     assert text.splitlines()[0].startswith("| dataset | method | seeds | mAP | per seed | AP50 | AP75 | APs | APm | APl "
                                            "| AR100 | s/epoch |")
     for method, epochs in (("teacher", 2), ("plain", 1), ("fgd", 1)):
@@ -254,6 +254,7 @@ def test_tv_study_plans_runs_resumes_and_reports_the_paper_columns(tmp_path):
         s = json.loads((root / "tiny" / (method if method == "teacher" else f"{method}-s0") / "summary.json")
                        .read_text())
         assert s["epochs"] == epochs and 0 <= s["map"] <= 1 and set(s) >= {"ap75", "ar100"}
+        assert s["threads"] == 3  # what the run's torch used, not what was asked
     fgd_args = json.loads((root / "tiny" / "fgd-s0" / "args.json").read_text())
     assert fgd_args["fgd"] and fgd_args["teacher"].endswith("teacher/model.pth")
     stamp = {p: p.stat().st_mtime for p in root.rglob("summary.json")}

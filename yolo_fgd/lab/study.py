@@ -98,7 +98,7 @@ def _train_one(spec: dict, out: Path) -> dict:
             YOLO(str(last)).train(trainer=trainer, resume=True)
     else:
         YOLO(spec["model"]).train(trainer=trainer, **kwargs)
-    return summarise(spec, fallback_s=time.time() - t0)
+    return summarise(spec, fallback_s=time.time() - t0, threads=torch.get_num_threads())
 
 
 def _train_tv(spec: dict, out: Path) -> dict:
@@ -110,15 +110,19 @@ def _train_tv(spec: dict, out: Path) -> dict:
     rows = _results(out / "results.csv")
     wall = sum(float(r["time"]) for r in rows)
     summary = {"method": spec["method"], "seed": spec["seed"], "epochs": len(rows), "wall_s": wall,
+               "threads": torch.get_num_threads(),
                "epoch_s": wall / max(len(rows), 1), **{k: float(rows[-1][c]) for c, k in TV_COLUMNS.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def summarise(spec: dict, fallback_s: float = 0.0) -> dict:
+def summarise(spec: dict, fallback_s: float = 0.0, threads: int | None = None) -> dict:
     """Write ``summary.json`` of a finished run: COCO AP of its best.pt, training seconds (summed over resumed
-    segments: Ultralytics' ``time`` column restarts on resume) and Ultralytics' own final val mAP50-95."""
+    segments: Ultralytics' ``time`` column restarts on resume), Ultralytics' own final val mAP50-95 and the threads
+    the run trained with (kept from an earlier summary when re-scored)."""
     out = Path(spec["dir"])
+    if threads is None and (out / "summary.json").is_file():
+        threads = json.loads((out / "summary.json").read_text()).get("threads")
     rows = _results(out / "results.csv")
     wall = train_seconds(rows) or fallback_s
     best = str(out / "weights" / "best.pt")
@@ -129,7 +133,7 @@ def summarise(spec: dict, fallback_s: float = 0.0) -> dict:
         "epoch_s": wall / len(rows) if rows else 0.0,
         "ul_map": float(rows[-1]["metrics/mAP50-95(B)"]) if rows else float("nan"),
         "task_map": float(rows[-1][column]) if rows and column in rows[-1] else float("nan"),
-        "gain20": plateau_gain(rows),
+        "gain20": plateau_gain(rows), "threads": threads,
         # COCOeval of the boxes (axis-aligned): not for OBB, whose boxes are rotated (its Ultralytics metric is)
         **(coco_ap(best, spec["data"], spec["train"]["imgsz"]) if task != "obb"
            else dict.fromkeys(("map", "map50", "aps", "apm", "apl"), float("nan"))),
@@ -381,11 +385,15 @@ def _plot(root, rows):
 
 
 def study(recipe: str = "study", project: str = "runs/study", name: str | None = None, lanes: int = 2,
-          only: str | None = None, seeds: str | None = None, report_only: bool = False, rescore: bool = False) -> str:
-    """Run (or resume) every run of ``recipe`` with ``lanes`` processes, then write and print the report
+          only: str | None = None, seeds: str | None = None, report_only: bool = False, rescore: bool = False,
+          threads: int | None = None) -> str:
+    """Run (or resume) every run of ``recipe`` with ``lanes`` processes of ``threads`` threads each (default: the
+    cores shared among the lanes; two studies at once should share them too), then write and print the report
     (``only="a,b"``: only these methods, ``seeds="0"``: only these of the recipe's seeds, the teacher always;
     ``report_only=True``: just the report of the runs finished so far; ``rescore=True``: first re-evaluate every
     finished run, e.g. after a change of the evaluation protocol)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise FGDError(f"threads={threads}: pass the threads of each run, e.g. threads=1 (default: the cores / lanes)")
     rec = load_recipe(recipe)
     # absolute: Ultralytics would put a relative project under runs/detect/
     root = Path(project).resolve() / (name or (Path(recipe).stem if not isinstance(recipe, dict) else "study"))
@@ -414,7 +422,7 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
         warm_label_cache(data)  # parallel lanes would otherwise race to write the same labels/*.cache
     for data in {s["data"] for s in todo if s.get("tv") and isinstance(s["data"], str)}:
         coco_files(data)  # the COCO files of a YOLO data set, converted once here rather than by every lane
-    threads = max(1, (os.cpu_count() or 2) // max(lanes, 1))
+    threads = threads or max(1, (os.cpu_count() or 2) // max(lanes, 1))
     running: list[tuple[subprocess.Popen, dict]] = []
     pending = list(todo)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
