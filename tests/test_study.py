@@ -149,6 +149,29 @@ def test_run_dir_lock_refuses_a_second_writer(tmp_path):
     assert claim(tmp_path).read_text() == str(__import__("os").getpid())  # a dead holder's lock is taken over
 
 
+def test_a_run_another_study_is_training_is_waited_for_not_started(tmp_path):
+    """Two studies over one recipe (e.g. with threads=1 each): a run whose lock a live process holds is left to it;
+    the driver waits, and drops it once its summary.json appears, without starting it or failing."""
+    import subprocess
+    import sys
+    import threading
+
+    from yolo_fgd.lab.study import _drive
+
+    run = tmp_path / "m-s0"
+    run.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(str(other.pid))
+        threading.Timer(2.0, lambda: (run / "summary.json").write_text("{}")).start()
+        pending = [{"dir": str(run), "method": "m", "seed": 0, "needs": []}]
+        _drive(pending, [], lanes=1, env={})
+    finally:
+        other.kill()
+        other.wait()
+    assert not pending and not (run / "spec.json").exists() and not (run / "train.log").exists()
+
+
 def test_a_run_finished_elsewhere_is_not_retrained(tmp_path):
     """Two study processes sharing a project: a run the other one finished after this one planned it is kept."""
     from yolo_fgd.lab.study import run_one

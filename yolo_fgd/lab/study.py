@@ -53,19 +53,25 @@ def warm_label_cache(data) -> None:
         YOLODataset(img_path=d[split], data=d, imgsz=64, augment=False, hyp=DEFAULT_CFG, prefix=f"{split}: ")
 
 
+def holder(run_dir: Path) -> int | None:
+    """The live process other than this one that holds ``run_dir/.lock`` (trains the run), or None."""
+    try:
+        pid = int((Path(run_dir) / ".lock").read_text())
+        os.kill(pid, 0)  # PermissionError: alive, someone else's
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    except PermissionError:
+        pass
+    return None if pid == os.getpid() else pid
+
+
 def claim(run_dir: Path) -> Path:
     """Take ``run_dir/.lock`` for this process, or raise if a live process holds it (two writers would interleave
     results.csv and last.pt). A lock left by a dead process is taken over."""
-    lock = run_dir / ".lock"
-    try:
-        pid = int(lock.read_text())
-        os.kill(pid, 0)  # PermissionError: alive, someone else's
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        pid = None
-    except PermissionError:
-        pass
-    if pid is not None and pid != os.getpid():
+    pid = holder(run_dir)
+    if pid is not None:
         raise FGDError(f"run {run_dir} is being trained by process {pid}: stop it first, or wait for it")
+    lock = run_dir / ".lock"
     lock.write_text(str(os.getpid()))
     return lock
 
@@ -486,7 +492,8 @@ def _drive(pending: list, running: list, lanes: int, env: dict) -> None:
                     LOGGER.warning(f"study run {s['dir']} failed (exit {proc.returncode}), see its train.log")
         for s in [s for s in pending if (Path(s["dir"]) / "summary.json").is_file()]:  # finished by another study
             pending.remove(s)
-        ready = [s for s in pending if all(Path(n).is_file() for n in s.get("needs") or [])]
+        elsewhere = [s for s in pending if holder(s["dir"]) is not None]  # being trained by another study: wait
+        ready = [s for s in pending if s not in elsewhere and all(Path(n).is_file() for n in s.get("needs") or [])]
         while ready and len(running) < lanes:
             s = ready.pop(0)
             pending.remove(s)
@@ -497,7 +504,7 @@ def _drive(pending: list, running: list, lanes: int, env: dict) -> None:
             running.append((subprocess.Popen([sys.executable, "-m", "yolo_fgd.lab.study", str(spec_file)], stdout=log,
                                              stderr=subprocess.STDOUT, env=env), s))
             LOGGER.info(f"study: started {s['dir']} (log: {Path(s['dir']) / 'train.log'})")
-        if not running and pending:
+        if not running and pending and not elsewhere:
             LOGGER.warning(f"study: {len(pending)} runs wait for a teacher or base run that failed; stopping")
             break
         time.sleep(5)
