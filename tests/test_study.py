@@ -278,6 +278,15 @@ def test_tv_study_plans_runs_resumes_and_reports_the_paper_columns(tmp_path):
                        .read_text())
         assert s["epochs"] == epochs and 0 <= s["map"] <= 1 and set(s) >= {"ap75", "ar100"}
         assert s["threads"] == 3  # what the run's torch used, not what was asked
+    runs = {m: json.loads((root / "tiny" / d / "summary.json").read_text())["map"]
+            for m, d in (("teacher", "teacher"), ("plain", "plain-s0"), ("fgd", "fgd-s0"))}
+    assert "| tiny | fgd | plain | 1 |" in text  # paired with its baseline, the gap to the teacher
+    gap = (root / "results_gap.csv").read_text().splitlines()
+    assert gap[0] == "dataset,method,control,seed,delta_map,gap_map", gap
+    delta, closed = map(float, gap[1].split(",")[4:])
+    assert abs(delta - (runs["fgd"] - runs["plain"])) < 1e-5
+    lead = runs["teacher"] - runs["plain"]
+    assert (abs(closed - delta / lead) < 1e-4) if lead > 0 else closed != closed  # nan when the teacher is not ahead
     fgd_args = json.loads((root / "tiny" / "fgd-s0" / "args.json").read_text())
     assert fgd_args["fgd"] and fgd_args["teacher"].endswith("teacher/model.pth")
     stamp = {p: p.stat().st_mtime for p in root.rglob("summary.json")}

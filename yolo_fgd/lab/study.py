@@ -207,7 +207,7 @@ def plan_tv(recipe: dict, root: Path) -> list[dict]:
                     args["fgd"] = False
                 specs.append({"dir": str(root / ds_name / f"{method}-s{seed}"), "method": method, "seed": seed,
                               "data": data, "tv": True, "train": dict(recipe["train"]), "args": args,
-                              "dataset": ds_name, "needs": needs})
+                              "dataset": ds_name, "needs": needs, "control": m.get("baseline")})
     return specs
 
 
@@ -304,13 +304,18 @@ def gap_closed(run: dict, control: dict, teacher: dict, key: str = "map") -> flo
 
 
 def gap_table(root: Path, specs: list[dict], rows: dict) -> str:
-    """The methods with a ``control`` (a recipe method run on the same seeds), paired by seed against it and against
-    the data set's teacher: mean +- std and per-seed values of the difference and of the gap closed (:func:`gap_closed`),
-    COCO mAP50-95 of best.pt and Ultralytics' last-epoch val. Also written to results_gap.csv; '' when none."""
+    """The methods with a ``control`` (a recipe method run on the same seeds; a torchvision method's ``baseline``),
+    paired by seed against it and against the data set's teacher: mean +- std and per-seed values of the difference
+    and of the gap closed (:func:`gap_closed`), COCO mAP50-95 of best.pt and (YOLO) Ultralytics' last-epoch val.
+    Also written to results_gap.csv; '' when none."""
     controls = {(s["dataset"], s["method"]): s["control"] for s in specs if s.get("control")}
-    md = ["", "| dataset | method | control | seeds | Δ mAP50-95 | per seed | gap closed | per seed | "
-              "Δ Ultralytics val | gap closed, Ultralytics |", "|---" * 10 + "|"]
-    csv = ["dataset,method,control,seed,delta_map,gap_map,delta_ul,gap_ul"]
+    keys = {"map": "map"} if any(s.get("tv") for s in specs) else {"map": "map", "ul_map": "ul"}  # summary -> csv
+    heads = ["dataset", "method", "control", "seeds", "Δ mAP50-95", "per seed", "gap closed", "per seed",
+             *(["Δ Ultralytics val", "gap closed, Ultralytics"] if "ul_map" in keys else [])]
+    md = ["", "| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
+    csv = ["dataset,method,control,seed," + ",".join(f"delta_{k},gap_{k}" for k in keys.values())]
+    ms = lambda v, pct="": f"{np.mean(v) * 100:+.1f} ± {np.std(v, ddof=1) * 100 if len(v) > 1 else 0:.1f}{pct}"
+    each = lambda v, pct="": " / ".join(f"{x * 100:+.0f}{pct}" if pct else f"{x * 100:+.1f}" for x in v)
     for (ds, method), control in controls.items():
         teacher = (rows.get((ds, "teacher")) or [None])[0]
         by_seed = {r["seed"]: r for r in rows.get((ds, control), [])}
@@ -318,17 +323,16 @@ def gap_table(root: Path, specs: list[dict], rows: dict) -> str:
                  if r["seed"] in by_seed]
         if not teacher or not pairs:
             continue
-        cols = {k: np.array([f(r, c) for r, c in pairs]) for k, f in (
-            ("delta_map", lambda r, c: r["map"] - c["map"]), ("gap_map", lambda r, c: gap_closed(r, c, teacher)),
-            ("delta_ul", lambda r, c: r["ul_map"] - c["ul_map"]),
-            ("gap_ul", lambda r, c: gap_closed(r, c, teacher, "ul_map")))}
+        cols = {}
+        for k, name in keys.items():
+            cols[f"delta_{name}"] = np.array([r[k] - c[k] for r, c in pairs])
+            cols[f"gap_{name}"] = np.array([gap_closed(r, c, teacher, k) for r, c in pairs])
         for i, (r, _) in enumerate(pairs):
             csv.append(f"{ds},{method},{control},{r['seed']}," + ",".join(f"{cols[k][i]:.5f}" for k in cols))
-        ms = lambda v: f"{np.mean(v) * 100:+.1f} ± {np.std(v, ddof=1) * 100 if len(v) > 1 else 0:.1f}"
-        each = lambda v, pct="": " / ".join(f"{x * 100:+.0f}{pct}" if pct else f"{x * 100:+.1f}" for x in v)
-        md.append(f"| {ds} | {method} | {control} | {len(pairs)} | {ms(cols['delta_map'])} | {each(cols['delta_map'])} "
-                  f"| {ms(cols['gap_map'])} % | {each(cols['gap_map'], '%')} | {ms(cols['delta_ul'])} | "
-                  f"{ms(cols['gap_ul'])} % |")
+        cells = [ms(cols["delta_map"]), each(cols["delta_map"]), ms(cols["gap_map"], " %"), each(cols["gap_map"], "%")]
+        if "ul_map" in keys:  # Ultralytics' figure: mean +- std only
+            cells += [ms(cols["delta_ul"]), ms(cols["gap_ul"], " %")]
+        md.append(f"| {ds} | {method} | {control} | {len(pairs)} | " + " | ".join(cells) + " |")
     if len(md) == 3:
         return ""
     (root / "results_gap.csv").write_text("\n".join(csv) + "\n")
