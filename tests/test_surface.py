@@ -218,3 +218,17 @@ def test_every_loss_item_fits_ultralytics_header():
     names = [n for row, cls in term_rows() for n in (row["name"], *cls.logs(row["name"]))]
     assert {"fgd", "fgd_fg", "fgd_gl", "mse", "mgd", "kd", "crosskd", "kd_kpt", "kd_angle", "kd_mask"} <= set(names)
     assert ITEM_WIDTH == 10 and max(map(len, names)) <= ITEM_WIDTH, names
+
+
+@pytest.mark.parametrize("command, target", [("study", "yolo_fgd.lab.study:study"), ("demo", "yolo_fgd.lab.demo:demo")])
+def test_the_help_table_lists_exactly_the_arguments_the_command_takes(command, target):
+    """The rows of `_rows` help come from splitting on ';': a ';' inside one help text made a key of its next word
+    (`give=` in `study help`), which the CLI then accepted as an argument."""
+    import importlib
+    import inspect
+
+    from yolo_fgd.cli import COMMANDS
+
+    module, name = target.split(":")
+    params = set(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+    assert {row[0] for row in COMMANDS[command].args} == params
