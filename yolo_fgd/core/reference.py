@@ -37,16 +37,24 @@ def relation(block: nn.Module, feat: torch.Tensor) -> torch.Tensor:
     return feat + block.transform(context)
 
 
+def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv on flattened positions: W x + b, W (C_out,C_in) from the conv's weight, x (N,C_in,HW) ->
+    (N,C_out,HW). The same map as ``conv(x.view(N,C_in,H,W))``, as a matmul Inductor compiles under dynamic sizes
+    (its convolution layouts do not: a symbolic stride comparison fails on torch 2.14)."""
+    return torch.matmul(conv.weight.flatten(1), x) + conv.bias.view(-1, 1)
+
+
 def nonlocal_relation(block: nn.Module, feat: torch.Tensor) -> torch.Tensor:
     """The paper's Table 6 alternative to Eq. 12: the embedded-Gaussian Non-local block (Wang et al., CVPR 2018),
     R(F) = F + W_z(sum_j softmax_j(theta(F_i) . phi(F_j)) g(F_j)), theta, phi, g, W_z 1x1 convs (``block.theta``,
-    ``block.phi``, ``block.g``, ``block.out``), the softmax over the H W positions j for every position i."""
+    ``block.phi``, ``block.g``, ``block.out``, applied by :func:`pointwise`), the softmax over the H W positions j for
+    every position i. Computed transposed: y^T = g(F) softmax_j(phi(F)^T theta(F)) (C',HW) needs no transpose of
+    the (HW,C') result."""
     n, c, h, w = feat.shape
-    theta = block.theta(feat).flatten(2).transpose(1, 2)  # (N,HW,C')
-    phi = block.phi(feat).flatten(2)  # (N,C',HW)
-    g = block.g(feat).flatten(2).transpose(1, 2)  # (N,HW,C')
-    y = torch.matmul(F.softmax(torch.matmul(theta, phi), dim=-1), g)  # (N,HW,C')
-    return feat + block.out(y.transpose(1, 2).reshape(n, -1, h, w))
+    x = feat.flatten(2)  # (N,C,HW)
+    theta, phi, g = (pointwise(conv, x) for conv in (block.theta, block.phi, block.g))  # (N,C',HW)
+    attn = F.softmax(torch.matmul(phi.transpose(1, 2), theta), dim=1)  # (N,HW_j,HW_i), softmax over j
+    return feat + pointwise(block.out, torch.matmul(g, attn)).view(n, c, h, w)
 
 
 RELATIONS = {"gcblock": relation, "nonlocal": nonlocal_relation}  # a block's ``kind`` -> its R of Eq. 11
