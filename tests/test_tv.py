@@ -266,6 +266,38 @@ def test_the_cpu_recipe_anchors_match_the_most_objects(tmp_path):
     assert max(matched, key=matched.get) == rec["anchor"] == 16 and matched[16] > matched[32] + 0.15, matched
 
 
+def test_distill_warmup_and_decay_scale_fgd_per_iteration(tv_teacher, data, monkeypatch):
+    """tv-train distill_warmup= / distill_decay= (the YOLO path's schedule, one row of the table of terms): FGD's loss
+    at each iteration is its unscaled value times min(1, p / warmup) * (1 + cos(pi t)) / 2, p the epochs done after
+    the batch, t the fraction of the last ``decay`` epochs passed. 8 images, batch 4: 2 iterations an epoch."""
+    import math
+
+    import yolo_fgd.tv.train as tv_train
+
+    raw, seen = [], []
+
+    class Spy(Distiller):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.fgd.register_forward_hook(lambda m, i, o: raw.append(float(o["total"])))
+
+        def forward(self, images, targets):
+            losses = super().forward(images, targets)
+            seen.append(float(losses["loss_fgd"]))
+            return losses
+
+    monkeypatch.setattr(tv_train, "Distiller", Spy)
+    path, root = tv_teacher
+    train(data=data, teacher=path, teacher_backbone="resnet18", student_backbone="resnet18", batch=4, epochs=3,
+          project=str(root), name="schedule", warmup_iters=2, check_teacher=False, eval_every=0,
+          distill_warmup=1.5, distill_decay=1, **SMALL)
+    pos = [(k + 1) / 2 for k in range(6)]
+    want = [min(1.0, p / 1.5) * 0.5 * (1 + math.cos(math.pi * min(max(p - 2, 0.0), 1.0))) for p in pos]
+    assert len(raw) == len(seen) == 6 and all(r > 0 for r in raw), (raw, seen)
+    assert [round(v / r, 6) for v, r in zip(seen, raw)] == pytest.approx(want, abs=1e-6), (seen, raw, want)
+    assert json.loads((root / "schedule" / "args.json").read_text())["distill_warmup"] == 1.5
+
+
 def test_auto_gain_makes_fgd_equal_the_detection_losses_and_survives_a_resume(tv_teacher, data, monkeypatch):
     """fgd_gain=auto: at the measured gain FGD's loss equals the detection losses on the batch it was measured on;
     the run records the gain (args.json, last.pth) and a resumed run reads it back instead of measuring again."""

@@ -105,7 +105,7 @@ TERM_TABLE = (
     {"name": "kd_mask", "impl": "terms:Masks", "prefix": "", "task": "segment",
      "keys": {"kd_mask": (0.0, "weight", "weight of the segmentation mask term")},
      "what": "segment: KL of the mask logits at the teacher's top anchors", "modules": "none", "columns": "kd_mask"},
-    {"name": "schedule", "impl": None, "prefix": "distill_",
+    {"name": "schedule", "impl": None, "prefix": "distill_", "tv": True,
      "keys": {"warmup": (None, "weight", "epochs of linear ramp of every distillation term from 0"),
               "decay": (0.0, "weight", "last epochs over which every distillation term falls to 0 (cosine; 0: off)")},
      "what": "every term's weight over training", "modules": "none", "columns": "distill/scale"},

@@ -3,6 +3,8 @@ resolution against ``presets.yaml`` are configuration (:mod:`yolo_fgd.cfg.distil
 
 from __future__ import annotations
 
+import math
+
 from ..cfg.distill import (  # noqa: F401  (re-exported: the core's view of the distillation arguments)
     ARGS,
     BOOL_KEYS,
@@ -35,6 +37,17 @@ def response_on(cfg: dict) -> bool:
 def cross_on(cfg: dict) -> bool:
     """Whether CrossKD (the student's features through the teacher's head) has any weight."""
     return cfg["crosskd"] > 0
+
+
+def schedule_scale(pos: float, epochs: int, cfg: dict) -> float:
+    """The factor on every distillation term at ``pos`` epochs done (fractional) of ``epochs``: linear 0 -> 1 over
+    the first ``cfg["warmup"]`` epochs, cosine 1 -> 0 over the last ``cfg["decay"]`` (0: either off)."""
+    warmup, decay = float(cfg.get("warmup") or 0), float(cfg.get("decay") or 0)
+    scale = min(1.0, pos / warmup) if warmup > 0 else 1.0
+    if decay > 0:
+        t = min(max((pos - (epochs - decay)) / decay, 0.0), 1.0)
+        scale *= 0.5 * (1.0 + math.cos(math.pi * t))
+    return scale
 
 
 def build_pyramid(student_channels, teacher_channels, cfg: dict) -> FGDPyramid:

@@ -39,6 +39,7 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, loader, device, 
         it = epoch * nb + i
         for g in opt.param_groups:
             g["lr"] = base_lr * lr_factor(it, epoch, cfg)
+        getattr(net, "module", net).progress(epoch + (i + 1) / nb, cfg["epochs"])  # the distillation schedule
         imgs, tgts = to_device(imgs, tgts, device)
         with torch.autocast(device.type, enabled=scaler is not None):
             losses = net(imgs, tgts)

@@ -9,7 +9,6 @@ every rank. Checkpoints hold only the student, so they load with plain ``YOLO("b
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +22,7 @@ from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK, YAML, colorstr
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ..core.presets import ARGS, KEYS, arg_name, renamed, resolve
+from ..core.presets import ARGS, KEYS, arg_name, renamed, resolve, schedule_scale
 from ..errors import FGDError
 from .distiller import DistillCriterion, Distiller
 from .model import check_names, check_task, checkpoint, checkpoint_file, load_model
@@ -142,16 +141,9 @@ class DistillMixin:
         return batch
 
     def distill_scale(self) -> float:
-        """Schedule factor of every distillation term: linear 0 -> 1 over the first ``distill_warmup`` epochs, cosine
-        1 -> 0 over the last ``distill_decay`` epochs (both fractional, per batch)."""
+        """:func:`~yolo_fgd.core.presets.schedule_scale` at this batch (``distill_warmup``, ``distill_decay``)."""
         nb = max(len(getattr(self, "train_loader", []) or []), 1)
-        pos = self.epoch + self.batch_i / nb  # epochs done, fractional
-        warmup, decay = float(self.distill_cfg["warmup"]), float(self.distill_cfg.get("decay") or 0)
-        scale = min(1.0, pos / warmup) if warmup > 0 else 1.0
-        if decay > 0:
-            t = min(max((pos - (self.epochs - decay)) / decay, 0.0), 1.0)
-            scale *= 0.5 * (1.0 + math.cos(math.pi * t))
-        return scale
+        return schedule_scale(self.epoch + self.batch_i / nb, self.epochs, self.distill_cfg)
 
     @staticmethod
     def _epoch_start(trainer):
