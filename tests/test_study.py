@@ -1,6 +1,7 @@
 """Study and demo plumbing on a tiny recipe: runs, summaries, report files, resume (no re-training)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -354,3 +355,46 @@ def test_gap_table_pairs_each_seed_with_its_control_and_the_teacher(tmp_path):
     gap = list(csv.DictReader(open(tmp_path / "r" / "results_gap.csv")))
     assert [(r["seed"], round(float(r["gap_map"]), 4), round(float(r["gap_ul"]), 4)) for r in gap] == \
         [("1", 0.5, 0.2), ("2", -0.25, 0.25)], gap
+
+
+def _trains(rec: dict, m: dict) -> str:
+    """What a recipe method trains, with its distillation arguments resolved against their preset: two methods
+    with the same value train the same thing."""
+    from yolo_fgd.core.presets import KEYS, arg_name, resolve
+    from yolo_fgd.tv.models import ARCH_PRESET
+
+    args = dict(m.get("args") or {})
+    what = {"model": m.get("model", rec.get("student")), "distill": bool(m.get("distill"))}
+    if m.get("distill"):
+        names = {arg_name(k) for k in KEYS} | {"distill_preset"}
+        given = {k: args.pop(k) for k in list(args) if k in names}
+        if rec.get("kind") == "tv":
+            arch = {**rec["train"], **args}.get("arch", "retinanet")
+            given.setdefault("distill_preset", ARCH_PRESET[arch])
+        what["auto"] = given.get("fgd_gain") == "auto"
+        what["distill"] = resolve({k: v for k, v in given.items() if not (k == "fgd_gain" and v == "auto")})
+    what["args"] = args
+    return json.dumps(what, sort_keys=True, default=str)
+
+
+STUDY_RECIPES = sorted(p.name for p in (Path(__file__).parents[1] / "yolo_fgd/cfg/recipes").glob("*.yaml")
+                       if "\nmethods:" in p.read_text())  # the study recipes (the others are tv-train's)
+
+
+@pytest.mark.parametrize("recipe", STUDY_RECIPES)
+def test_no_two_methods_of_a_shipped_recipe_train_the_same_thing(recipe):
+    """Every method of a shipped recipe is its own experiment: no two that share a seed and a data set train the same
+    model with the same arguments once the distillation arguments are resolved against their preset. A preset
+    default that changes (crosskd_fit became True in 0.4.0) must not silently turn a measured row into a copy of
+    another (gpu_scale's 'default' and 'default_fit', candidates' 'crosskd' and 'crosskd_fit' did)."""
+    from yolo_fgd.cfg import load_recipe
+
+    rec = load_recipe(f"cfg/{recipe}")
+    seen = {}
+    for name, m in rec["methods"].items():
+        m = m or {}
+        for seed in m.get("seeds", rec["seeds"]):
+            for ds in m.get("datasets", list(rec["datasets"])):
+                key = (seed, ds, _trains(rec, m))
+                assert key not in seen, f"{recipe}: '{name}' trains what '{seen[key]}' does (seed {seed}, {ds})"
+                seen[key] = name
