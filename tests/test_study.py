@@ -81,6 +81,31 @@ def test_plan_orders_overrides_and_finetune(tmp_path):
     assert ("a", "ft") in runs and ("b", "ft") not in runs and ("b", "baseline") in runs
 
 
+def test_a_teacher_assistant_is_another_methods_student_of_the_same_seed(tmp_path):
+    """A recipe's teacher assistant (Mirzadeh et al. 2020): method 'ta' trains the shipped yolo11-ta.yaml (named like
+    an Ultralytics model, found in the package) distilled from the teacher; 'via_ta' is distilled from the 'ta'
+    student of its own seed (teacher: RUN:ta), waits for it to finish, and the model sits between n and s in size."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolo_fgd.lab.study import check_models, plan
+
+    rec = tiny_recipe(tmp_path)
+    rec["methods"] = {"ta": {"distill": True, "model": "yolo11-ta.yaml"},
+                      "via_ta": {"distill": True, "args": {"teacher": "RUN:ta", "epochs": 2}}}
+    specs = {(s["method"], s["seed"]): s for s in plan(rec, tmp_path / "r")}
+    root = tmp_path / "r" / "tiny"
+    ta, via = specs[("ta", 1)], specs[("via_ta", 1)]
+    assert ta["model"].endswith("yolo_fgd/cfg/models/yolo11-ta.yaml") and Path(ta["model"]).is_file()
+    assert ta["args"]["teacher"] == str(root / "teacher" / "weights" / "best.pt")
+    assert via["args"]["teacher"] == str(root / "ta-s1" / "weights" / "best.pt") and via["args"]["epochs"] == 2
+    assert str(root / "ta-s1" / "summary.json") in via["needs"] and via["model"] == "yolo11n.yaml"
+    check_models(list(specs.values()))
+    size = {y: sum(p.numel() for p in DetectionModel(y, nc=3, verbose=False).parameters())
+            for y in ("yolo11n.yaml", ta["model"], "yolo11s.yaml")}
+    n, t, s_ = size.values()
+    assert 1.5 * n < t < 0.75 * s_, size
+
+
 @pytest.mark.parametrize("recipe", ["study.yaml", "calibrate.yaml", "remedies.yaml", "ablations.yaml", "demo.yaml",
                                     "candidates.yaml", "task_segment.yaml", "task_pose.yaml", "task_obb.yaml",
                                     "gpu_scale.yaml",

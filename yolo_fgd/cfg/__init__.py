@@ -1,7 +1,8 @@
 """Configuration files shipped with the package and the ``key=value`` syntax of the command line.
 
 ``presets.yaml`` holds the loss presets (read by :mod:`yolo_fgd.core.presets`); ``recipes/`` holds the experiment
-and torchvision recipes (``yolo-fgd study recipe=study``, ``yolo-fgd tv-train recipe=tv_retinanet_r101_r50``).
+and torchvision recipes (``yolo-fgd study recipe=study``, ``yolo-fgd tv-train recipe=tv_retinanet_r101_r50``);
+``models/`` model YAMLs that recipes name beside Ultralytics' own (``yolo11-ta.yaml``, a teacher assistant).
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ from ..errors import FGDError
 ROOT = Path(__file__).resolve().parent
 PRESETS = ROOT / "presets.yaml"
 RECIPES = ROOT / "recipes"
+MODELS = ROOT / "models"
+
+
+def model_path(name):
+    """A model a recipe names: a model YAML shipped in ``models/`` by its file name (as a path), else ``name`` as it
+    is (an Ultralytics model name, a path, a checkpoint)."""
+    shipped = MODELS / str(name)
+    return str(shipped) if str(name).endswith((".yaml", ".yml")) and shipped.is_file() else name
 
 
 def recipe_path(name) -> Path:

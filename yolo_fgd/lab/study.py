@@ -28,7 +28,7 @@ from ultralytics.nn.tasks import guess_model_task, yaml_model_load
 from ultralytics.utils import DEFAULT_CFG, LOGGER
 
 from .. import console
-from ..cfg import load_recipe
+from ..cfg import load_recipe, model_path
 from ..data import resolve_data
 from ..deploy.evaluate import coco_ap
 from ..errors import FGDError
@@ -227,7 +227,8 @@ def plan(recipe: dict, root: Path) -> list[dict]:
         teacher_pt = tcfg.get("weights") or str(tdir / "weights" / "best.pt")
         task = guess_model_task(str(recipe["student"]))  # from the model's name, e.g. yolo11n-seg.yaml -> segment
         if not tcfg.get("weights"):
-            specs.append({"dir": str(tdir), "method": "teacher", "seed": 0, "data": data, "model": tcfg["model"],
+            specs.append({"dir": str(tdir), "method": "teacher", "seed": 0, "data": data,
+                          "model": model_path(tcfg["model"]),
                           "task": task,
                           "train": {**train, **(tcfg.get("train") or {})}, "dataset": ds_name})
         for method, m in recipe["methods"].items():
@@ -237,19 +238,24 @@ def plan(recipe: dict, root: Path) -> list[dict]:
             args = {k: (teacher_pt if v == "TEACHER" else v) for k, v in (m.get("args") or {}).items()}
             for seed in m.get("seeds", recipe["seeds"]):
                 uses_teacher = m.get("distill") or "TEACHER" in (m.get("args") or {}).values()
-                model = m.get("model", recipe["student"])
+                model = model_path(m.get("model", recipe["student"]))
                 # a run that feeds this one must have finished (its summary.json), not merely written a best.pt:
                 # best.pt exists from its first epoch on. Plain runs start at once.
                 needs = [str(tdir / "summary.json")] if uses_teacher and not tcfg.get("weights") else []
+                run_args = dict(args)
                 if str(model).startswith("RUN:"):  # fine-tuning: start from another method's student, same seed
                     base = root / ds_name / f"{model[4:]}-s{seed}"
                     model = str(base / "weights" / "best.pt")
+                    needs.append(str(base / "summary.json"))
+                if str(args.get("teacher", "")).startswith("RUN:"):  # another method's student teaches (a TA)
+                    base = root / ds_name / f"{args['teacher'][4:]}-s{seed}"
+                    run_args["teacher"] = str(base / "weights" / "best.pt")
                     needs.append(str(base / "summary.json"))
                 specs.append({"dir": str(root / ds_name / f"{method}-s{seed}"), "method": method, "seed": seed,
                               "data": data, "model": model, "train": train, "task": task,
                               "control": m.get("control"),
                               "distill": bool(m.get("distill")), "args": {**({"teacher": teacher_pt} if m.get("distill") else {}),
-                                                                    **args}, "dataset": ds_name, "needs": needs})
+                                                                    **run_args}, "dataset": ds_name, "needs": needs})
     return specs
 
 
