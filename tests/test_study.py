@@ -35,7 +35,8 @@ def test_study_runs_reports_and_resumes(tmp_path):
     study(rec, project=str(tmp_path / "runs"), name="s", lanes=2)  # everything done: nothing retrained
     assert {p: p.stat().st_mtime for p in root.rglob("summary.json")} == stamp
     text = study(rec, project=str(tmp_path / "runs"), name="s", only="fgd", seeds="1", report_only=True)
-    assert "| tiny | fgd | 1 |" in text and "| tiny | baseline |" not in text  # one method, one seed
+    # only= and seeds= choose what trains; the report keeps every finished run (it once shrank to the subset)
+    assert "| tiny | fgd | 2 |" in text and "| tiny | baseline | 2 |" in text, text
     from yolo_fgd.errors import FGDError
 
     with pytest.raises(FGDError, match="seeds=a: give seeds as integers"):
@@ -380,6 +381,39 @@ def test_gap_table_pairs_each_seed_with_its_control_and_the_teacher(tmp_path):
     gap = list(csv.DictReader(open(tmp_path / "r" / "results_gap.csv")))
     assert [(r["seed"], round(float(r["gap_map"]), 4), round(float(r["gap_ul"]), 4)) for r in gap] == \
         [("1", 0.5, 0.2), ("2", -0.25, 0.25)], gap
+
+
+def test_a_report_keeps_every_finished_run_and_a_second_recipe_in_the_folder_writes_its_own(tmp_path):
+    """`only=` and `seeds=` choose what trains, not what the report shows: the report lists every finished run of the
+    recipe (an `only=` run once rewrote results.md with its one method). A second recipe run under the first's name
+    (to share its teacher and plain runs, as `recipe=tv_ablations_cpu name=tv_study_cpu`) writes
+    results_<recipe>.*, leaving the first recipe's results.* as they were. Folder listed before and after."""
+    import yaml
+
+    from yolo_fgd.lab.study import study
+
+    rec = tiny_recipe(tmp_path)
+    rec["methods"] = {"plain": {}, "kd": {"distill": True, "control": "plain"}}
+    rec["seeds"] = [0]
+    (tmp_path / "first.yaml").write_text(yaml.safe_dump(rec))
+    rec["methods"] = {"plain": {}, "other": {"distill": True, "control": "plain"}}
+    (tmp_path / "second.yaml").write_text(yaml.safe_dump(rec))
+    root = tmp_path / "runs" / "first" / "tiny"
+    for run, m in (("teacher", 0.6), ("plain-s0", 0.4), ("kd-s0", 0.5), ("other-s0", 0.45)):
+        (root / run).mkdir(parents=True)
+        (root / run / "summary.json").write_text(json.dumps({"method": run.split("-")[0], "seed": 0, "map": m,
+                                                             "ul_map": m, "epoch_s": 1.0, "wall_s": 1.0}))
+    kw = dict(project=str(tmp_path / "runs"), report_only=True)
+    text = study(str(tmp_path / "first.yaml"), only="kd", **kw)
+    assert "| tiny | plain |" in text and "| tiny | kd |" in text and "| tiny | teacher |" in text, text
+    before = sorted(p.name for p in (tmp_path / "runs" / "first").iterdir())
+    first_md = (tmp_path / "runs" / "first" / "results.md").read_text()
+    text2 = study(str(tmp_path / "second.yaml"), name="first", only="other", seeds="0", **kw)
+    after = sorted(p.name for p in (tmp_path / "runs" / "first").iterdir())
+    assert (tmp_path / "runs" / "first" / "results.md").read_text() == first_md
+    assert set(after) - set(before) >= {"results_second.md", "results_second.csv", "results_second_gap.csv"}, after
+    assert set(before) <= set(after), (before, after)
+    assert "| tiny | other | plain |" in text2 and "| tiny | kd |" not in text2, text2
 
 
 def _trains(rec: dict, m: dict) -> str:

@@ -225,7 +225,7 @@ def test_a_two_stage_checkpoint_brings_its_rpn_anchors_and_rois_set_the_sampler(
 
 
 @pytest.mark.parametrize("recipe", ["tv_study_cpu", "tv_ablations_cpu", "tv_faster_rcnn_cpu", "tv_mask_rcnn_cpu",
-                                    "tv_fcos_cpu"])
+                                    "tv_fcos_cpu", "tv_ablations_frcnn_cpu"])
 def test_shipped_tv_studies_plan_runs_tv_train_accepts(recipe, tmp_path):
     """Every run a shipped torchvision study plans (teacher and students) has arguments tv-train takes and builds the
     architecture it names; a distilled run waits for the teacher and the plain run of its seed."""
@@ -240,6 +240,24 @@ def test_shipped_tv_studies_plan_runs_tv_train_accepts(recipe, tmp_path):
         build(cfg["arch"], "resnet18", 3, norm=cfg["norm"], width=32, anchor=cfg["anchor"], rois=cfg["rois"], **SMALL)
         if s.get("args", {}).get("fgd"):
             assert any(n.endswith(f"plain-s{s['seed']}/summary.json") for n in s["needs"]), s["dir"]
+
+
+@pytest.mark.parametrize("ablations, study", [("tv_ablations_frcnn_cpu", "tv_faster_rcnn_cpu"),
+                                               ("tv_ablations_cpu", "tv_study_cpu")])
+def test_an_ablation_recipe_shares_only_identical_runs_with_its_study(ablations, study, tmp_path):
+    """An ablation recipe run under its study's name reuses that study's finished runs of the same folder (teacher,
+    plain, fgd_calibrated, ...): each such run must be the same experiment in both recipes (the same tv-train
+    arguments and data), or the ablation table would pair rows trained differently."""
+    from yolo_fgd.cfg import load_recipe
+    from yolo_fgd.lab.study import plan
+
+    a = {s["dir"]: s for s in plan(load_recipe(ablations), tmp_path)}
+    b = {s["dir"]: s for s in plan(load_recipe(study), tmp_path)}
+    shared = sorted(set(a) & set(b))
+    assert any(d.endswith("/teacher") for d in shared) and any(d.endswith("/plain-s0") for d in shared), shared
+    for d in shared:
+        for key in ("train", "args", "data", "seed"):
+            assert a[d].get(key) == b[d].get(key), (d, key, a[d].get(key), b[d].get(key))
 
 
 def test_the_cpu_recipe_anchors_match_the_most_objects(tmp_path):

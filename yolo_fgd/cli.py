@@ -573,8 +573,8 @@ COMMANDS = {c.name: c for c in [
             "yolo-fgd demo epochs=3 teacher_epochs=3", _lazy("lab.demo", "demo")),
     Command("study", "the comparison of methods over seeds, resumable, with a report",
             _rows("recipe=study a shipped recipe name or a recipe YAML; project=runs/study where runs go; name= "
-                  "study folder (default: the recipe's name); lanes=2 runs at once; only= only these methods a,b "
-                  "(and the teacher); seeds= only these seeds 0,1; threads= threads per run (default: the cores / lanes, 1 for a second study beside another); report_only=False only write the report of "
+                  "study folder (default: the recipe's name); lanes=2 runs at once; only= train only these methods "
+                  "a,b and the teacher (the report keeps every finished run); seeds= train only these seeds 0,1; threads= threads per run (default: the cores / lanes, 1 for a second study beside another); report_only=False only write the report of "
                   "finished runs; rescore=False re-evaluate finished runs first"),
             "yolo-fgd study recipe=study lanes=2", _lazy("lab.study", "study")),
     Command("tv-train", "the paper-faithful torchvision path (RetinaNet/FCOS, FGD on P3-P7)",

@@ -3,7 +3,8 @@
 Each (dataset, method, seed) is one Ultralytics run in ``<project>/<name>/<dataset>/<method>-s<seed>`` trained in its
 own process (``lanes`` of them at once, the CPU threads split between them); a finished run leaves ``summary.json``
 and is skipped when the study is started again, an unfinished one resumes from its ``last.pt``. The report
-(``results.csv``, ``results.md``, ``results.png``) holds mean ± std over seeds of mAP50-95, mAP50, APs/APm/APl
+(``results.csv``, ``results.md``, ``results.png``; of every finished run of the recipe, whatever ``only=`` and
+``seeds=`` chose to train; ``results_<recipe>.*`` for a recipe run under another's name) holds mean ± std over seeds of mAP50-95, mAP50, APs/APm/APl
 (COCO area ranges, pycocotools on the val split), the mAP50-95 gained over each run's last 20 epochs (the plateau
 rule: below 0.3) and seconds per epoch; ``results_curves.png`` the val curve of every run.
 """
@@ -270,8 +271,19 @@ def check_models(specs: list[dict]) -> None:
                            "yolo11n.yaml, yolo11n-seg.yaml, yolo11n-pose.yaml, yolo11n-obb.yaml or a path") from None
 
 
-def report(root: Path, specs: list[dict]) -> str:
-    """Aggregate summaries into results.csv / results.md / results.png under ``root``; returns the Markdown."""
+def report_stem(root: Path, recipe_name: str) -> str:
+    """The file stem of a recipe's report in ``root``: ``results`` for the recipe that first reported there (its
+    name kept in ``root/recipe.txt``), ``results_<recipe>`` for another recipe run under the same name to share its
+    runs (``recipe=tv_ablations_cpu name=tv_study_cpu``), so neither report overwrites the other."""
+    mark = root / "recipe.txt"
+    if not mark.is_file():
+        mark.write_text(recipe_name + "\n")
+    return "results" if mark.read_text().strip() == recipe_name else f"results_{recipe_name}"
+
+
+def report(root: Path, specs: list[dict], stem: str = "results") -> str:
+    """Aggregate summaries into ``<stem>.csv`` / ``<stem>.md`` / ``<stem>.png`` (and ``<stem>_gap.csv``,
+    ``<stem>_curves.png``) under ``root``; returns the Markdown."""
     rows = {}
     for s in specs:
         f = Path(s["dir"]) / "summary.json"
@@ -294,11 +306,11 @@ def report(root: Path, specs: list[dict]) -> str:
         seeds = " / ".join(f"{r['map'] * 100:.1f}" for r in sorted(runs, key=lambda r: r["seed"]))
         cells = [pm("map"), seeds, *(pm(m) for m in list(columns.values())[1:]), f"{stat['epoch_s'][0]:.1f}"]
         md.append(f"| {ds} | {method} | {len(runs)} | " + " | ".join(cells) + " |")
-    (root / "results.csv").write_text("\n".join(lines_csv) + "\n")
-    text = "\n".join(md) + "\n" + gap_table(root, specs, rows)
-    (root / "results.md").write_text(text)
-    _plot(root, rows)
-    _curves(root, specs)
+    (root / f"{stem}.csv").write_text("\n".join(lines_csv) + "\n")
+    text = "\n".join(md) + "\n" + gap_table(root, specs, rows, stem)
+    (root / f"{stem}.md").write_text(text)
+    _plot(root, rows, stem)
+    _curves(root, specs, stem)
     return text
 
 
@@ -309,11 +321,11 @@ def gap_closed(run: dict, control: dict, teacher: dict, key: str = "map") -> flo
     return (run[key] - control[key]) / lead if lead > 0 else float("nan")
 
 
-def gap_table(root: Path, specs: list[dict], rows: dict) -> str:
+def gap_table(root: Path, specs: list[dict], rows: dict, stem: str = "results") -> str:
     """The methods with a ``control`` (a recipe method run on the same seeds; a torchvision method's ``baseline``),
     paired by seed against it and against the data set's teacher: mean +- std and per-seed values of the difference
     and of the gap closed (:func:`gap_closed`), COCO mAP50-95 of best.pt and (YOLO) Ultralytics' last-epoch val.
-    Also written to results_gap.csv; '' when none."""
+    Also written to ``<stem>_gap.csv``; '' when none."""
     controls = {(s["dataset"], s["method"]): s["control"] for s in specs if s.get("control")}
     keys = {"map": "map"} if any(s.get("tv") for s in specs) else {"map": "map", "ul_map": "ul"}  # summary -> csv
     heads = ["dataset", "method", "control", "seeds", "Δ mAP50-95", "per seed", "gap closed", "per seed",
@@ -341,12 +353,12 @@ def gap_table(root: Path, specs: list[dict], rows: dict) -> str:
         md.append(f"| {ds} | {method} | {control} | {len(pairs)} | " + " | ".join(cells) + " |")
     if len(md) == 3:
         return ""
-    (root / "results_gap.csv").write_text("\n".join(csv) + "\n")
+    (root / f"{stem}_gap.csv").write_text("\n".join(csv) + "\n")
     return "\n".join(md) + "\n"
 
 
-def _curves(root, specs):
-    """results_curves.png: Ultralytics' val mAP50-95 per epoch of every run (a continuation drawn after the epochs
+def _curves(root, specs, stem="results"):
+    """<stem>_curves.png: Ultralytics' val mAP50-95 per epoch of every run (a continuation drawn after the epochs
     of the run it continues), one panel per data set."""
     try:
         import matplotlib
@@ -374,11 +386,11 @@ def _curves(root, specs):
         ax.set_ylabel("val mAP50-95 (%, Ultralytics)")
         ax.set_title(ds)
         ax.legend(fontsize=6, ncol=2)
-    fig.savefig(root / "results_curves.png", dpi=110)
+    fig.savefig(root / f"{stem}_curves.png", dpi=110)
     plt.close(fig)
 
 
-def _plot(root, rows):
+def _plot(root, rows, stem="results"):
     try:
         import matplotlib
 
@@ -396,7 +408,7 @@ def _plot(root, rows):
     ax.set_xticks(range(len(keys)), [f"{d}\n{m}" for d, m in keys], fontsize=8)
     ax.set_ylabel("mAP50-95 (%)")
     ax.set_title("yolo-fgd study: mean ± std over seeds")
-    fig.savefig(root / "results.png", dpi=120)
+    fig.savefig(root / f"{stem}.png", dpi=120)
     plt.close(fig)
 
 
@@ -414,7 +426,7 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
     # absolute: Ultralytics would put a relative project under runs/detect/
     root = Path(project).resolve() / (name or (Path(recipe).stem if not isinstance(recipe, dict) else "study"))
     root.mkdir(parents=True, exist_ok=True)
-    specs = plan(rec, root)
+    every = specs = plan(rec, root)  # the report covers every finished run of the recipe, whatever only= and seeds=
     if only:
         keep = set(str(only).split(","))
         specs = [s for s in specs if s["method"] in keep or s["method"] == "teacher"]
@@ -455,9 +467,10 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    text = report(root, specs)
+    stem = report_stem(root, Path(str(recipe)).stem if not isinstance(recipe, dict) else "study")
+    text = report(root, every, stem)
     console.result(text)
-    print(f"yolo-fgd: study results saved to {root} (results.csv, results.md, results.png; one folder per run)")
+    print(f"yolo-fgd: study results saved to {root} ({stem}.csv, {stem}.md, {stem}.png; one folder per run)")
     return text
 
 
