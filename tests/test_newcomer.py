@@ -132,6 +132,9 @@ BAD = [
     (["tv-train", "fgd=False", "anchor=0"], "anchor=0: pass the anchor size on the first level"),
     (["tv-train", "fgd=False", "arch=faster_rcnn", "rois=0"], "rois=0: pass the RoIs sampled per training image"),
     (["tv-train", "fgd=False", "norm=batch"], "norm=batch is not supported"),
+    (["tv-train", "recipe=tv_faster_rcnn_cpu"], "recipe=tv_faster_rcnn_cpu is not a recipe of tv-train arguments but a "
+                                                "study of several runs: run `yolo-fgd study recipe=tv_faster_rcnn_cpu`"),
+    (["tv-train", "fgd=False", "data={'train_json': 'a.json'}"], "lacks train_images, val_json, val_images: give COCO"),
     (["benchmark-step", "teacher=nope.pt"], "teacher 'nope.pt' not found"),
     (["benchmark-loss", "pyramid=nope.py"], "pyramid=nope.py has no loadable FGDPyramid"),
     (["data", "coco"], "'coco' is not an argument of data (it takes shapes | deepforest"),
@@ -149,6 +152,22 @@ def test_bad_input_is_one_line_exit_2(capsys, args, needle):
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("yolo-fgd: error:")]
     assert code == 2 and len(lines) == 1 and needle in lines[0], (code, err[-1500:])
     assert "Traceback" not in out + err
+
+
+def test_a_tv_train_recipe_with_an_unknown_key_is_one_line_before_any_folder(tmp_path, monkeypatch):
+    """A user's tv-train recipe is checked as the command line is: a key tv-train does not take (a typo such as
+    `epoch:`) was silently dropped and the run trained on the default; now one line, exit 2, the folder as it was."""
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("arch: faster_rcnn\nepoch: 2\nanchors: 16\n")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    r = subprocess.run([sys.executable, "-m", "yolo_fgd.cli", "tv-train", f"recipe={recipe}", "fgd=False"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"yolo-fgd: error: unknown tv-train argument(s) ['anchors', 'epoch'] in recipe {recipe}: see "
+        "`yolo-fgd tv-train help`"], r.stderr[-1500:]
+    assert before == after == ["mine.yaml"], after
 
 
 def test_interrupt_names_the_runs_real_checkpoint(tmp_path, capsys, monkeypatch):

@@ -1,4 +1,4 @@
-"""torchvision RetinaNet/FCOS path: building, padded-batch box mapping, FGD step, inheriting, COCO, torchrun, resume."""
+"""torchvision path (RetinaNet, FCOS, Faster R-CNN, Mask R-CNN): building, padded-batch box mapping, FGD step, inheriting, COCO, torchrun, resume."""
 
 import csv
 import json
@@ -29,19 +29,40 @@ def tv_teacher(data, tmp_path_factory):
     return str(root / "teacher" / "model.pth"), root
 
 
-@pytest.mark.parametrize("arch", ["retinanet", "fcos"])
-@pytest.mark.parametrize("recipe", ["tv_retinanet_r101_r50.yaml", "tv_fcos_r101_r50.yaml", "tv_retinanet_r34_r18_cpu.yaml"])
-def test_build_recipes_and_fpn_levels(arch, recipe):
+TV_TRAIN_RECIPES = sorted(p.stem for p in (Path(__file__).parents[1] / "yolo_fgd/cfg/recipes").glob("tv_*.yaml")
+                          if "\nmethods:" not in p.read_text())  # tv-train's (the others are studies)
 
-    from yolo_fgd.cfg import load_recipe
 
-    cfg = load_recipe(recipe)
-    for bb in (cfg["student_backbone"],):
-        m = build(arch, "resnet18", 3, **SMALL) if bb in ("resnet50", "resnet101") else build(arch, bb, 3, **SMALL)
-        feats = m.backbone(torch.zeros(1, 3, 64, 96))
-        assert [f.shape[1] for f in feats.values()] == [256] * 5
-        assert [f.shape[-1] for f in feats.values()] == [12, 6, 3, 2, 1]  # P3..P7 of a 96-px-wide input
-    assert cfg["distill_preset"] in {"anchor_based", "anchor_free"}
+@pytest.mark.parametrize("recipe", TV_TRAIN_RECIPES)
+def test_every_tv_train_recipe_is_checked_builds_its_family_and_names_its_preset(recipe):
+    """Each shipped tv-train recipe passes tv-train's own checks, builds the architecture it names (a ResNet-18 in
+    place of its ResNet-50/101, at a small size) with the FPN levels of its family (P3-P7 one-stage, P2-P6
+    two-stage), and names the paper's preset of that family."""
+    from yolo_fgd.tv.models import ARCH_PRESET
+    from yolo_fgd.tv.train import config
+
+    cfg = config(recipe=recipe)
+    m = build(cfg["arch"], "resnet18", 3, norm=cfg["norm"], width=cfg["width"], anchor=cfg["anchor"], rois=cfg["rois"],
+              **SMALL)
+    feats = m.backbone(torch.zeros(1, 3, 64, 96))
+    assert [f.shape[1] for f in feats.values()] == [cfg["width"]] * 5
+    two_stage = cfg["arch"] in ("faster_rcnn", "mask_rcnn")
+    assert [f.shape[-1] for f in feats.values()] == ([24, 12, 6, 3, 2] if two_stage else [12, 6, 3, 2, 1])
+    assert cfg["distill_preset"] in (None, ARCH_PRESET[cfg["arch"]]), cfg["distill_preset"]
+    assert len(TV_TRAIN_RECIPES) >= 6 and {"tv_faster_rcnn_r101_r50", "tv_mask_rcnn_r101_r50"} <= set(TV_TRAIN_RECIPES)
+
+
+def test_coco_files_takes_a_shapes_spec_and_refuses_an_incomplete_coco_dict(tmp_path):
+    """data= as a dict: {kind: shapes, ...} builds that set and converts it (segment polygons for Mask R-CNN); COCO
+    files missing a key are one line naming them (they were returned as given and failed later with a KeyError)."""
+    from yolo_fgd.errors import FGDError
+    from yolo_fgd.tv.coco_utils import CocoDataset
+
+    files = coco_files({"kind": "shapes", "root": str(tmp_path), "n_train": 4, "n_val": 2, "size": 64,
+                        "task": "segment"})
+    assert CocoDataset(files["train_json"], files["train_images"], train=True, masks=True).has_masks()
+    with pytest.raises(FGDError, match=r"lacks train_images, val_json, val_images"):
+        coco_files({"train_json": "a.json"})
 
 
 def test_boxes_mapped_on_padded_batch():

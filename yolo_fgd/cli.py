@@ -577,8 +577,8 @@ COMMANDS = {c.name: c for c in [
                   "a,b and the teacher (the report keeps every finished run); seeds= train only these seeds 0,1; threads= threads per run (default: the cores / lanes, 1 for a second study beside another); report_only=False only write the report of "
                   "finished runs; rescore=False re-evaluate finished runs first"),
             "yolo-fgd study recipe=study lanes=2", _lazy("lab.study", "study")),
-    Command("tv-train", "the paper-faithful torchvision path (RetinaNet/FCOS, FGD on P3-P7)",
-            (("recipe", None, "tv_retinanet_r101_r50 | tv_fcos_r101_r50 | tv_retinanet_r34_r18_cpu"),
+    Command("tv-train", "the paper-faithful torchvision path (RetinaNet/FCOS on P3-P7, Faster/Mask R-CNN on P2-P6)",
+            (("recipe", None, "tv_retinanet_r101_r50 | tv_fcos_r101_r50 | tv_retinanet_r34_r18_cpu (or any recipe YAML of tv-train arguments)"),
              *((k, v, TV_HELP.get(k, "")) for k, v in TV_ARGS.items()), *((k, None, "FGD, as for train") for k in TV_FGD_KEYS)),
             "yolo-fgd tv-train recipe=tv_retinanet_r34_r18_cpu teacher=runs/tv/teacher/model.pth name=fgd",
             _lazy("tv.train", "train", device=True), more="    fgd_* keys as for train (FGD only); fgd_gain=auto: the gain at which FGD's loss equals the "

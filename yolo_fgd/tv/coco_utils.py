@@ -70,10 +70,18 @@ def rasterise(anns: list[dict], h: int, w: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+COCO_KEYS = ("train_json", "train_images", "val_json", "val_images")
+
+
 def coco_files(data) -> dict:
-    """Resolve ``data`` (a YOLO data YAML / 'shapes' / 'deepforest', or a dict with train_json/train_images/val_json/
-    val_images) to COCO files, converting YOLO sets once (``annotations/instances_{split}.json`` beside the YAML)."""
-    if isinstance(data, dict):
+    """Resolve ``data`` (a YOLO data YAML / 'shapes' / 'deepforest' / a dict ``{kind: shapes, ...}``, or a dict with
+    train_json/train_images/val_json/val_images) to COCO files, converting YOLO sets once
+    (``annotations/instances_{split}.json`` beside the YAML)."""
+    if isinstance(data, dict) and data.get("kind") != "shapes":
+        missing = [k for k in COCO_KEYS if k not in data]
+        if missing:
+            raise FGDError(f"data={data} lacks {', '.join(missing)}: give COCO files as {{train_json, train_images, "
+                           "val_json, val_images}, a YOLO data YAML, shapes, or {kind: shapes, task: segment, ...}")
         return data
     yaml_path = Path(resolve_data(data))
     if not yaml_path.is_file():

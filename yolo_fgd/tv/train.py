@@ -1,4 +1,4 @@
-"""Paper-faithful path: FGD for torchvision RetinaNet and FCOS, in the style of torchvision's
+"""Paper-faithful path: FGD for torchvision RetinaNet, FCOS, Faster R-CNN and Mask R-CNN, in the style of torchvision's
 ``references/detection/train.py`` (plain loop, SGD, warm-up, the 2x step schedule, COCOeval).
 
     yolo-fgd tv-train recipe=tv_retinanet_r101_r50 [key=value ...]
@@ -39,15 +39,24 @@ def config(**kwargs) -> dict:
     cfg = dict(ARGS)
     recipe = kwargs.pop("recipe", None)
     if recipe:
-        cfg.update(load_recipe(recipe))
-    kwargs = renamed(kwargs)
-    unknown = sorted(set(kwargs) - set(ARGS) - set(FGD_KEYS))
+        given = load_recipe(recipe)
+        if not isinstance(given, dict) or "methods" in given:
+            raise FGDError(f"recipe={recipe} is not a recipe of tv-train arguments"
+                           + (" but a study of several runs: run `yolo-fgd study recipe=" + str(recipe) + "`"
+                              if isinstance(given, dict) else ": give a YAML of key: value tv-train arguments"))
+        cfg.update(checked(renamed(given), f" in recipe {recipe}"))
+    cfg.update(checked(renamed(kwargs)))
+    return cfg
+
+
+def checked(args: dict, where: str = "") -> dict:
+    """``args`` if every key is a tv-train argument, else a one-line error naming the unknown ones."""
+    unknown = sorted(set(args) - set(ARGS) - set(FGD_KEYS))
     if unknown:
         hint = (" (the head-response term is the YOLO adapter's; tv-train runs the paper's FGD)"
                 if set(unknown) & set(RESPONSE_KEYS) else "")
-        raise FGDError(f"unknown tv-train argument(s) {unknown}{hint}: see `yolo-fgd tv-train help`")
-    cfg.update(kwargs)
-    return cfg
+        raise FGDError(f"unknown tv-train argument(s) {unknown}{where}{hint}: see `yolo-fgd tv-train help`")
+    return args
 
 
 def train(**kwargs) -> dict:
