@@ -1,6 +1,9 @@
 """Study and demo plumbing on a tiny recipe: runs, summaries, report files, resume (no re-training)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -414,6 +417,46 @@ def test_a_report_keeps_every_finished_run_and_a_second_recipe_in_the_folder_wri
     assert set(after) - set(before) >= {"results_second.md", "results_second.csv", "results_second_gap.csv"}, after
     assert set(before) <= set(after), (before, after)
     assert "| tiny | other | plain |" in text2 and "| tiny | kd |" not in text2, text2
+
+
+RECIPE_TYPOS = [
+    (("methods", "kd"), {"distil": True, "control": "plain"}, "method kd: 'distil' is not a method key: did you mean "
+                                                               "'distill'?"),
+    (("methods", "kd"), {"distill": True, "contol": "plain"}, "method kd: 'contol' is not a method key: did you mean "
+                                                               "'control'?"),
+    (("methods", "kd"), {"distill": True, "args": {"epoch": 3}}, "method kd: unknown argument 'epoch': did you mean "
+                                                                  "'epochs'?"),
+    (("methods", "kd"), {"distill": True, "control": "plane"}, "method kd: 'plane' is not a method of the recipe"),
+    (("methods", "kd"), {"distill": True, "args": {"kd_cls": -1}}, "method kd: kd_cls=-1.0 is negative"),
+    (("train",), {"epochs": 1, "imgsz": 64, "lr": 0.1}, "train: unknown argument 'lr'"),
+    (("method",), {"kd": {"distill": True}}, "'method' is not a recipe key: did you mean 'methods'?"),
+]
+
+
+@pytest.mark.parametrize("where, value, needle", RECIPE_TYPOS, ids=[t[2][:40] for t in RECIPE_TYPOS])
+def test_a_study_recipe_with_a_typo_is_one_line_before_any_folder(tmp_path, where, value, needle):
+    """A study recipe's method keys, run arguments and pairings are checked before anything is made: `distil: true`
+    trained the method plainly, `contol:` left it unpaired, `epoch:` failed inside every run. One line, exit 2, the
+    folder as it was (listed before and after)."""
+    import yaml
+
+    rec = tiny_recipe(tmp_path)
+    rec["seeds"] = [0]
+    rec["methods"] = {"plain": {}, "kd": {"distill": True, "control": "plain"}}
+    node = rec
+    for k in where[:-1]:
+        node = node[k]
+    node[where[-1]] = value
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    r = subprocess.run([sys.executable, "-m", "yolo_fgd.cli", "study", f"recipe={tmp_path / 'r.yaml'}",
+                        f"project={tmp_path / 'runs'}"], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "YOLO_OFFLINE": "1"})
+    after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr[-1500:]
+    assert lines[0].startswith(f"yolo-fgd: error: recipe {tmp_path / 'r.yaml'}")
+    assert before == after == ["r.yaml"], after
 
 
 def _trains(rec: dict, m: dict) -> str:

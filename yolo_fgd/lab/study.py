@@ -11,6 +11,7 @@ rule: below 0.3) and seconds per epoch; ``results_curves.png`` the val curve of 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import signal
@@ -29,7 +30,11 @@ from ultralytics.nn.tasks import guess_model_task, yaml_model_load
 from ultralytics.utils import DEFAULT_CFG, LOGGER
 
 from .. import console
-from ..cfg import load_recipe, model_path
+from ..cfg import load_recipe, model_path, ultralytics_defaults, ultralytics_deprecated
+from ..cfg.distill import ARGS as DISTILL_ARGS
+from ..cfg.distill import resolve
+from ..cfg.tv import ARGS as TV_ARGS
+from ..cfg.tv import FGD_KEYS as TV_FGD_KEYS
 from ..data import resolve_data
 from ..deploy.evaluate import coco_ap
 from ..errors import FGDError
@@ -182,6 +187,63 @@ def _results(csv_path):
         return []
     with open(csv_path) as f:
         return [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+RECIPE_KEYS = ("kind", "datasets", "teacher", "student", "train", "seeds", "methods")
+METHOD_KEYS = ("distill", "args", "control", "baseline", "model", "seeds", "datasets")
+
+
+def check_recipe(rec, name) -> None:
+    """A study recipe's structure, checked before any folder is made: methods present, every method's keys and every
+    run argument known (Ultralytics' train keys, deprecated ones included, and the distillation ones; tv-train's for
+    ``kind: tv``), the distillation values valid. A typo (``distil: true``, ``contol:``, ``epoch:``) trained a
+    different experiment silently. Top-level keys that are not the recipe's own are YAML anchors, unless one is a
+    near miss of a recipe key (``method:``)."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("methods"), dict) or not rec["methods"]:
+        raise FGDError(f"recipe {name} lists no methods: a study recipe has `methods: {{name: {{...}}}}` (a recipe of "
+                       "tv-train arguments runs with `yolo-fgd tv-train recipe=...`)")
+    for k in rec:
+        close = difflib.get_close_matches(str(k), RECIPE_KEYS, n=1, cutoff=0.8)
+        if k not in RECIPE_KEYS and close:
+            raise FGDError(f"recipe {name}: '{k}' is not a recipe key: did you mean '{close[0]}'?")
+    tv = rec.get("kind") == "tv"
+    known = {*TV_ARGS, *TV_FGD_KEYS} if tv else {*ultralytics_defaults(), *ultralytics_deprecated(), *DISTILL_ARGS}
+
+    def check_args(args, where):
+        if not isinstance(args or {}, dict):
+            raise FGDError(f"recipe {name}, {where}: give arguments as a mapping key: value")
+        unknown = sorted(set(args or {}) - known)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+            raise FGDError(f"recipe {name}, {where}: unknown argument '{unknown[0]}'"
+                           + (f": did you mean '{close[0]}'?" if close else ""))
+
+    check_args(rec.get("train"), "train")
+    teacher = rec.get("teacher") or {}
+    check_args(teacher if tv else teacher.get("train"), "teacher")
+    for ds, spec in (rec.get("datasets") or {}).items():
+        if isinstance(spec, dict) and "data" in spec:
+            check_args(spec.get("train"), f"data set {ds}")
+    for method, m in rec["methods"].items():
+        m = m or {}
+        if not isinstance(m, dict):
+            raise FGDError(f"recipe {name}, method {method}: give it as a mapping, e.g. {{distill: true}}")
+        bad = [k for k in m if k not in METHOD_KEYS]
+        if bad:
+            close = difflib.get_close_matches(bad[0], METHOD_KEYS, n=1)
+            raise FGDError(f"recipe {name}, method {method}: '{bad[0]}' is not a method key"
+                           + (f": did you mean '{close[0]}'?" if close else f" ({', '.join(METHOD_KEYS)})"))
+        check_args(m.get("args"), f"method {method}")
+        for ref in (m.get("control"), m.get("baseline")):
+            if ref is not None and ref not in rec["methods"]:
+                raise FGDError(f"recipe {name}, method {method}: '{ref}' is not a method of the recipe: pair it with "
+                               f"one of {', '.join(rec['methods'])}")
+        if m.get("distill") and not tv:
+            given = {k: v for k, v in (m.get("args") or {}).items() if k in DISTILL_ARGS and k != "teacher"}
+            try:
+                resolve(given)
+            except FGDError as e:
+                raise FGDError(f"recipe {name}, method {method}: {e}") from None
 
 
 def plan_tv(recipe: dict, root: Path) -> list[dict]:
@@ -423,6 +485,7 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise FGDError(f"threads={threads}: pass the threads of each run, e.g. threads=1 (default: the cores / lanes)")
     rec = load_recipe(recipe)
+    check_recipe(rec, recipe if not isinstance(recipe, dict) else "(dict)")
     # absolute: Ultralytics would put a relative project under runs/detect/
     root = Path(project).resolve() / (name or (Path(recipe).stem if not isinstance(recipe, dict) else "study"))
     root.mkdir(parents=True, exist_ok=True)
