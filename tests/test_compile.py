@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-PYRAMID = r"""
+PROLOGUE = r"""
 import json, logging, os, sys, torch
 torch.set_num_threads(1)
 from yolo_fgd.core import FGDPyramid, compiled
@@ -22,6 +22,9 @@ class Keep(logging.Handler):
 compiled.LOG.addHandler(Keep())
 compiled.LOG.setLevel(logging.WARNING)
 g = torch.Generator().manual_seed(0)
+"""  # a subprocess's start: one thread, the compiler's warnings kept in `seen`
+
+PYRAMID = PROLOGUE + r"""
 pyr = FGDPyramid([8, 16, 32], [16, 32, 64], fg=1, bg=1, at=1, gl=1)
 with torch.no_grad():
     for level in pyr.levels:
@@ -145,16 +148,7 @@ def test_the_nonlocal_relation_compiles_under_changing_sizes():
     """Table 6's Non-local relation through Inductor at a size, then at another (Dynamo's dynamic sizes, as the
     torchvision path's five levels of one width trigger): no fallback warning, and values and gradients equal the
     eager definition. (Its 1x1 convs as convolutions failed here: "cannot determine truth value of Relational".)"""
-    code = r"""
-import json, logging, torch
-torch.set_num_threads(1)
-from yolo_fgd.core import FGDPyramid, compiled
-seen = []
-class Keep(logging.Handler):
-    def emit(self, record):
-        seen.append(record.getMessage())
-compiled.LOG.addHandler(Keep())
-g = torch.Generator().manual_seed(0)
+    code = PROLOGUE + r"""
 pyr = FGDPyramid([8, 8], [8, 8], fg=1, bg=1, at=1, gl=1, relation="nonlocal")
 with torch.no_grad():
     for p in pyr.parameters():
