@@ -137,6 +137,7 @@ BAD = [
     (["tv-train", "fgd=False", "data={'train_json': 'a.json'}"], "lacks train_images, val_json, val_images: give COCO"),
     (["benchmark-step", "teacher=nope.pt"], "teacher 'nope.pt' not found"),
     (["benchmark-loss", "pyramid=nope.py"], "pyramid=nope.py has no loadable FGDPyramid"),
+    (["benchmark-loss", "relation=attn"], "relation=attn is not one of gcblock, nonlocal"),
     (["data", "coco"], "'coco' is not an argument of data (it takes shapes | deepforest"),
     (["trian"], "did you mean 'train'"),
     (["attention", "model=a.pt"], "attention needs teacher=, source="),

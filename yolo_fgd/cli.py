@@ -611,7 +611,8 @@ COMMANDS = {c.name: c for c in [
             _rows("batch=16 images; imgsz=640 image size; boxes=50 boxes per image; device=cpu device; repeat=5 timed "
                   "runs; step=True also a YOLO11n training step; amp=False fp16 autocast features; threads=0 CPU "
                   "threads (0: all); pyramid= another version's FGDPyramid file (e.g. an old checkout's loss); "
-                  "compile=True also the compiled loss (its first call is the compile)"),
+                  "compile=True also the compiled loss (its first call is the compile); relation=gcblock gcblock | nonlocal "
+                  "(Table 6, small imgsz only)"),
             "yolo-fgd benchmark-loss device=0 amp=True", _lazy("lab.cost", "benchmark_loss", device=True),
             more="    prints the first call's seconds (the compile), ms of the compiled and the eager loss, the FGD/MSE "
                  "ratio and the aten ops / compute ops (and CUDA kernels) per fwd+bwd\n"),

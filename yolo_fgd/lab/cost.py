@@ -24,6 +24,7 @@ from ultralytics.nn.tasks import DetectionModel
 
 from .. import console
 from ..core import FGDPyramid, compiled, feature_mse, fgd_masks, fgd_masks_loop
+from ..core.reference import RELATIONS
 from ..data import resolve_data, shapes
 from ..errors import FGDError, first_line
 from ..timing import times_ms
@@ -125,13 +126,16 @@ def pyramid_class(path: str | None) -> type:
 
 def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: str = "cpu", repeat: int = 5,
                    step: bool = True, amp: bool = False, threads: int = 0, pyramid: str | None = None,
-                   compile: bool = True) -> dict:
+                   compile: bool = True, relation: str = "gcblock") -> dict:
     """Print and return timings (ms), ratios and dispatch counts for the shapes in the module docstring; ``amp``: the
     features come in under fp16 autocast as in AMP training (FGD computes in fp32 either way); ``threads``: CPU
     threads (0: all cores); ``pyramid``: measure the FGDPyramid of another version's loss file instead
     (:func:`pyramid_class`); ``compile=False``: the eager definition only (no compile: seconds instead of a
-    minute)."""
+    minute); ``relation``: R of Eq. 11, ``gcblock`` or ``nonlocal`` (Table 6; its attention is (HW)^2 per image:
+    small images only)."""
     pyramid_cls = pyramid_class(pyramid)  # a bad file fails before any work
+    if relation not in RELATIONS:
+        raise FGDError(f"relation={relation} is not one of {', '.join(RELATIONS)}: e.g. relation=nonlocal")
     torch.set_num_threads(int(threads) or os.cpu_count() or 1)
     dev = torch.device(device if device not in ("", None) else "cpu")
     if dev.type == "cpu" and str(device).isdigit():
@@ -147,7 +151,7 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
     t_vec = median_s(lambda: fgd_masks(bx, bi, batch, h, h), dev, repeat)
     t_loop = median_s(lambda: fgd_masks_loop(bx, bi, batch, h, h), dev, max(1, repeat // 2), warmup=1)
 
-    fgd = pyramid_cls(cs, ct).to(dev)
+    fgd = (pyramid_cls(cs, ct, relation=relation) if relation != "gcblock" else pyramid_cls(cs, ct)).to(dev)
     align = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 1) for a, b in zip(cs, ct)).to(dev)
 
     amp = bool(amp) and dev.type == "cuda"
