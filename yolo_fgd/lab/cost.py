@@ -151,6 +151,7 @@ def benchmark_loss(batch: int = 16, imgsz: int = 640, boxes: int = 50, device: s
     t_vec = median_s(lambda: fgd_masks(bx, bi, batch, h, h), dev, repeat)
     t_loop = median_s(lambda: fgd_masks_loop(bx, bi, batch, h, h), dev, max(1, repeat // 2), warmup=1)
 
+    # relation= only when asked for: another version's FGDPyramid (pyramid=) may not take it
     fgd = (pyramid_cls(cs, ct, relation=relation) if relation != "gcblock" else pyramid_cls(cs, ct)).to(dev)
     align = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 1) for a, b in zip(cs, ct)).to(dev)
 

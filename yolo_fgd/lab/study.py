@@ -486,8 +486,9 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
         raise FGDError(f"threads={threads}: pass the threads of each run, e.g. threads=1 (default: the cores / lanes)")
     rec = load_recipe(recipe)
     check_recipe(rec, recipe if not isinstance(recipe, dict) else "(dict)")
+    recipe_name = Path(str(recipe)).stem if not isinstance(recipe, dict) else "study"
     # absolute: Ultralytics would put a relative project under runs/detect/
-    root = Path(project).resolve() / (name or (Path(recipe).stem if not isinstance(recipe, dict) else "study"))
+    root = Path(project).resolve() / (name or recipe_name)
     root.mkdir(parents=True, exist_ok=True)
     every = specs = plan(rec, root)  # the report covers every finished run of the recipe, whatever only= and seeds=
     if only:
@@ -530,7 +531,7 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    stem = report_stem(root, Path(str(recipe)).stem if not isinstance(recipe, dict) else "study")
+    stem = report_stem(root, recipe_name)
     text = report(root, every, stem)
     console.result(text)
     print(f"yolo-fgd: study results saved to {root} ({stem}.csv, {stem}.md, {stem}.png; one folder per run)")
