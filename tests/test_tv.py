@@ -223,6 +223,22 @@ def test_a_checkpoint_rebuilds_the_model_it_was_saved_from(tmp_path):
     assert torch.equal(again.eval()(x)[0]["scores"], a["scores"])
 
 
+def test_the_mask_head_is_as_wide_as_the_fpn_and_torchvisions_at_the_papers_width():
+    """Mask R-CNN's mask head (four 3x3 convs, the up-sampling and the predictor) has ``width`` channels: a quarter
+    of the cost at the CPU recipes' 128 against torchvision's fixed 256; at 256 its every head parameter has the
+    shape of torchvision's ``maskrcnn_resnet50_fpn``, so the paper-scale recipe keeps torchvision's model."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    narrow = build("mask_rcnn", "resnet18", 3, norm="gn", width=64, **SMALL)
+    convs = [m for m in narrow.roi_heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 and all(c.in_channels == c.out_channels == 64 for c in convs)
+    assert narrow.roi_heads.mask_predictor.mask_fcn_logits.weight.shape == (4, 64, 1, 1)
+    ours = build("mask_rcnn", "resnet50", 3, norm="frozen_bn", **SMALL).state_dict()
+    theirs = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4).state_dict()
+    heads = [k for k in theirs if k.startswith(("rpn.", "roi_heads.", "backbone.fpn."))]
+    assert len(heads) > 20 and {k: ours[k].shape for k in heads} == {k: theirs[k].shape for k in heads}
+
+
 def test_a_two_stage_checkpoint_brings_its_rpn_anchors_and_rois_set_the_sampler(tmp_path):
     """Faster R-CNN's RPN anchors start at ``anchor`` on P2 and double per level, and travel with the checkpoint: a
     model built from it with the default (32) proposes the same boxes. ``rois`` is the box head's sample per image."""

@@ -16,6 +16,7 @@ from torchvision.models import resnet
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -129,6 +130,11 @@ def build(arch: str, backbone: str, num_classes: int, weights: str | None = None
     ``anchor``: the anchor size on the first level, RetinaNet's P3 (:func:`anchors`) or the two-stage RPN's P2
     (:func:`rpn_anchors`); FCOS's anchors are its strides.
 
+    ``width`` is also the heads' width: RetinaNet's and FCOS's towers and Mask R-CNN's mask head (four 3x3 convs
+    and the 2x up-sampling, torchvision's 256 at the paper's width, which keeps its checkpoints' shapes); at 128 the
+    mask head costs a quarter (it ran 4 convs of 256 channels on every positive RoI's 14x14 features, the most
+    of a step on this CPU).
+
     ``rois``: the two-stage box head's RoIs sampled per training image (torchvision's 512, a quarter of them
     positive at most); training only, so not saved with the weights.
 
@@ -155,6 +161,9 @@ def build(arch: str, backbone: str, num_classes: int, weights: str | None = None
         cls = FasterRCNNZeroBased if arch == "faster_rcnn" else MaskRCNNZeroBased
         model = cls(bb, num_classes=num_classes + 1, min_size=min_size, max_size=int(max_size),
                     rpn_anchor_generator=rpn_anchors(anchor), box_batch_size_per_image=int(rois))
+        if arch == "mask_rcnn":
+            model.roi_heads.mask_head = MaskRCNNHeads(width, (width,) * 4, 1)
+            model.roi_heads.mask_predictor = MaskRCNNPredictor(width, width, num_classes + 1)
     elif arch == "retinanet":
         head_norm = partial(nn.GroupNorm, gn_groups(width)) if norm == "gn" else None
         head = RetinaNetHead(width, 9, num_classes, norm_layer=head_norm)
