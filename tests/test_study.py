@@ -324,6 +324,39 @@ def test_tv_study_plans_runs_resumes_and_reports_the_paper_columns(tmp_path):
     assert {p: p.stat().st_mtime for p in root.rglob("summary.json")} == stamp
 
 
+def test_a_mask_rcnn_study_reports_mask_ap_and_rescore_rereads_its_runs(tmp_path):
+    """Mask R-CNN's runs: the report has the segm COCOeval columns (mask_mAP, mask_AP50) after the box ones, and the
+    gap table pairs the mask mAP by seed as it pairs the box mAP; ``rescore=True`` re-reads a torchvision run's last
+    epoch (it went to the YOLO scorer, a KeyError), so summaries written before the mask columns gain them."""
+    import csv
+
+    from yolo_fgd.lab.study import plan, study
+
+    rec = tiny_tv_recipe(tmp_path)
+    rec["datasets"]["tiny"]["task"] = "segment"
+    rec["train"]["arch"] = "mask_rcnn"
+    root = tmp_path / "runs" / "tv"
+    head = "epoch,time,lr,loss_mask,mAP,AP50,AP75,APs,APm,APl,AR100,ARs,ARm,ARl,mask_mAP,mask_AP50,mask_AP75\n"
+    values = {"teacher": (0.40, 0.30), "plain": (0.20, 0.10), "fgd": (0.25, 0.20)}  # last epoch's box, mask mAP
+    for s in plan(rec, root):
+        box, mask = values[s["method"]]
+        out = Path(s["dir"])
+        out.mkdir(parents=True)
+        (out / "results.csv").write_text(head + "1,10,0.01,0.9,0.01,0,0,0,0,0,0,0,0,0,0.01,0,0\n"
+                                         f"2,20,0.01,0.5,{box},0.6,0.4,0.1,0.3,0.5,0.5,0.4,0.5,0.6,{mask},0.5,0.1\n")
+        (out / "summary.json").write_text(json.dumps({"method": s["method"], "seed": s["seed"], "map": box,
+                                                      "threads": 1, "epoch_s": 15.0, "wall_s": 30.0}))
+    text = study(rec, project=str(tmp_path / "runs"), name="tv", report_only=True, rescore=True)
+    assert text.splitlines()[0].endswith("| AR100 | mask_mAP | mask_AP50 | s/epoch |"), text
+    assert "| tiny | fgd | 1 | 25.0 ± 0.0 | 25.0 |" in text and "| 20.0 ± 0.0 | 50.0 ± 0.0 | 15.0 |" in text, text
+    fgd = json.loads((root / "tiny" / "fgd-s0" / "summary.json").read_text())
+    assert (fgd["mask_map"], fgd["mask_map50"], fgd["threads"]) == (0.20, 0.5, 1)
+    gap = list(csv.DictReader(open(root / "results_gap.csv")))
+    assert [(round(float(r["delta_map"]), 4), round(float(r["gap_map"]), 4), round(float(r["delta_mask"]), 4),
+             round(float(r["gap_mask"]), 4)) for r in gap] == [(0.05, 0.25, 0.1, 0.5)], gap
+    assert "| Δ mask mAP | gap closed, mask mAP |" in text and "| +10.0 ± 0.0 | +50.0 ± 0.0 % |" in text, text
+
+
 def test_plateau_gain_is_the_last_window_over_the_best_before():
     """The plateau rule's figure: best val mAP50-95 of the last 20 epochs minus the best before them (a run that
     peaked early and fell gains a negative amount; a run of 20 epochs or fewer has no figure)."""

@@ -47,6 +47,7 @@ YOLO_REPORT = {"mAP50-95": "map", "mAP50": "map50", "APs": "aps", "APm": "apm", 
 PLATEAU_EPOCHS = 20  # the plateau rule's window: a run gained less than 0.3 mAP50-95 over its last 20 epochs
 TV_COLUMNS = {"mAP": "map", "AP50": "map50", "AP75": "ap75", "APs": "aps", "APm": "apm", "APl": "apl",
               "AR100": "ar100"}  # header (tv-train's results.csv column) -> summary key
+TV_MASK_COLUMNS = {"mask_mAP": "mask_map", "mask_AP50": "mask_map50"}  # Mask R-CNN's segm COCOeval, the same way
 # the task's own metric in Ultralytics' results.csv (masks, keypoints; OBB's box metric uses rotated IoU)
 TASK_METRIC = {"detect": "metrics/mAP50-95(B)", "segment": "metrics/mAP50-95(M)", "pose": "metrics/mAP50-95(P)",
                "obb": "metrics/mAP50-95(B)"}
@@ -119,11 +120,21 @@ def _train_tv(spec: dict, out: Path) -> dict:
 
     tv_train(**spec["train"], **(spec.get("args") or {}), data=spec["data"], seed=spec["seed"],
              project=str(out.parent), name=out.name, resume=True)
+    return summarise_tv(spec, torch.get_num_threads())
+
+
+def summarise_tv(spec: dict, threads: int | None = None) -> dict:
+    """Write ``summary.json`` of a finished torchvision run from its results.csv: the last epoch's COCO columns
+    (tv-train evaluates its final model there; Mask R-CNN's mask AP beside the box one), training seconds and the
+    threads (kept from an earlier summary when re-read)."""
+    out = Path(spec["dir"])
+    if threads is None and (out / "summary.json").is_file():
+        threads = json.loads((out / "summary.json").read_text()).get("threads")
     rows = _results(out / "results.csv")
     wall = sum(float(r["time"]) for r in rows)
     summary = {"method": spec["method"], "seed": spec["seed"], "epochs": len(rows), "wall_s": wall,
-               "threads": torch.get_num_threads(),
-               "epoch_s": wall / max(len(rows), 1), **{k: float(rows[-1][c]) for c, k in TV_COLUMNS.items()}}
+               "threads": threads, "epoch_s": wall / max(len(rows), 1),
+               **{k: float(rows[-1][c]) for c, k in {**TV_COLUMNS, **TV_MASK_COLUMNS}.items() if c in rows[-1]}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -131,7 +142,9 @@ def _train_tv(spec: dict, out: Path) -> dict:
 def summarise(spec: dict, fallback_s: float = 0.0, threads: int | None = None) -> dict:
     """Write ``summary.json`` of a finished run: COCO AP of its best.pt, training seconds (summed over resumed
     segments: Ultralytics' ``time`` column restarts on resume), Ultralytics' own final val mAP50-95 and the threads
-    the run trained with (kept from an earlier summary when re-scored)."""
+    the run trained with (kept from an earlier summary when re-scored). A torchvision run: :func:`summarise_tv`."""
+    if spec.get("tv"):
+        return summarise_tv(spec, threads)
     out = Path(spec["dir"])
     if threads is None and (out / "summary.json").is_file():
         threads = json.loads((out / "summary.json").read_text()).get("threads")
@@ -352,6 +365,8 @@ def report(root: Path, specs: list[dict], stem: str = "results") -> str:
         if f.is_file():
             rows.setdefault((s["dataset"], s["method"]), []).append(json.loads(f.read_text()))
     columns = TV_COLUMNS if any(s.get("tv") for s in specs) else YOLO_REPORT
+    if any("mask_map" in r for runs in rows.values() for r in runs):
+        columns = {**columns, **TV_MASK_COLUMNS}
     metrics = (*columns.values(), "epoch_s", "wall_s")
     lines_csv = ["dataset,method,seeds," + ",".join(f"{m}_mean,{m}_std" for m in metrics)]
     heads = list(columns)
@@ -379,8 +394,8 @@ def report(root: Path, specs: list[dict], stem: str = "results") -> str:
 def gap_closed(run: dict, control: dict, teacher: dict, key: str = "map") -> float:
     """(run - control) / (teacher - control) of the summaries' ``key``: the share of the teacher's lead over the
     control that the run closes (negative: it fell behind the control)."""
-    lead = teacher[key] - control[key]
-    return (run[key] - control[key]) / lead if lead > 0 else float("nan")
+    lead = teacher.get(key, np.nan) - control.get(key, np.nan)
+    return (run.get(key, np.nan) - control.get(key, np.nan)) / lead if lead > 0 else float("nan")
 
 
 def gap_table(root: Path, specs: list[dict], rows: dict, stem: str = "results") -> str:
@@ -390,8 +405,11 @@ def gap_table(root: Path, specs: list[dict], rows: dict, stem: str = "results") 
     Also written to ``<stem>_gap.csv``; '' when none."""
     controls = {(s["dataset"], s["method"]): s["control"] for s in specs if s.get("control")}
     keys = {"map": "map"} if any(s.get("tv") for s in specs) else {"map": "map", "ul_map": "ul"}  # summary -> csv
+    if any("mask_map" in r for runs in rows.values() for r in runs):
+        keys["mask_map"] = "mask"
+    more = {"ul": "Ultralytics val", "mask": "mask mAP"}  # the figures beside COCO's box mAP: mean +- std only
     heads = ["dataset", "method", "control", "seeds", "Δ mAP50-95", "per seed", "gap closed", "per seed",
-             *(["Δ Ultralytics val", "gap closed, Ultralytics"] if "ul_map" in keys else [])]
+             *(h for k in list(keys.values())[1:] for h in (f"Δ {more[k]}", f"gap closed, {more[k]}"))]
     md = ["", "| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
     csv = ["dataset,method,control,seed," + ",".join(f"delta_{k},gap_{k}" for k in keys.values())]
     ms = lambda v, pct="": f"{np.mean(v) * 100:+.1f} ± {np.std(v, ddof=1) * 100 if len(v) > 1 else 0:.1f}{pct}"
@@ -405,13 +423,13 @@ def gap_table(root: Path, specs: list[dict], rows: dict, stem: str = "results") 
             continue
         cols = {}
         for k, name in keys.items():
-            cols[f"delta_{name}"] = np.array([r[k] - c[k] for r, c in pairs])
+            cols[f"delta_{name}"] = np.array([r.get(k, np.nan) - c.get(k, np.nan) for r, c in pairs])
             cols[f"gap_{name}"] = np.array([gap_closed(r, c, teacher, k) for r, c in pairs])
         for i, (r, _) in enumerate(pairs):
             csv.append(f"{ds},{method},{control},{r['seed']}," + ",".join(f"{cols[k][i]:.5f}" for k in cols))
         cells = [ms(cols["delta_map"]), each(cols["delta_map"]), ms(cols["gap_map"], " %"), each(cols["gap_map"], "%")]
-        if "ul_map" in keys:  # Ultralytics' figure: mean +- std only
-            cells += [ms(cols["delta_ul"]), ms(cols["gap_ul"], " %")]
+        for name in list(keys.values())[1:]:
+            cells += [ms(cols[f"delta_{name}"]), ms(cols[f"gap_{name}"], " %")]
         md.append(f"| {ds} | {method} | {control} | {len(pairs)} | " + " | ".join(cells) + " |")
     if len(md) == 3:
         return ""
