@@ -126,10 +126,8 @@ def _train_tv(spec: dict, out: Path) -> dict:
 def summarise_tv(spec: dict, threads: int | None = None) -> dict:
     """Write ``summary.json`` of a finished torchvision run from its results.csv: the last epoch's COCO columns
     (tv-train evaluates its final model there; Mask R-CNN's mask AP beside the box one), training seconds and the
-    threads (kept from an earlier summary when re-read)."""
+    threads it trained with."""
     out = Path(spec["dir"])
-    if threads is None and (out / "summary.json").is_file():
-        threads = json.loads((out / "summary.json").read_text()).get("threads")
     rows = _results(out / "results.csv")
     wall = sum(float(r["time"]) for r in rows)
     summary = {"method": spec["method"], "seed": spec["seed"], "epochs": len(rows), "wall_s": wall,
@@ -143,11 +141,11 @@ def summarise(spec: dict, fallback_s: float = 0.0, threads: int | None = None) -
     """Write ``summary.json`` of a finished run: COCO AP of its best.pt, training seconds (summed over resumed
     segments: Ultralytics' ``time`` column restarts on resume), Ultralytics' own final val mAP50-95 and the threads
     the run trained with (kept from an earlier summary when re-scored). A torchvision run: :func:`summarise_tv`."""
-    if spec.get("tv"):
-        return summarise_tv(spec, threads)
     out = Path(spec["dir"])
     if threads is None and (out / "summary.json").is_file():
         threads = json.loads((out / "summary.json").read_text()).get("threads")
+    if spec.get("tv"):
+        return summarise_tv(spec, threads)
     rows = _results(out / "results.csv")
     wall = train_seconds(rows) or fallback_s
     best = str(out / "weights" / "best.pt")
@@ -365,7 +363,7 @@ def report(root: Path, specs: list[dict], stem: str = "results") -> str:
         if f.is_file():
             rows.setdefault((s["dataset"], s["method"]), []).append(json.loads(f.read_text()))
     columns = TV_COLUMNS if any(s.get("tv") for s in specs) else YOLO_REPORT
-    if any("mask_map" in r for runs in rows.values() for r in runs):
+    if has_mask_ap(rows):
         columns = {**columns, **TV_MASK_COLUMNS}
     metrics = (*columns.values(), "epoch_s", "wall_s")
     lines_csv = ["dataset,method,seeds," + ",".join(f"{m}_mean,{m}_std" for m in metrics)]
@@ -391,6 +389,11 @@ def report(root: Path, specs: list[dict], stem: str = "results") -> str:
     return text
 
 
+def has_mask_ap(rows: dict) -> bool:
+    """Whether any summary of ``rows`` ((dataset, method) -> summaries) has Mask R-CNN's mask AP."""
+    return any("mask_map" in r for runs in rows.values() for r in runs)
+
+
 def gap_closed(run: dict, control: dict, teacher: dict, key: str = "map") -> float:
     """(run - control) / (teacher - control) of the summaries' ``key``: the share of the teacher's lead over the
     control that the run closes (negative: it fell behind the control)."""
@@ -405,7 +408,7 @@ def gap_table(root: Path, specs: list[dict], rows: dict, stem: str = "results") 
     Also written to ``<stem>_gap.csv``; '' when none."""
     controls = {(s["dataset"], s["method"]): s["control"] for s in specs if s.get("control")}
     keys = {"map": "map"} if any(s.get("tv") for s in specs) else {"map": "map", "ul_map": "ul"}  # summary -> csv
-    if any("mask_map" in r for runs in rows.values() for r in runs):
+    if has_mask_ap(rows):
         keys["mask_map"] = "mask"
     more = {"ul": "Ultralytics val", "mask": "mask mAP"}  # the figures beside COCO's box mAP: mean +- std only
     heads = ["dataset", "method", "control", "seeds", "Δ mAP50-95", "per seed", "gap closed", "per seed",

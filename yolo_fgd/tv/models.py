@@ -132,8 +132,8 @@ def build(arch: str, backbone: str, num_classes: int, weights: str | None = None
 
     ``width`` is also the heads' width: RetinaNet's and FCOS's towers and Mask R-CNN's mask head (four 3x3 convs
     and the 2x up-sampling, torchvision's 256 at the paper's width, which keeps its checkpoints' shapes); at 128 the
-    mask head costs a quarter (it ran 4 convs of 256 channels on every positive RoI's 14x14 features, the most
-    of a step on this CPU).
+    mask head costs a quarter of the FLOPs (torchvision's ran 4 convs of 256 channels on every positive RoI's 14x14
+    features: about half of a step on this CPU).
 
     ``rois``: the two-stage box head's RoIs sampled per training image (torchvision's 512, a quarter of them
     positive at most); training only, so not saved with the weights.
