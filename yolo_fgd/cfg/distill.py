@@ -96,6 +96,11 @@ TERM_TABLE = (
               "bckd_beta": (1.0, "positive", "BCKD's modulation |p_s - p_t|^beta of the class term")},
      "what": "BCKD (Yang et al. 2023): per class and anchor Bernoulli KL x |p_s - p_t|^beta, and 1 - GIoU of the "
              "decoded boxes weighted by the teacher's top score", "modules": "none", "columns": "bckd"},
+    {"name": "lad", "impl": None, "prefix": "",
+     "keys": {"lad": (False, "bool", "label assignment distillation: the detection loss assigns anchors by the "
+                                     "teacher's scores and boxes, not the student's own (detect, segment, pose)")},
+     "what": "LAD (Nguyen et al., WACV 2022): the student's task-aligned assigner reads the teacher's class "
+             "probabilities and decoded boxes in place of its own", "modules": "none", "columns": "none"},
     {"name": "kd_kpt", "impl": "terms:Keypoints", "prefix": "", "task": "pose",
      "keys": {"kd_kpt": (0.0, "weight", "weight of the pose keypoint term")},
      "what": "pose: L1 of the raw keypoints + visibility KL", "modules": "none", "columns": "kd_kpt"},

@@ -12,7 +12,7 @@ import importlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ from torch import nn
 from ..cfg.distill import TERM_TABLE
 from ..errors import FGDError
 from .model import (
+    assigner_inputs,
     batch_boxes,
     check_pair,
     detect_head,
@@ -123,12 +124,13 @@ class Distiller(nn.Module):
         return f"teacher strides {[int(s) for s in self.teacher.stride]}, {on}, {n:,} trainable distiller parameters"
 
     # --- the forward of one batch -----------------------------------------------------------------------------
-    def forward(self, student_out: dict, batch: dict) -> dict:
+    def forward(self, student_out: dict, batch: dict, teacher: tuple | None = None) -> dict:
         """Distillation terms of one batch (0-d fp32 tensors, times the schedule ``scale``): each built term's loss
         under its name (``fgd``, ``kd``, ``crosskd``...), what it logs beside it (detached) and, with FGD, ``levels``
-        (L,). A batch with a non-finite feature or term gets exact zeros (a select, no host sync) and is counted."""
+        (L,). A batch with a non-finite feature or term gets exact zeros (a select, no host sync) and is counted.
+        ``teacher``: :meth:`teacher_pass` of this batch when the caller has already run it (LAD)."""
         img = batch["img"]
-        teacher_feats, teacher_out, ok = self.teacher_pass(img)
+        teacher_feats, teacher_out, ok = teacher if teacher is not None else self.teacher_pass(img)
         student_feats = student_out["feats"]
         ok = ok & torch.stack([torch.isfinite(f).all() for f in student_feats]).all()
         student_feats = [torch.where(ok, f, torch.zeros_like(f)) for f in student_feats]
@@ -153,8 +155,15 @@ class Distiller(nn.Module):
 
     @property
     def needs_head(self) -> bool:
-        """Whether a term reads the teacher's head outputs (the response term, CrossKD, the task's term)."""
-        return any(t.needs_head for t in self.built)
+        """Whether a term or the label assignment (``lad``) reads the teacher's head outputs (the response term,
+        CrossKD, the task's term)."""
+        return bool(self.cfg.get("lad")) or any(t.needs_head for t in self.built)
+
+    def assignment(self, teacher: tuple) -> tuple:
+        """LAD's inputs from :meth:`teacher_pass` output: the teacher's class probabilities (N,A,K), boxes (N,A,4)
+        (xyxy pixels, :func:`~yolo_fgd.yolo.model.assigner_inputs`) and whether its pass was finite (0-d bool)."""
+        feats, out, ok = teacher
+        return (*assigner_inputs(out, feats, self.teacher.stride, self.box_bins[1]), ok)
 
     def prefetch(self, img: torch.Tensor) -> None:
         """Start the teacher's pass on a batch in a second thread while the student runs; :meth:`teacher_pass` picks
@@ -311,8 +320,11 @@ class DistillCriterion:
         self.base, self.distiller = base, distiller
 
     def __call__(self, preds, batch):
-        loss, items = self.base(preds, batch)
-        out = self.distiller(train_outputs(preds), batch)
+        d = self.distiller
+        teacher = d.teacher_pass(batch["img"]) if d.cfg.get("lad") else None
+        with assigned_by(self.base, d.assignment(teacher) if teacher is not None else None):
+            loss, items = self.base(preds, batch)
+        out = d(train_outputs(preds), batch, teacher)
         bs = batch["img"].shape[0]
         self.distiller.observe(loss.sum(), out, bs)
         parts, items = [loss.view(-1)], dict(items)
@@ -335,3 +347,34 @@ class DistillCriterion:
 
     def __reduce__(self):
         return copy.copy, (self.base,)
+
+
+class TeacherAssigner:
+    """LAD (Nguyen et al., WACV 2022): a detection loss's assigner called with the teacher's class probabilities
+    (N,A,K) and boxes (N,A,4) in place of the student's own (its other inputs as given); the student's own where the
+    teacher's pass was not finite (``ok``, a 0-d bool: a select, no host sync)."""
+
+    def __init__(self, assigner, scores: torch.Tensor, boxes: torch.Tensor, ok: torch.Tensor):
+        self.assigner, self.scores, self.boxes, self.ok = assigner, scores, boxes, ok
+
+    def __call__(self, pd_scores, pd_bboxes, *args, **kwargs):
+        scores = torch.where(self.ok, self.scores.to(pd_scores.dtype), pd_scores)
+        boxes = torch.where(self.ok, self.boxes.to(pd_bboxes.dtype), pd_bboxes)
+        return self.assigner(scores, boxes, *args, **kwargs)
+
+
+@contextmanager
+def assigned_by(criterion, teacher: tuple | None):
+    """Within, the one-to-many detection loss of ``criterion`` (itself, or ``one2many`` of an end-to-end loss such as
+    YOLO26's) assigns with the teacher's predictions ``teacher`` (:meth:`Distiller.assignment`; None: its own). Its
+    assigner is put back on exit, so no copy of the loss (EMA, checkpoint) holds the teacher's tensors."""
+    if teacher is None:
+        yield
+        return
+    loss = getattr(criterion, "one2many", criterion)
+    own = loss.assigner
+    loss.assigner = TeacherAssigner(own, *teacher)
+    try:
+        yield
+    finally:
+        loss.assigner = own

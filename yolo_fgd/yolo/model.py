@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from ultralytics.nn.tasks import guess_model_task, load_checkpoint
+from ultralytics.utils.tal import dist2bbox, make_anchors
 
 from ..cfg import checkpoint  # a run folder or a .pt -> the .pt (the trainer imports it from here)
+from ..core.response import side_distances
 from ..errors import FGDError, first_line
 
 TASKS = ("detect", "segment", "pose", "obb")
@@ -53,6 +55,16 @@ def head_outputs(model: nn.Module, feats: list[torch.Tensor]) -> dict:
     head = detect_head(model)
     out = head.forward_head(feats, **head.one2many)
     return out or head.forward_head(feats, **head.one2one)
+
+
+def assigner_inputs(out: dict, feats: list[torch.Tensor], strides, reg_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What Ultralytics' task-aligned assigner reads of a head's predictions, from its raw outputs ``out``
+    (``'scores'`` (N,K,A) logits, ``'boxes'`` (N,4*reg_max,A)) on the Detect inputs ``feats`` [L x (N,C,H,W)] of
+    levels ``strides``: the class probabilities (N,A,K) and the boxes (N,A,4), xyxy in pixels, decoded as the
+    detection loss decodes the student's own (expected DFL bin per side from the cell centre, times the stride)."""
+    anchors, stride = make_anchors(feats, strides, 0.5)  # (A,2) cell centres in grid units, (A,1)
+    sides = side_distances(out["boxes"].float(), reg_max).transpose(1, 2)  # (N,A,4) left, top, right, bottom
+    return out["scores"].float().sigmoid().transpose(1, 2), dist2bbox(sides, anchors, xywh=False) * stride
 
 
 def require_file(path, role: str = "teacher") -> Path:

@@ -82,6 +82,9 @@ class DistillMixin:
                            f"{Path.cwd()}: resume with teacher=path/to/the/teacher's/best.pt to re-point it")
         checkpoint_file(args.get("teacher"), "teacher")
         cfg = resolve(args)
+        if cfg["lad"] and self.task_name == "obb":
+            raise FGDError("lad=True: the OBB assigner reads rotated boxes, which LAD does not decode from the "
+                           "teacher: leave lad out for an OBB student")
         devices = getattr(self, "world_size", None) or len(str(args.get("device") or "").split(","))
         if cfg["share"] > 0 and devices > 1:
             raise FGDError(f"fgd_share={cfg['share']} balances gradient norms measured on one process, not under DDP "
