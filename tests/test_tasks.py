@@ -33,7 +33,7 @@ def task_run(request, tmp_path_factory):
     student = YOLO(student_cfg)
     assert student.task == task
     student.train(trainer=trainer_for(task), teacher=str(teacher), data=data, epochs=1, project=str(root),
-                  name="student", fgd_gain=0.05, distill_warmup=0, **{term: 1.0}, **TINY)
+                  name="student", fgd_gain=0.05, distill_warmup=0, lad=task != "obb", **{term: 1.0}, **TINY)
     return task, root, data, teacher
 
 
@@ -50,6 +50,7 @@ def test_task_student_trains_with_finite_terms_and_its_metric(task_run):
         assert math.isfinite(float(r[k])) and float(r[k]) >= 0, (k, r[k])
     assert float(r[f"train/{term}"]) > 0 and int(float(r["distill/skipped"])) == 0
     assert TASKS[task][3] in r
+    assert ("lad: true" in (root / "student" / "args.yaml").read_text()) == (task != "obb")  # the teacher's assignment
 
 
 def test_task_checkpoint_loads_safely_validates_and_exports_with_parity(task_run):
