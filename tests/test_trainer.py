@@ -531,15 +531,22 @@ def test_gradients_probe_measures_each_term_on_the_same_batches(teacher, data, t
     assert bad.returncode == 2 and bad.stderr.strip().startswith("yolo-fgd: error: model") and \
         "80 classes" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-2000:]
     student = teacher  # a trained network of the data's classes (in train mode here, so not the teacher's outputs)
-    kw = dict(data=data, imgsz=64, batch=4, batches=2, fgd_gain=0, cwd=0, pkd=0, ld=0, bckd=0, kd_box=0, crosskd=1)
+    kw = dict(data=data, imgsz=64, batch=4, batches=2, fgd_gain=0, cwd=0, pkd=0, ld=0, bckd=0, kd_box=0, crosskd=1,
+              lad=False)
     one = gradients(student, teacher, kd_cls=1, **kw)
     two = gradients(student, teacher, kd_cls=2, **kw)
     assert set(one) == {"det", "kd", "crosskd"}, one
+    # the teacher's label assignment: the detection loss of the same predictions against the targets it chooses
+    lad = gradients(student, teacher, kd_cls=1, **{**kw, "lad": True})
+    assert {k: v for k, v in lad.items() if k != "lad"} == one
+    # (a one-epoch teacher's boxes barely overlap the objects, so the soft targets the changed anchors get, and the
+    # loss, move little: the foreground is the measure)
+    assert 0 < lad["lad"]["fg_jaccard"] < 1, lad["lad"]
     assert one["det"]["cos_det"] == pytest.approx(1, abs=1e-6) and one["kd"]["ratio"] > 0
     assert two["kd"]["ratio"] == pytest.approx(2 * one["kd"]["ratio"], rel=1e-3), (one, two)
     assert two["kd"]["cos_val"] == pytest.approx(one["kd"]["cos_val"], abs=1e-3)
     assert two["crosskd"] == one["crosskd"]  # other terms: untouched
     r = run_cli("gradients", f"model={student}", f"teacher={teacher}", f"data={data}", "imgsz=64", "batch=4",
-                "batches=1", "kd_cls=0", "kd_box=0", "cwd=0", "pkd=0", "ld=0", "bckd=0", "fgd_gain=0")
+                "batches=1", "kd_cls=0", "kd_box=0", "cwd=0", "pkd=0", "ld=0", "bckd=0", "fgd_gain=0", "lad=False")
     assert r.returncode == 0, r.stderr[-2000:]
     assert set(json.loads(r.stdout)) == {"det", "crosskd"}, r.stdout

@@ -97,7 +97,7 @@ def imitation(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, 
 
 
 PROBED = {"kd_cls": 1.0, "kd_box": 1.0, "crosskd": 1.0, "cwd": 1.0, "pkd": 1.0, "ld": 1.0, "bckd": 1.0,
-          "fgd_gain": 0.05}  # every term at its screening weight
+          "fgd_gain": 0.05, "lad": True}  # every term at its screening weight, and the teacher's assignment
 
 
 def gradients(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, batch: int = 16, batches: int = 8,
@@ -110,7 +110,10 @@ def gradients(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, 
 
     cos_val > 0: a small step down g_k lowers the held-out detection loss (to first order); the row ``det`` gives
     cos(g_det, g_val), what more plain training does. Terms at their screening weights (:data:`PROBED`), or as given
-    (``kd_cls=0`` leaves one out). Returns {term: {ratio, cos_det, cos_val}} and prints it as JSON on stdout."""
+    (``kd_cls=0`` leaves one out). With ``lad`` (on unless ``lad=False``) the row ``lad`` is the detection loss
+    with the teacher's label assignment in place of the student's, and its ``fg_jaccard`` the overlap of the two
+    assignments' foreground anchors (intersection over union, over every batch). Returns {term: {ratio, cos_det,
+    cos_val}} and prints it as JSON on stdout."""
     import json
 
     from ultralytics.cfg import get_cfg
@@ -120,7 +123,7 @@ def gradients(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, 
     from ultralytics.utils.torch_utils import init_seeds
 
     from ..core.presets import resolve
-    from ..yolo.distiller import Distiller
+    from ..yolo.distiller import Distiller, assigned_by
     from ..yolo.model import checkpoint_file, detect_head, train_outputs
 
     init_seeds(int(seed))  # torch, numpy and random: the same batches, augmentations and adapters for the same seed
@@ -149,14 +152,25 @@ def gradients(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, 
         return torch.cat([(g if g is not None else torch.zeros_like(p)).double().flatten() for g, p in zip(gs, params)])
 
     sums: dict[str, torch.Tensor] = {}
+    fg = []  # the foreground masks (N,A) of each assigner call, the student's own then the teacher's
+    hook = getattr(criterion, "one2many", criterion).assigner.register_forward_hook(lambda m, a, o: fg.append(o[3]))
+    both = torch.zeros(2)  # anchors in both assignments' foreground, in either
     for i, b in zip(range(int(batches)), loader("train", "train")):
         b["img"] = b["img"].float() / 255
         preds = student(b["img"])
         det, _ = criterion(preds, b)
-        out = distiller(train_outputs(preds), b)
+        losses = [("det", det.sum())]
+        teacher_pass = distiller.teacher_pass(b["img"])
+        if cfg["lad"]:
+            with assigned_by(criterion, distiller.assignment(teacher_pass)):
+                losses.append(("lad", criterion(preds, b)[0].sum()))
+            own, lad = fg[-2:]
+            both += torch.stack([(own & lad).sum(), (own | lad).sum()]).float()
+        out = distiller(train_outputs(preds), b, teacher_pass)
         n = b["img"].shape[0]
-        for name, loss in [("det", det.sum())] + [(t.name, out[t.name] * n) for t in distiller.built]:
+        for name, loss in losses + [(t.name, out[t.name] * n) for t in distiller.built]:
             sums[name] = sums.get(name, 0) + flat(loss)
+    hook.remove()
     g_val = 0
     for b in loader("val", "val"):
         b["img"] = b["img"].float() / 255
@@ -165,8 +179,11 @@ def gradients(model: str, teacher: str, data: str = "shapes", imgsz: int = 640, 
     det = sums["det"]
     result = {name: {"ratio": round(float(g.norm() / det.norm()), 4), "cos_det": round(float(cos(g, det, 0)), 4),
                      "cos_val": round(float(cos(g, g_val, 0)), 4)} for name, g in sums.items()}
+    if "lad" in result:
+        result["lad"]["fg_jaccard"] = round(float(both[0] / both[1].clamp(min=1)), 4)
     LOGGER.info(f"gradients: {model} ({batches} batches of {batch}, imgsz {imgsz}): |g_k|/|g_det|, cos(g_k, g_det), "
                 "cos(g_k, g_val)\n" + "\n".join(f"  {k:<8} {v['ratio']:>9.4f} {v['cos_det']:>8.4f} {v['cos_val']:>8.4f}"
+                                                + (f"  fg_jaccard {v['fg_jaccard']:.4f}" if "fg_jaccard" in v else "")
                                                 for k, v in result.items()))
     console.result(json.dumps(result))
     return result
