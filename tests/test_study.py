@@ -46,6 +46,21 @@ def test_study_runs_reports_and_resumes(tmp_path):
         study(rec, project=str(tmp_path / "runs"), name="s", seeds="a", report_only=True)
 
 
+@pytest.mark.slow
+def test_a_yolo_run_trains_on_the_threads_the_study_gives_it(tmp_path):
+    """threads= reaches the run: Ultralytics' select_device() used to reset torch to its own min(8, cores - 1), so on
+    a 2-core machine a lane asked for 2 threads trained on 1, and on a large one lanes x 8 threads oversubscribed."""
+    from ultralytics.utils import NUM_THREADS
+
+    from yolo_fgd.lab.study import study
+
+    rec = tiny_recipe(tmp_path)
+    rec.update(seeds=[0], methods={"baseline": {}})
+    study(rec, project=str(tmp_path / "runs"), name="t", lanes=1, threads=NUM_THREADS + 1)
+    s = json.loads((tmp_path / "runs" / "t" / "tiny" / "baseline-s0" / "summary.json").read_text())
+    assert s["threads"] == NUM_THREADS + 1  # what torch had after training and the final validation
+
+
 def test_demo_table(tmp_path, capsys, monkeypatch):
     from yolo_fgd.lab.demo import demo
 

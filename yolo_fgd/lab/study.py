@@ -27,7 +27,7 @@ from ultralytics import YOLO
 from ultralytics.data import YOLODataset
 from ultralytics.data.utils import check_det_dataset
 from ultralytics.nn.tasks import guess_model_task, yaml_model_load
-from ultralytics.utils import DEFAULT_CFG, LOGGER
+from ultralytics.utils import DEFAULT_CFG, LOGGER, torch_utils
 
 from .. import console
 from ..cfg import load_recipe, model_path, ultralytics_defaults, ultralytics_deprecated
@@ -618,6 +618,13 @@ def _drive(pending: list, running: list, lanes: int, env: dict) -> None:
         time.sleep(5)
 
 
+def use_threads(n: int) -> None:
+    """Train and validate on ``n`` CPU threads: torch's, and Ultralytics' NUM_THREADS, to which its select_device()
+    resets torch's on every CPU trainer and validator it builds (min(8, cores - 1), whatever the lanes)."""
+    torch.set_num_threads(n)
+    torch_utils.NUM_THREADS = n
+
+
 if __name__ == "__main__":  # one run: python -m yolo_fgd.lab.study spec.json
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    use_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     run_one(json.loads(Path(sys.argv[1]).read_text()))
