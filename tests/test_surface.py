@@ -220,7 +220,8 @@ def test_every_loss_item_fits_ultralytics_header():
     assert ITEM_WIDTH == 10 and max(map(len, names)) <= ITEM_WIDTH, names
 
 
-@pytest.mark.parametrize("command, target", [("study", "yolo_fgd.lab.study:study"), ("demo", "yolo_fgd.lab.demo:demo")])
+@pytest.mark.parametrize("command, target", [("study", "yolo_fgd.lab.study:study"), ("demo", "yolo_fgd.lab.demo:demo"),
+                                             ("curves", "yolo_fgd.lab.curves:curves")])
 def test_the_help_table_lists_exactly_the_arguments_the_command_takes(command, target):
     """The rows of `_rows` help come from splitting on ';': a ';' inside one help text made a key of its next word
     (`give=` in `study help`), which the CLI then accepted as an argument."""

@@ -84,7 +84,7 @@ def _show(default) -> str:
 
 
 POSITIVE = {"imgsz", "epochs", "batches", "runs", "repeat", "steps", "images", "calib", "lanes", "boxes", "batch", "n_train",
-            "n_val", "size", "tile", "teacher_epochs", "warmup_iters", "max_size"}
+            "n_val", "size", "tile", "teacher_epochs", "warmup_iters", "max_size", "start"}
 CHOICES = {"int8": (True, False, "dynamic"), "openvino": (True, False)}  # the values a key takes beyond its default's
 
 
@@ -577,6 +577,14 @@ COMMANDS = {c.name: c for c in [
                   "a,b and the teacher (the report keeps every finished run); seeds= train only these seeds 0,1; threads= threads per run (default: the cores / lanes, 1 for a second study beside another); report_only=False only write the report of "
                   "finished runs; rescore=False re-evaluate finished runs first"),
             "yolo-fgd study recipe=study lanes=2", _lazy("lab.study", "study")),
+    Command("curves", "two training runs compared epoch by epoch: epochs ahead and behind, mean difference (prints a "
+                      "table)",
+            _rows("run= run folders or results.csv a[,b] (required); control= the run they are compared with "
+                  "(required); start=1 first epoch compared; stop= last epoch compared (default: the last both have); metric=metrics/mAP50-95(B) the results.csv column"),
+            "yolo-fgd curves run=runs/study/converged/shapes/full_cwd-s0 control=runs/study/converged/shapes/full_fit-s0 "
+            "start=40", _lazy("lab.curves", "curves"), required=("run", "control"),
+            more="    points (x100) of run - control over their common epochs from start= to stop=, at the last one "
+                 "and at each run's best epoch\n"),
     Command("tv-train", "the paper-faithful torchvision path (RetinaNet/FCOS on P3-P7, Faster/Mask R-CNN on P2-P6)",
             (("recipe", None, "tv_retinanet_r101_r50 | tv_fcos_r101_r50 | tv_retinanet_r34_r18_cpu (or any recipe YAML of tv-train arguments)"),
              *((k, v, TV_HELP.get(k, "")) for k, v in TV_ARGS.items()), *((k, None, "FGD, as for train") for k in TV_FGD_KEYS)),
