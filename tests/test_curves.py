@@ -26,8 +26,8 @@ def tree(d: Path) -> list:
 
 
 def test_compare_matches_a_direct_computation_over_the_window(tmp_path):
-    """ahead/behind/mean/std/last/best from start= on (inclusive), over the common epochs only, against numpy on the
-    same arrays. The run differs from the control exactly at epoch `start` and at the epoch before it, and runs two
+    """ahead/behind/mean/std/last/best from start= on (inclusive), over the common epochs only (the best epochs too),
+    against numpy on the same arrays. The run differs from the control exactly at epoch `start` and at the epoch before it, and runs two
     epochs longer than the control: an off-by-one in the window, or counting epochs the control lacks, changes
     the figures."""
     from yolo_fgd.lab.curves import compare, read_curve
@@ -49,7 +49,8 @@ def test_compare_matches_a_direct_computation_over_the_window(tmp_path):
     assert got["mean"] == pytest.approx(d.mean(), abs=1e-9)
     assert got["std"] == pytest.approx(d.std(ddof=1), abs=1e-9)
     assert got["last"] == pytest.approx(d[-1], abs=1e-9)
-    assert got["best"] == pytest.approx(100 * (0.95 - np.round(control, 5).max()), abs=1e-9)
+    best = np.round(run[start - 1:30], 5).max() - np.round(control[start - 1:], 5).max()  # not the run's 0.95 at 32
+    assert got["best"] == pytest.approx(100 * best, abs=1e-9)
     upto = compare(r, c, start, stop=25)  # inclusive at both ends
     assert (upto["first"], upto["last_epoch"], upto["epochs"]) == (start, 25, 25 - start + 1)
     assert (upto["ahead"], upto["behind"]) == ((d[:25 - start + 1] > 0).sum(), (d[:25 - start + 1] < 0).sum())
@@ -102,6 +103,11 @@ def test_the_docs_per_epoch_figures_are_what_the_command_prints():
             "full_lad": ROOT / "docs/lad/full_lad-s0.csv"}
     r = run_cli("curves", "run=" + ",".join(map(str, runs.values())), f"control={fit}", "start=40", cwd=ROOT)
     assert r.returncode == 0, r.stderr
+    table = " ".join((ROOT / "docs" / "results.md").read_text().split("\n"))
+    for line in r.stdout.splitlines():  # the table in the docs is the command's, with each run's short name
+        if line.startswith("| ") and "-s0.csv" in line:
+            name = re.search(r"(full_\w+)-s0\.csv", line)[1]
+            assert "| `" + name + "` | " + line.split(" | ", 1)[1] in table, line
     got = {}
     for line in r.stdout.splitlines():
         m = re.match(r"\| \S+/(full_\w+)-s0\.csv \| 40–150 \((\d+)\) \| (\d+) \| (\d+) \| ([-+]\d+\.\d)", line)

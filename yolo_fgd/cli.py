@@ -584,7 +584,7 @@ COMMANDS = {c.name: c for c in [
             "yolo-fgd curves run=runs/study/converged/shapes/full_cwd-s0 control=runs/study/converged/shapes/full_fit-s0 "
             "start=40", _lazy("lab.curves", "curves"), required=("run", "control"),
             more="    points (x100) of run - control over their common epochs from start= to stop=, at the last one "
-                 "and at each run's best epoch\n"),
+                 "and between their best epochs there\n"),
     Command("tv-train", "the paper-faithful torchvision path (RetinaNet/FCOS on P3-P7, Faster/Mask R-CNN on P2-P6)",
             (("recipe", None, "tv_retinanet_r101_r50 | tv_fcos_r101_r50 | tv_retinanet_r34_r18_cpu (or any recipe YAML of tv-train arguments)"),
              *((k, v, TV_HELP.get(k, "")) for k, v in TV_ARGS.items()), *((k, None, "FGD, as for train") for k in TV_FGD_KEYS)),

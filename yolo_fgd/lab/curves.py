@@ -3,8 +3,8 @@
 For each ``run`` against the ``control``, over the epochs both have from ``start`` to ``stop`` (inclusive; by default
 to the last common one), of the column ``metric`` (Ultralytics' val mAP50-95 by default) in points (x100): how many
 epochs the run is ahead of the control and behind it, the mean and spread (std over epochs) of run - control, and
-run - control at the last common epoch and at each run's best epoch. Prints a Markdown table on stdout; reads only,
-writes nothing.
+run - control at the last common epoch and at each one's best epoch among those compared. Prints a Markdown table
+on stdout; reads only, writes nothing.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def read_curve(path: Path, metric: str) -> dict[int, float]:
 def compare(run: dict[int, float], control: dict[int, float], start: int = 1, stop: int | None = None) -> dict:
     """Run against control over their common epochs from ``start`` to ``stop`` (inclusive, None: the last):
     ``epochs`` (first, last, count), ``ahead`` / ``behind`` (epochs with run > / < control), ``mean`` and ``std``
-    of run - control (x100, points), ``last`` (at the last common epoch) and ``best`` (the best epoch of the run
-    minus the control's, over the whole runs)."""
+    of run - control (x100, points), ``last`` (at the last common epoch) and ``best`` (the run's best epoch
+    minus the control's, both within those epochs)."""
     common = sorted(e for e in run.keys() & control.keys() if start <= e and (stop is None or e <= stop))
     if not common:
         raise FGDError(f"the two runs have no common epoch from {start}" + (f" to {stop}" if stop else " on")
@@ -63,7 +63,7 @@ def compare(run: dict[int, float], control: dict[int, float], start: int = 1, st
     return {"first": common[0], "last_epoch": common[-1], "epochs": len(common),
             "ahead": int((d > 0).sum()), "behind": int((d < 0).sum()),
             "mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0, "last": float(d[-1]),
-            "best": 100 * (max(run.values()) - max(control.values()))}
+            "best": 100 * (max(run[e] for e in common) - max(control[e] for e in common))}
 
 
 def curves(run: str | list | tuple = None, control: str = None, start: int = 1, stop: int | None = None,
