@@ -100,7 +100,9 @@ def test_the_docs_per_epoch_figures_are_what_the_command_prints():
     runs = {"full_response": ROOT / "docs/full_screen/full_response-s0.csv",
             "full_cwd": ROOT / "docs/full_screen/full_cwd-s0.csv",
             "full_ta": ROOT / "docs/full_screen/full_ta-s0.csv",
-            "full_lad": ROOT / "docs/lad/full_lad-s0.csv"}
+            "full_lad": ROOT / "docs/lad/full_lad-s0.csv",
+            "full_x2": ROOT / "docs/full_screen/full_x2-s0.csv",
+            "full_fgd": ROOT / "docs/full_screen/full_fgd-s0.csv"}
     r = run_cli("curves", "run=" + ",".join(map(str, runs.values())), f"control={fit}", "start=40", cwd=ROOT)
     assert r.returncode == 0, r.stderr
     table = " ".join((ROOT / "docs" / "results.md").read_text().split("\n"))
