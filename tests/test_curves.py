@@ -119,6 +119,13 @@ def test_the_docs_per_epoch_figures_are_what_the_command_prints():
     for name, (n, ahead, behind, mean) in got.items():
         claim = f"`{name}` is behind the default at {behind} of the {n} epochs from 40 on ({mean} on average"
         assert claim in text, claim
+    r = run_cli("curves", "run=" + ",".join(map(str, [*runs.values(), fit])),
+                f"control={ROOT / 'docs/full_screen/full_fit-s0.csv'}", "start=40", cwd=ROOT)  # the teacher-paired run
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "-s0.csv" in line]
+    assert len(rows) == len(runs) + 1, r.stdout
+    for line in rows:
+        name = re.search(r"(full_\w+)-s0\.csv", line)[1]
+        assert re.search(r"\| `" + name + r"`[^|]* \| " + re.escape(line.split(" | ", 1)[1]), table), line
     for control, window, says in (("plateau", ["start=5"], "ahead at {} of {}"),
                                   ("full_fit", ["start=11", "stop=36"], "ahead at {} of {};")):
         r = run_cli("curves", f"run={runs['full_lad']}", f"control={ROOT / 'docs/converged' / control}-s0.csv", *window)
