@@ -106,14 +106,11 @@ def test_the_docs_per_epoch_figures_are_what_the_command_prints():
     r = run_cli("curves", "run=" + ",".join(map(str, runs.values())), f"control={fit}", "start=40", cwd=ROOT)
     assert r.returncode == 0, r.stderr
     table = " ".join((ROOT / "docs" / "results.md").read_text().split("\n"))
-    for line in r.stdout.splitlines():  # the table in the docs is the command's, with each run's short name
-        if line.startswith("| ") and "-s0.csv" in line:
-            name = re.search(r"(full_\w+)-s0\.csv", line)[1]
-            assert "| `" + name + "` | " + line.split(" | ", 1)[1] in table, line
     got = {}
-    for line in r.stdout.splitlines():
+    for line in r.stdout.splitlines():  # the table in the docs is the command's, with each run's short name
         m = re.match(r"\| \S+/(full_\w+)-s0\.csv \| 40–150 \((\d+)\) \| (\d+) \| (\d+) \| ([-+]\d+\.\d)", line)
         if m:
+            assert "| `" + m[1] + "` | " + line.split(" | ", 1)[1] in table, line
             got[m[1]] = m.groups()[1:]
     assert set(got) == set(runs), r.stdout
     for name, (n, ahead, behind, mean) in got.items():

@@ -31,10 +31,18 @@ def results_csv(path: str | Path, key: str) -> Path:
     return f
 
 
-def read_curve(path: Path, metric: str) -> dict[int, float]:
-    """epoch -> ``metric`` of an Ultralytics results.csv (column names stripped, as older versions pad them)."""
+def results_rows(path: str | Path) -> list[dict]:
+    """The rows of an Ultralytics results.csv, column names stripped (older versions pad them); [] when it is not
+    there."""
+    if not Path(path).is_file():
+        return []
     with open(path, newline="") as fh:
-        rows = [{k.strip(): v for k, v in r.items() if k} for r in csv.DictReader(fh)]
+        return [{k.strip(): v for k, v in r.items() if k} for r in csv.DictReader(fh)]
+
+
+def read_curve(path: Path, metric: str) -> dict[int, float]:
+    """epoch -> ``metric`` of an Ultralytics results.csv."""
+    rows = results_rows(path)
     columns = list(rows[0]) if rows else []
     if "epoch" not in columns:
         raise FGDError(f"{path} has no epoch column: pass an Ultralytics results.csv")
@@ -59,11 +67,12 @@ def compare(run: dict[int, float], control: dict[int, float], start: int = 1, st
         raise FGDError(f"the two runs have no common epoch from {start}" + (f" to {stop}" if stop else " on")
                        + f": pass a smaller start= (their last epochs are {max(run, default=0)} and "
                        f"{max(control, default=0)})")
-    d = 100 * np.array([run[e] - control[e] for e in common])
+    r, c = (100 * np.array([curve[e] for e in common]) for curve in (run, control))
+    d = r - c
     return {"first": common[0], "last_epoch": common[-1], "epochs": len(common),
             "ahead": int((d > 0).sum()), "behind": int((d < 0).sum()),
             "mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0, "last": float(d[-1]),
-            "best": 100 * (max(run[e] for e in common) - max(control[e] for e in common))}
+            "best": float(r.max() - c.max())}
 
 
 def curves(run: str | list | tuple = None, control: str = None, start: int = 1, stop: int | None = None,

@@ -40,6 +40,7 @@ from ..deploy.evaluate import coco_ap
 from ..errors import FGDError
 from ..tv.coco_utils import coco_files
 from ..yolo import trainer_for
+from .curves import results_rows
 
 # report columns (header -> summary key) of a YOLO study and of a torchvision one (the paper's COCO columns)
 YOLO_REPORT = {"mAP50-95": "map", "mAP50": "map50", "APs": "aps", "APm": "apm", "APl": "apl",
@@ -128,7 +129,7 @@ def summarise_tv(spec: dict, threads: int | None = None) -> dict:
     (tv-train evaluates its final model there; Mask R-CNN's mask AP beside the box one), training seconds and the
     threads it trained with."""
     out = Path(spec["dir"])
-    rows = _results(out / "results.csv")
+    rows = results_rows(out / "results.csv")
     wall = sum(float(r["time"]) for r in rows)
     summary = {"method": spec["method"], "seed": spec["seed"], "epochs": len(rows), "wall_s": wall,
                "threads": threads, "epoch_s": wall / max(len(rows), 1),
@@ -146,7 +147,7 @@ def summarise(spec: dict, fallback_s: float = 0.0, threads: int | None = None) -
         threads = json.loads((out / "summary.json").read_text()).get("threads")
     if spec.get("tv"):
         return summarise_tv(spec, threads)
-    rows = _results(out / "results.csv")
+    rows = results_rows(out / "results.csv")
     wall = train_seconds(rows) or fallback_s
     best = str(out / "weights" / "best.pt")
     task = spec.get("task") or "detect"
@@ -189,15 +190,6 @@ def _ckpt_epoch(path):
         return ckpt.get("epoch", -1) if ckpt.get("optimizer") is not None else None
     except Exception:
         return None
-
-
-def _results(csv_path):
-    import csv
-
-    if not Path(csv_path).is_file():
-        return []
-    with open(csv_path) as f:
-        return [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 RECIPE_KEYS = ("kind", "datasets", "teacher", "student", "train", "seeds", "methods")
@@ -450,7 +442,7 @@ def _curves(root, specs, stem="results"):
         import matplotlib.pyplot as plt
     except Exception:
         return
-    runs = [(s, _results(Path(s["dir"]) / "results.csv")) for s in specs if not s.get("tv")]
+    runs = [(s, results_rows(Path(s["dir"]) / "results.csv")) for s in specs if not s.get("tv")]
     runs = [(s, r) for s, r in runs if r]
     if not runs:
         return
@@ -461,7 +453,7 @@ def _curves(root, specs, stem="results"):
             offset = 0
             base = str(s.get("model", ""))
             if base.endswith("best.pt") and "-s" in Path(base).parent.parent.name:  # RUN:<method>: continues that run
-                offset = len(_results(Path(base).parent.parent / "results.csv"))
+                offset = len(results_rows(Path(base).parent.parent / "results.csv"))
             x = [offset + i + 1 for i in range(len(rows))]
             y = [100 * float(r.get("metrics/mAP50-95(B)") or "nan") for r in rows]
             ax.plot(x, y, lw=1, label=f"{s['method']}-s{s['seed']}")
@@ -562,7 +554,7 @@ def study(recipe: str = "study", project: str = "runs/study", name: str | None =
 def progress(spec: dict) -> str | None:
     """One line on a run in flight from its results.csv: epoch/total, losses, mAP so far, ETA (None before its first
     epoch ends)."""
-    rows = _results(Path(spec["dir"]) / "results.csv")
+    rows = results_rows(Path(spec["dir"]) / "results.csv")
     if not rows:
         return None
     last = rows[-1]
