@@ -628,7 +628,7 @@ COMMANDS = {c.name: c for c in [
             _rows("teacher= teacher .pt (required); data=shapes data; model=yolo11n.yaml student; imgsz=192 image "
                   "size; batch=16 batch; fraction=0.5 share of the data; device=cpu device; amp=False AMP; workers=0 "
                   "data workers; epochs=1 epochs per method; methods=plain,default,response,fgd,fgd_response,mgd,"
-                  "distill_model methods (also: response_focal, fgd_tied); repeat=3 alternating rounds of every "
+                  "distill_model methods (also: response_focal, fgd_tied, lad, cwd); repeat=3 alternating rounds of every "
                   "method; project=runs/benchmark-step where runs go"),
             "yolo-fgd benchmark-step teacher=runs/detect/teacher/weights/best.pt",
             _lazy("lab.cost", "benchmark_step", device=True), required=("teacher",)),

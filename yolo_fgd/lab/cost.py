@@ -221,6 +221,7 @@ STEP_METHODS = {  # method -> extra train args (teacher/trainer added for the di
     "fgd": {"fgd_gain": 0.05, "kd_cls": 0, "kd_box": 0, "crosskd": 0}, "fgd_response": {"fgd_gain": 0.05, "crosskd": 0},
     "distill_model": None, "response_focal": {"kd_focal": True, "crosskd": 0}, "mgd": {"distill_preset": "mgd"},
     "fgd_tied": {"fgd_gain": 0.05, "fgd_share": 0.3, "crosskd": 0}, "lad": {"lad": True},
+    "cwd": {"cwd": 5.0},
 }
 
 
