@@ -129,3 +129,26 @@ def test_the_docs_per_epoch_figures_are_what_the_command_prints():
         n, ahead = re.search(r"\| \d+–\d+ \((\d+)\) \| (\d+) \|", r.stdout).groups()
         claim = f"control=docs/converged/{control}-s0.csv {' '.join(window)}`: " + says.format(ahead, n)
         assert claim in text, claim
+
+
+def test_the_cwd_confirmation_in_the_docs_is_what_the_command_prints():
+    """The three-seed CWD confirmation's per-epoch table, its 30-epoch sentence and the default-against-itself figure
+    in results.md are `yolo-fgd curves` on the committed CSVs, row by row."""
+    text = " ".join((ROOT / "docs" / "results.md").read_text().split())
+    controls = {0: "docs/full_screen/full_fit-s0.csv", 1: "docs/full_screen/full_fit-s1.csv",
+                2: "docs/converged/full_fit-s2.csv"}
+    for seed, control in controls.items():
+        r = run_cli("curves", f"run=docs/full_screen/full_cwd-s{seed}.csv", f"control={control}", "start=40", cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        row = next(line for line in r.stdout.splitlines() if line.startswith(f"| docs/full_screen/full_cwd-s{seed}"))
+        assert f"| seed {seed}: `{control}` (" in text
+        assert re.search(rf"\| seed {seed}: `{re.escape(control)}` \([^|]*\) \| " + re.escape(row.split(" | ", 1)[1]),
+                         text), row
+    r = run_cli("curves", "run=docs/full_screen/short_cwd-s1.csv", "control=docs/full_screen/short_crosskd_fit-s1.csv",
+                "start=1", cwd=ROOT)
+    n, ahead, behind, mean = re.search(r"\| 1–30 \((\d+)\) \| (\d+) \| (\d+) \| ([-+]\d+\.\d)", r.stdout).groups()
+    assert f"behind it at {behind} of the {n} epochs and ahead at {ahead} ({mean} on average" in text, r.stdout
+    r = run_cli("curves", "run=docs/full_screen/full_fit-s1.csv", "control=docs/converged/full_fit-s1.csv",
+                "start=40", cwd=ROOT)
+    mean = re.search(r"\| 40–150 \(\d+\) \| \d+ \| \d+ \| ([-+]\d+\.\d)", r.stdout)[1]
+    assert f"control=docs/converged/full_fit-s1.csv start=40`, {mean} on average" in text, r.stdout
