@@ -136,7 +136,7 @@ def test_the_cwd_confirmation_in_the_docs_is_what_the_command_prints():
     in results.md are `yolo-fgd curves` on the committed CSVs, row by row."""
     text = " ".join((ROOT / "docs" / "results.md").read_text().split())
     controls = {0: "docs/full_screen/full_fit-s0.csv", 1: "docs/full_screen/full_fit-s1.csv",
-                2: "docs/converged/full_fit-s2.csv"}
+                2: "docs/full_screen/full_fit-s2.csv"}
     for seed, control in controls.items():
         r = run_cli("curves", f"run=docs/full_screen/full_cwd-s{seed}.csv", f"control={control}", "start=40", cwd=ROOT)
         assert r.returncode == 0, r.stderr
